@@ -1,0 +1,287 @@
+"""Llama 3.1 / 3.2 as pure functions over a pytree of parameters.
+
+Read top to bottom: parameter declarations, RMSNorm, RoPE (with llama3 frequency scaling), attention (GQA
+without repeating K/V), the SwiGLU MLP, one decoder layer, and `forward`, which scans the stacked layers.
+
+Einsum letters (the scaling book's): B batch, T query length, S key length, D model dim, N query heads,
+K kv heads, G query heads per kv head (N = K*G), H head dim, F ffn dim, V vocab, L layers.
+
+RoPE uses the Hugging Face "rotate-half" convention, so HF weights load untouched; Meta and llama2.c
+checkpoints (interleaved pairs) are permuted once at conversion time (facts sheet 4.1-4.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+# ------------------------------------------------------------------------------------ parameter declarations
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter, declared once. init, abstract shapes, shardings and checkpoint layouts derive from it."""
+
+    shape: tuple[int, ...]
+    logical_axes: tuple[str | None, ...]
+    init: str  # "normal" (std 0.02, HF `initializer_range`), "ones" (norm gains), "scaled" (std 0.02/sqrt(2L))
+
+    def __post_init__(self):
+        assert len(self.shape) == len(self.logical_axes), (self.shape, self.logical_axes)
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """The parameter pytree's declaration. Layer parameters carry a leading L axis and are scanned."""
+    L, D, N, K, H, F, V = cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size
+    specs = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
+        "layers": {
+            "attn_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+            "wq": ParamSpec((L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), "normal"),
+            "wk": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+            "wv": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+            "wo": ParamSpec((L, N, H, D), ("layers", "q_heads", "head_dim", "embed"), "scaled"),
+            "mlp_norm": ParamSpec((L, D), ("layers", "norm"), "ones"),
+            "w_gate": ParamSpec((L, D, F), ("layers", "embed", "ffn"), "normal"),
+            "w_up": ParamSpec((L, D, F), ("layers", "embed", "ffn"), "normal"),
+            "w_down": ParamSpec((L, F, D), ("layers", "ffn", "embed"), "scaled"),
+        },
+        "final_norm": ParamSpec((D,), ("norm",), "ones"),
+    }
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
+    return specs
+
+
+def is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random init from the declarations (jit it with out_shardings to create parameters already sharded)."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    keys = jax.random.split(key, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+
+    def one(spec: ParamSpec, k):
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dtype)
+        std = 0.02 if spec.init == "normal" else 0.02 / np.sqrt(2 * cfg.n_layers)
+        return (std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dtype)
+
+    return jax.tree.unflatten(treedef, [one(s, k) for s, k in zip(leaves, keys)])
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes and dtypes only (no memory): `jax.eval_shape` of the real init."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ------------------------------------------------------------------------------------------- int8 weights
+@jax.tree_util.register_dataclass
+@dataclass
+class QuantizedWeight:
+    """Weight-only int8 (symmetric, per output channel). `scale` has the weight's shape with its
+    contracted (input) axes reduced to size 1, so `q * scale` is the dequantised weight."""
+
+    q: jax.Array  # int8
+    scale: jax.Array  # float32
+
+
+def linear(eqn: str, x: jax.Array, w) -> jax.Array:
+    """Every projection goes through here, so int8 weights need no second code path. For int8 the
+    matmul reads the int8 tensor and converts it inside the fused dot; the per-channel scale is applied to
+    the (much smaller) output."""
+    if isinstance(w, QuantizedWeight):
+        out = jnp.einsum(eqn, x, w.q.astype(x.dtype))
+        out_axes = eqn.split("->")[1]
+        w_axes = eqn.split("->")[0].split(",")[1]
+        scale = w.scale.reshape([w.scale.shape[i] for i, a in enumerate(w_axes) if a in out_axes])
+        return (out * scale.astype(out.dtype)).astype(x.dtype)
+    return jnp.einsum(eqn, x, w.astype(x.dtype))
+
+
+# ------------------------------------------------------------------------------------------------ RMSNorm
+def rms_norm(x: jax.Array, gain: jax.Array, eps: float) -> jax.Array:
+    """Normalise in float32, cast back to the activation dtype, then multiply by the gain (as Meta and HF)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * gain.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- RoPE
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """The H/2 inverse frequencies in float32, with Llama 3.1 "llama3" scaling applied when configured
+    (Meta `apply_scaling`, HF `_compute_llama3_parameters`; facts sheet 3.2). [H/2]"""
+    H = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / np.float32(H)))
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * jnp.pi / inv_freq
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x: [B, T, n, H], positions: [B, T] (absolute, 0-based).
+    Angles, cos and sin in float32 (as HF); the rotation in float32 too, cast back (as Meta), so bf16 runs
+    lose no precision in the angle."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def attention_mask(q_index: jax.Array, k_index: jax.Array, q_segment: jax.Array | None,
+                   k_segment: jax.Array | None) -> jax.Array:
+    """Causal mask (key index <= query index) combined with a document mask (same segment id).
+    q_index: [B, T], k_index: [B, S] sequence slots; segments: [B, T] / [B, S] or None. -> [B, T, S] bool"""
+    mask = k_index[:, None, :] <= q_index[:, :, None]
+    if q_segment is not None:
+        mask &= q_segment[:, :, None] == k_segment[:, None, :]
+    return mask
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
+    """softmax(q k^T / sqrt(H) + mask) v with GQA: each KV head serves a contiguous block of G query heads.
+    q: [B, T, N, H], k, v: [B, S, K, H], mask: [B, T, S] bool -> [B, T, N, H].
+
+    "xla" is the reference path (and what parity tests use): K/V are never repeated in memory; the query
+    heads are viewed as [K, G] and contracted against the K KV heads. "cudnn" hands the same inputs to
+    `jax.nn.dot_product_attention`'s fused kernel on GPU."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) / np.sqrt(H).astype(np.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in float32, as Meta and HF
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(B, T, N, H)
+
+
+# --------------------------------------------------------------------------------------------- the layer
+def mlp(x: jax.Array, p: Params) -> jax.Array:
+    """SwiGLU: (silu(x W1) * (x W3)) W2. [B, T, D] -> [B, T, D]"""
+    gate = linear("BTD,DF->BTF", x, p["w_gate"])
+    up = linear("BTD,DF->BTF", x, p["w_up"])
+    return linear("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"])
+
+
+def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, mask: jax.Array,
+                  inv_freq: jax.Array, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+    """One pre-norm block. x: [B, T, D]; p: this layer's slice of params["layers"].
+    With a cache ({"k", "v"}: [B, S, K, H]) the new keys (after RoPE) and values are written at their
+    positions and attention reads the whole cache; the mask says which slots are visible."""
+    h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+    q = apply_rope(linear("BTD,DNH->BTNH", h, p["wq"]), positions, inv_freq)
+    k = apply_rope(linear("BTD,DKH->BTKH", h, p["wk"]), positions, inv_freq)
+    v = linear("BTD,DKH->BTKH", h, p["wv"])
+    if cache is not None:
+        k, v, cache = _write_cache(cache, k, v, positions)
+    o = attention(q, k, v, mask, cfg.attention_impl)
+    x = x + linear("BTNH,NHD->BTD", o, p["wo"])
+    x = x + mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
+    return x, cache
+
+
+def _write_cache(cache: dict, k: jax.Array, v: jax.Array, positions: jax.Array):
+    """Scatter this step's K/V [B, T, K, H] into the cache at each row's positions [B, T]."""
+    rows = jnp.arange(k.shape[0])[:, None]
+    new = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"),
+           "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop")}
+    return new["k"].astype(k.dtype), new["v"].astype(v.dtype), new
+
+
+_REMAT: dict[str, Callable | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+# ---------------------------------------------------------------------------------------------- forward
+def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return params["embed"].astype(cfg.compute_dtype)[tokens]
+
+
+def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm and the output projection (the embedding, transposed, when tied). -> float32 logits [B, T, V]"""
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return linear("BTD,DV->BTV", x, w).astype(jnp.float32)
+
+
+def _layers(params: Params, x, cfg: ModelConfig, positions, mask, cache):
+    inv_freq = rope_frequencies(cfg)
+
+    def body(x, layer):
+        p, c = layer
+        return decoder_layer(x, p, cfg, positions, mask, inv_freq, c)
+
+    if _REMAT[cfg.remat] is not None:
+        body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
+    return jax.lax.scan(body, x, (params["layers"], cache))
+
+
+def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = None,
+            segment_ids: jax.Array | None = None, *, cfg: ModelConfig) -> jax.Array:
+    """Logits for a batch of (possibly packed) rows.
+
+    tokens: [B, T] int; positions: [B, T] RoPE positions (default 0..T-1; restart them per document for
+    packed rows); segment_ids: [B, T] document ids (no attention across documents), or None for one
+    document per row. Returns float32 logits [B, T, V].
+    """
+    B, T = tokens.shape
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    positions = index if positions is None else positions
+    mask = attention_mask(index, index, segment_ids, segment_ids)
+    x, _ = _layers(params, embed(params, tokens, cfg), cfg, positions, mask, None)
+    return unembed(params, x, cfg)
+
+
+# ---------------------------------------------------------------------------------------------- KV cache
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """Preallocated cache, one row per sequence: K (after RoPE) and V for the K KV heads only.
+    {"k", "v"}: [L, B, S, K, H]. The slot of a token is its position."""
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.compute_dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = ("layers", "batch", "cache_sequence", "kv_heads", "head_dim")
+
+
+def forward_cached(params: Params, tokens: jax.Array, positions: jax.Array, cache: dict, *,
+                   cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """Prefill (T > 1) or decode (T = 1) against a KV cache. tokens, positions: [B, T]; each token is
+    written to cache slot `positions` and attends to every slot <= its own. Rows are independent, so
+    prompts of different lengths just carry different positions. Returns (float32 logits [B, T, V], cache)."""
+    B = tokens.shape[0]
+    S = cache["k"].shape[2]
+    k_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    mask = attention_mask(positions, k_index, None, None)
+    x, cache = _layers(params, embed(params, tokens, cfg), cfg, positions, mask, cache)
+    return unembed(params, x, cfg), cache
