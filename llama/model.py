@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama.config import ModelConfig
+from sharding.rules import ACTIVATION_AXES, constrain
 
 Params = dict[str, Any]
 
@@ -239,11 +240,12 @@ def _layers(params: Params, x, cfg: ModelConfig, positions, mask, cache):
 
     def body(x, layer):
         p, c = layer
-        return decoder_layer(x, p, cfg, positions, mask, inv_freq, c)
+        x, c = decoder_layer(x, p, cfg, positions, mask, inv_freq, c)
+        return constrain(x, ACTIVATION_AXES), c  # layer boundary: sharding/rules.py (no-op without a mesh)
 
     if _REMAT[cfg.remat] is not None:
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-    return jax.lax.scan(body, x, (params["layers"], cache))
+    return jax.lax.scan(body, constrain(x, ACTIVATION_AXES), (params["layers"], cache))
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = None,
@@ -275,13 +277,17 @@ CACHE_AXES = ("layers", "batch", "cache_sequence", "kv_heads", "head_dim")
 
 
 def forward_cached(params: Params, tokens: jax.Array, positions: jax.Array, cache: dict, *,
-                   cfg: ModelConfig) -> tuple[jax.Array, dict]:
+                   cfg: ModelConfig, logits_at: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Prefill (T > 1) or decode (T = 1) against a KV cache. tokens, positions: [B, T]; each token is
     written to cache slot `positions` and attends to every slot <= its own. Rows are independent, so
-    prompts of different lengths just carry different positions. Returns (float32 logits [B, T, V], cache)."""
+    prompts of different lengths just carry different positions. Returns (float32 logits [B, T, V], cache).
+    logits_at: optional [B] index into T; then only that token's logits are computed ([B, 1, V]): a prefill
+    needs just each prompt's last token, and the vocab projection would otherwise dominate its cost."""
     B = tokens.shape[0]
     S = cache["k"].shape[2]
     k_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     mask = attention_mask(positions, k_index, None, None)
     x, cache = _layers(params, embed(params, tokens, cfg), cfg, positions, mask, cache)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)  # [B, 1, D]
     return unembed(params, x, cfg), cache

@@ -1,25 +1,32 @@
-"""One mesh and one table of logical-axis rules.
+"""One table of logical-axis rules: the only place shardings come from.
 
-Every array with a sharding (parameters, optimizer state, activations at layer boundaries, the KV cache,
-input batches) names its dimensions with logical axes; `RULES` maps each logical axis to mesh axes.
+Every array with a sharding names its dimensions with logical axes: parameters (`llama.model.ParamSpec`),
+optimizer state (the same names as the parameter it mirrors), activations at layer boundaries
+(`ACTIVATION_AXES`), the KV cache (`llama.model.CACHE_AXES`) and input batches (`BATCH_AXES`). `RULES` maps each
+logical axis to mesh axes.
+
+Two strictness levels, on purpose:
+- parameters and optimizer state are strict: a dimension that the mesh does not divide is a ShardingError
+  naming the parameter and sizes (silently replicating a 405B weight would be a surprise out-of-memory later);
+- the KV cache, activations and batches are "fitted": a mesh axis that does not divide the dimension is
+  dropped for that array only (8 KV heads on tensor=16 are replicated; a decode batch of 1 is not split).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, make_mesh  # noqa: F401  (public re-exports)
 
 # Logical axis -> mesh axes (a tuple shards over their product; None replicates). The whole table.
 RULES: Mapping[str, tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),  # activations and input batches: data parallel over both
-    "sequence": None,
+    "sequence": None,  # no sequence/context parallelism (see docs/sharding.md)
+    "act_embed": None,  # the residual stream's D at layer boundaries: whole on every device (Megatron)
     "embed": ("fsdp",),  # parameters: ZeRO-3 style sharding of the model dimension
     "vocab": ("tensor",),
     "q_heads": ("tensor",),  # Megatron-style tensor parallelism over heads ...
@@ -31,53 +38,24 @@ RULES: Mapping[str, tuple[str, ...] | None] = {
     "cache_sequence": None,
 }
 
-
-class ShardingError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    """Mesh axis sizes; one of them may be -1 to take the remaining devices."""
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-
-    def shape(self, n_devices: int) -> dict[str, int]:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        fill = [a for a, s in sizes.items() if s == -1]
-        if len(fill) > 1:
-            raise ShardingError(f"mesh {sizes}: at most one axis may be -1")
-        if any(s == 0 or s < -1 for s in sizes.values()):
-            raise ShardingError(f"mesh {sizes}: sizes must be positive or -1")
-        fixed = math.prod(s for s in sizes.values() if s != -1)
-        if fill:
-            if n_devices % fixed:
-                raise ShardingError(f"mesh {sizes}: {n_devices} devices are not divisible by the fixed axes' "
-                                    f"product {fixed}; use axis sizes whose product divides {n_devices}")
-            sizes[fill[0]] = n_devices // fixed
-        if math.prod(sizes.values()) != n_devices:
-            raise ShardingError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but {n_devices} are "
-                                f"available; sizes whose product is {n_devices} would fit, e.g. "
-                                f"data=1, fsdp=-1, tensor=1")
-        return sizes
+ACTIVATION_AXES = ("batch", "sequence", "act_embed")  # the residual stream [B, T, D] between layers
+LOGITS_AXES = ("batch", "sequence", "vocab")  # [B, T, V]
+BATCH_AXES = ("batch", "sequence")  # input batches [B, T]
 
 
-def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over all (or the given) devices with axes MESH_AXES, laid out by
-    `jax.experimental.mesh_utils` so that the fastest-varying axis (tensor) sits on the closest devices."""
-    from jax.experimental import mesh_utils
+def _mesh_axes(name: str | None, rules: Mapping[str, Any]) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    if name not in rules:
+        raise ShardingError(f"logical axis {name!r} has no rule; add it to sharding.rules.RULES")
+    axes = rules[name]
+    if axes is None:
+        return ()
+    return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
-    cfg = cfg or MeshConfig()
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = cfg.shape(len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    try:
-        arr = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
-        arr = np.asarray(devices).reshape(shape)
-    return Mesh(arr, MESH_AXES)
+
+def _spec(per_dim: Sequence[tuple[str, ...]]) -> P:
+    return P(*[None if not a else a if len(a) > 1 else a[0] for a in per_dim])
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, Any] = RULES) -> P:
@@ -85,22 +63,13 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping[str, Any]
     one spec is an error (it would silently shard two dimensions over the same devices)."""
     out, used = [], set()
     for name in logical_axes:
-        if name is None:
-            out.append(None)
-            continue
-        if name not in rules:
-            raise ShardingError(f"logical axis {name!r} has no rule; add it to sharding.rules.RULES")
-        mesh_axes = rules[name]
-        if mesh_axes is None:
-            out.append(None)
-            continue
-        mesh_axes = tuple(mesh_axes) if isinstance(mesh_axes, (tuple, list)) else (mesh_axes,)
-        for a in mesh_axes:
+        axes = _mesh_axes(name, rules)
+        for a in axes:
             if a in used:
                 raise ShardingError(f"mesh axis {a!r} appears twice in the spec for {tuple(logical_axes)}")
             used.add(a)
-        out.append(mesh_axes if len(mesh_axes) > 1 else mesh_axes[0])
-    return P(*out)
+        out.append(axes)
+    return _spec(out)
 
 
 def check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
@@ -117,10 +86,32 @@ def check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh) -> Non
 
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
                    name: str = "array", rules: Mapping[str, Any] = RULES) -> NamedSharding:
+    """Strict: the spec from the rules, checked against `shape` when given."""
     spec = logical_to_spec(logical_axes, rules)
     if shape is not None:
         check_divisible(name, shape, spec, mesh)
     return NamedSharding(mesh, spec)
+
+
+def fitted_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_shape: Mapping[str, int],
+                rules: Mapping[str, Any] = RULES) -> P:
+    """Lenient: the rules' spec with, per dimension, each mesh axis kept only while the product of the kept
+    axes still divides the dimension (in rule order). For the KV cache, activations and batches."""
+    logical_to_spec(logical_axes, rules)  # the no-axis-twice check still applies
+    out = []
+    for name, size in zip(logical_axes, shape):
+        kept, n = [], 1
+        for a in _mesh_axes(name, rules):
+            if size % (n * mesh_shape[a]) == 0:
+                kept.append(a)
+                n *= mesh_shape[a]
+        out.append(tuple(kept))
+    return _spec(out)
+
+
+def fitted_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int],
+                    rules: Mapping[str, Any] = RULES) -> NamedSharding:
+    return NamedSharding(mesh, fitted_spec(logical_axes, shape, dict(mesh.shape), rules))
 
 
 def param_shardings(specs, mesh: Mesh, rules: Mapping[str, Any] = RULES):
@@ -133,10 +124,61 @@ def param_shardings(specs, mesh: Mesh, rules: Mapping[str, Any] = RULES):
     return jax.tree_util.tree_map_with_path(one, specs, is_leaf=lambda x: hasattr(x, "logical_axes"))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Input batches [B, T, ...]: batch over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+def state_shardings(state, specs, mesh: Mesh, rules: Mapping[str, Any] = RULES):
+    """Shardings for an optimizer state (any pytree, e.g. optax's): a leaf whose key path ends with a
+    parameter's key path and has that parameter's shape (Adam's mu and nu, momentum, ...) takes the
+    parameter's sharding; everything else (step counts, scalars, factored statistics) is replicated.
+    `state` may hold arrays or jax.ShapeDtypeStruct (from `jax.eval_shape(opt.init, params)`)."""
+    is_spec = lambda x: hasattr(x, "logical_axes")  # noqa: E731
+    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
+    by_path = {tuple(path): spec for path, spec in flat_specs}
+    shardings = param_shardings(specs, mesh, rules)
+    flat_shardings = dict(zip(by_path, jax.tree.leaves(shardings)))
+
+    def one(path, leaf):
+        path = tuple(path)
+        for n in range(len(path), 0, -1):
+            spec = by_path.get(path[-n:])
+            if spec is not None and tuple(leaf.shape) == tuple(spec.shape):
+                return flat_shardings[path[-n:]]
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def cache_shardings(mesh: Mesh, cache, rules: Mapping[str, Any] = RULES):
+    """KV cache {"k", "v"}: [L, B, S, K, H] (arrays or shape structs) -> fitted shardings from
+    `llama.model.CACHE_AXES`: batch over (data, fsdp) and KV heads over tensor where they divide, else
+    replicated on that axis (GQA models have only 8 KV heads; tensor=16 still works)."""
+    from llama.model import CACHE_AXES
+
+    return jax.tree.map(lambda x: fitted_sharding(mesh, CACHE_AXES, x.shape, rules), cache)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, shape: Sequence[int] | None = None) -> NamedSharding:
+    """Input batches [B, T, ...]: batch over (data, fsdp), the rest replicated. With `shape`, strict: the
+    global batch must divide over data*fsdp (a clear error, not a silently replicated batch)."""
+    axes = BATCH_AXES + (None,) * (ndim - 2) if ndim >= 2 else BATCH_AXES[:ndim]
+    return named_sharding(mesh, axes, shape, "input batch")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Mapping[str, Any] = RULES) -> jax.Array:
+    """`with_sharding_constraint` from the rules (fitted) when a mesh is set (`with jax.set_mesh(mesh):`);
+    a no-op otherwise, so the model runs unchanged on one device. The model calls this at layer boundaries."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, fitted_spec(logical_axes, x.shape, dict(mesh.shape), rules))
+
+
+def init_params_sharded(cfg, mesh: Mesh, key: jax.Array, rules: Mapping[str, Any] = RULES):
+    """Random parameters created already sharded: abstract shapes -> shardings -> jit(init, out_shardings).
+    The full model never exists on one device or the host."""
+    from llama import model
+
+    shardings = param_shardings(model.param_specs(cfg), mesh, rules)
+    return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=shardings)(key)

@@ -1,0 +1,225 @@
+"""Model checkpoints with Orbax: a directory D holding D/config.json (ModelConfig.to_dict()) and D/params/
+(an Orbax PyTree checkpoint of the parameter pytree), so that a checkpoint alone rebuilds the model.
+
+`load_model` also reads a training run's checkpoints (Orbax CheckpointManager: RUN/checkpoints/<step>/ with
+items "params" and "config" = {"model": ModelConfig dict, ...}), and restores straight onto a mesh: every
+array is read with its target sharding, so each device reads only its own shards, whatever mesh or device
+count wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from llama.config import ModelConfig
+from llama.model import abstract_params, param_specs
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist, is incomplete, or does not match the model config."""
+
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+# ----------------------------------------------------------------------------------------- atomic writes
+def staging_dir(dst: str, overwrite: bool = False) -> str:
+    """A fresh temporary directory beside `dst` (same filesystem, so the final rename is atomic)."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise CheckpointError(f"{dst} already exists; choose another destination or pass overwrite=True")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+
+
+def commit_dir(tmp: str, dst: str) -> None:
+    """Moves a finished staging directory into place. An existing `dst` (overwrite) is moved aside first
+    and deleted only after the new one is in place, so a crash never leaves a half-written `dst`."""
+    dst = os.path.abspath(dst)
+    old = None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets the usual permissions
+    if os.path.exists(dst):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
+        os.rename(dst, os.path.join(old, "x"))
+    os.rename(tmp, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_params(params, cfg: ModelConfig, where: str = "params") -> None:
+    """The pytree has exactly the config's parameters with the config's shapes; errors name each mismatch."""
+    want = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
+    have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    problems = [f"{k}: missing (config needs {want[k]})" for k in sorted(set(want) - set(have))]
+    problems += [f"{k}: not in the config's model (shape {have[k]})" for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: shape {have[k]}, config needs {want[k]}" for k in sorted(set(want) & set(have))
+                 if want[k] != have[k]]
+    if problems:
+        raise CheckpointError(f"{where} does not match the model config ({_describe(cfg)}):\n  " + "\n  ".join(problems))
+
+
+def _describe(cfg: ModelConfig) -> str:
+    return (f"vocab={cfg.vocab_size} dim={cfg.dim} layers={cfg.n_layers} heads={cfg.n_heads}/{cfg.n_kv_heads} "
+            f"head_dim={cfg.head_dim} ffn={cfg.ffn_dim} tied={cfg.tie_embeddings}")
+
+
+# ------------------------------------------------------------------------------------------------- save
+def save_model(directory: str, cfg: ModelConfig, params, *, overwrite: bool = False) -> str:
+    """Writes D/config.json and D/params/ atomically (staged beside D, then renamed). Returns D."""
+    check_params(params, cfg)
+    tmp = staging_dir(directory, overwrite)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+        commit_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.abspath(directory)
+
+
+def save_model_streaming(directory: str, cfg: ModelConfig, arrays: Iterable[tuple[tuple[str, ...], np.ndarray]],
+                         *, overwrite: bool = False, on_write=None) -> str:
+    """Like save_model, but takes (path, array) pairs one at a time and writes each before the next is
+    made, with Orbax partial saves, so host memory holds one parameter at once (HF -> Orbax conversion)."""
+    from orbax.checkpoint.experimental.v1 import partial
+
+    want = {tuple(str(k.key) for k in p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
+    tmp = staging_dir(directory, overwrite)
+    try:
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        target = os.path.join(tmp, "partial")
+        seen = set()
+        for path, x in arrays:
+            if want.get(path) != tuple(x.shape):
+                raise CheckpointError(f"parameter {'/'.join(path)} has shape {tuple(x.shape)}; config needs "
+                                      f"{want.get(path, 'no such parameter')}")
+            tree: dict = {}
+            node = tree
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = x
+            partial.save(target, tree)
+            seen.add(path)
+            if on_write:
+                on_write(path, x)
+        if seen != set(want):
+            raise CheckpointError(f"parameters never written: {sorted('/'.join(p) for p in set(want) - seen)}")
+        partial.finalize(target)
+        # The v1 layout wraps the PyTree checkpoint in target/state/; unwrap it so that every model
+        # checkpoint has the same layout (a v0 PyTree checkpoint in params/).
+        os.rename(os.path.join(target, "state"), os.path.join(tmp, PARAMS_DIR))
+        with open(os.path.join(target, "_CHECKPOINT_METADATA")) as f:
+            meta = json.load(f)
+        meta["item_handlers"] = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+        with open(os.path.join(tmp, PARAMS_DIR, "_CHECKPOINT_METADATA"), "w") as f:
+            json.dump(meta, f)
+        shutil.rmtree(target)
+        commit_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return os.path.abspath(directory)
+
+
+# ------------------------------------------------------------------------------------------------- load
+def _read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _is_complete_step(path: str) -> bool:
+    return (os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.isdir(os.path.join(path, "config"))
+            and ".orbax-checkpoint-tmp" not in os.path.basename(path))
+
+
+def resolve(directory: str) -> tuple[dict, str]:
+    """(ModelConfig dict, Orbax params dir) for a model checkpoint, a train-run step dir, RUN/checkpoints,
+    or RUN (latest complete step)."""
+    d = os.path.abspath(directory)
+    if not os.path.isdir(d):
+        raise CheckpointError(f"{d}: no such checkpoint directory")
+    if os.path.isfile(os.path.join(d, CONFIG_FILE)) and os.path.isdir(os.path.join(d, PARAMS_DIR)):
+        return _read_json(os.path.join(d, CONFIG_FILE)), os.path.join(d, PARAMS_DIR)
+    if _is_complete_step(d):  # a train step dir: config item is a JSON checkpoint of {"model": ..., ...}
+        cfg_dir = os.path.join(d, "config")
+        files = [f for f in os.listdir(cfg_dir) if not f.startswith("_")]
+        if not files:
+            raise CheckpointError(f"{cfg_dir}: the 'config' item holds no JSON file")
+        item = _read_json(os.path.join(cfg_dir, sorted(files)[0]))
+        if "model" not in item:
+            raise CheckpointError(f"{cfg_dir}: the 'config' item has no 'model' entry (keys {sorted(item)})")
+        return item["model"], os.path.join(d, PARAMS_DIR)
+    if os.path.isdir(os.path.join(d, "checkpoints")):
+        d = os.path.join(d, "checkpoints")
+    steps = [int(n) for n in os.listdir(d) if n.isdigit() and _is_complete_step(os.path.join(d, n))]
+    if not steps:
+        raise CheckpointError(f"{d}: neither a model checkpoint (config.json + params/) nor a train run "
+                              "(checkpoints/<step>/ with 'params' and 'config' items)")
+    return resolve(os.path.join(d, str(max(steps))))
+
+
+def load_model(directory: str, mesh: Mesh | None = None, dtype: str | None = None) -> tuple[ModelConfig, Any]:
+    """(cfg, params). With a mesh, each array is restored directly with its sharding from
+    `sharding.rules.param_shardings`; without, onto the first device. `dtype` casts while reading
+    (and sets cfg.param_dtype)."""
+    cfg_dict, params_dir = resolve(directory)
+    cfg = ModelConfig.from_dict(cfg_dict)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(params_dir)
+        meta = getattr(meta, "item_metadata", meta)
+        meta = getattr(meta, "tree", meta)
+        check_params(meta, cfg, where=params_dir)
+        # Without a requested dtype, keep what is stored (the config's param_dtype follows the arrays).
+        cfg = cfg.replace(param_dtype=dtype or str(np.dtype(jax.tree.leaves(meta)[0].dtype)))
+        if mesh is not None:
+            from sharding.rules import param_shardings
+
+            shardings = param_shardings(param_specs(cfg), mesh)
+        else:
+            shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract_params(cfg))
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, np.dtype(cfg.param_dtype), sharding=s),
+                              abstract_params(cfg), shardings)
+        args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape),
+                            target)
+        params = ckptr.restore(params_dir, item=target, restore_args=args)
+    return cfg, params
+
+
+def read_param(params_dir: str, path: tuple[str, ...], dtype=None) -> np.ndarray:
+    """One parameter of an Orbax params checkpoint as a host numpy array, without reading the others
+    (Orbax -> HF conversion holds one stacked parameter at a time)."""
+    item: dict = {}
+    node = item
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    node[path[-1]] = np.zeros(())  # structure only
+    node_args: dict = {}
+    a = node_args
+    for k in path[:-1]:
+        a = a.setdefault(k, {})
+    a[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=node_args,
+                                                                    partial_restore=True))
+    for k in path:
+        out = out[k]
+    return out

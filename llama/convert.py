@@ -1,0 +1,744 @@
+"""Checkpoint conversion: one table of names, shape checks, and readers/writers for Hugging Face safetensors,
+Meta `consolidated.NN.pth` and llama2.c `.bin`. The model never sees these names.
+
+Every source is first turned into a lazy mapping from Hugging Face tensor names to numpy arrays in torch
+[out, in] layout ("HF layout"); `hf_to_params` then stacks it into this project's parameter pytree, one
+parameter at a time. Meta and llama2.c rotate interleaved pairs, HF rotate-half, so their wq/wk rows are
+permuted once on the way in (facts sheet 4.1-4.2). Everything here is numpy on the host: no GPU, no torch.
+
+    python -m llama.convert hf-to-orbax     SRC_HF_DIR   DST_ORBAX_DIR [--dtype bfloat16]
+    python -m llama.convert orbax-to-hf     SRC_ORBAX    DST_HF_DIR    [--dtype ...] [--shard-size 5GB]
+    python -m llama.convert meta-to-orbax   SRC_META_DIR DST_ORBAX_DIR
+    python -m llama.convert meta-to-hf      SRC_META_DIR DST_HF_DIR
+    python -m llama.convert llama2c-to-orbax MODEL.bin   DST_ORBAX_DIR
+    python -m llama.convert llama2c-to-hf   MODEL.bin    DST_HF_DIR
+    python -m llama.convert hf-to-hf        SRC_HF_DIR   DST_HF_DIR    (re-shard / re-type)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import struct
+import sys
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+from llama.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_config
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted exactly; the message names the file and the tensor."""
+
+
+# ------------------------------------------------------------------------------------------- name table
+@dataclass(frozen=True)
+class TensorName:
+    """One parameter of the pytree and its names elsewhere. `n_in` is how many leading axes of the
+    per-layer parameter form the torch *input* axis (wo [N, H, D] has two: N*H -> D)."""
+
+    param: tuple[str, ...]  # path in the param pytree
+    hf: str  # "{}" is the layer index
+    meta: str
+    n_in: int  # 0: not a matrix (norm gains, the embedding table)
+
+
+TABLE: tuple[TensorName, ...] = (
+    TensorName(("embed",), "model.embed_tokens.weight", "tok_embeddings.weight", 0),
+    TensorName(("layers", "attn_norm"), "model.layers.{}.input_layernorm.weight", "layers.{}.attention_norm.weight", 0),
+    TensorName(("layers", "wq"), "model.layers.{}.self_attn.q_proj.weight", "layers.{}.attention.wq.weight", 1),
+    TensorName(("layers", "wk"), "model.layers.{}.self_attn.k_proj.weight", "layers.{}.attention.wk.weight", 1),
+    TensorName(("layers", "wv"), "model.layers.{}.self_attn.v_proj.weight", "layers.{}.attention.wv.weight", 1),
+    TensorName(("layers", "wo"), "model.layers.{}.self_attn.o_proj.weight", "layers.{}.attention.wo.weight", 2),
+    TensorName(("layers", "mlp_norm"), "model.layers.{}.post_attention_layernorm.weight", "layers.{}.ffn_norm.weight", 0),
+    TensorName(("layers", "w_gate"), "model.layers.{}.mlp.gate_proj.weight", "layers.{}.feed_forward.w1.weight", 1),
+    TensorName(("layers", "w_up"), "model.layers.{}.mlp.up_proj.weight", "layers.{}.feed_forward.w3.weight", 1),
+    TensorName(("layers", "w_down"), "model.layers.{}.mlp.down_proj.weight", "layers.{}.feed_forward.w2.weight", 1),
+    TensorName(("final_norm",), "model.norm.weight", "norm.weight", 0),
+    TensorName(("lm_head",), "lm_head.weight", "output.weight", 1),
+)
+# Keys older converters wrote that carry no weights (facts sheet 4.3): RoPE tables recomputed from config.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope.freqs")
+
+
+def _param_shape(t: TensorName, cfg: ModelConfig) -> tuple[int, ...]:
+    """Per-layer shape of the parameter (without the leading L axis), from llama.model.param_specs."""
+    from llama.model import param_specs
+
+    spec = param_specs(cfg)
+    for k in t.param:
+        spec = spec[k]
+    return spec.shape[1:] if t.param[0] == "layers" else spec.shape
+
+
+def _torch_shape(t: TensorName, cfg: ModelConfig) -> tuple[int, ...]:
+    p = _param_shape(t, cfg)
+    if t.n_in == 0:
+        return p
+    return (int(np.prod(p[t.n_in:])), int(np.prod(p[:t.n_in])))
+
+
+def table(cfg: ModelConfig) -> list[TensorName]:
+    return [t for t in TABLE if not (t.param == ("lm_head",) and cfg.tie_embeddings)]
+
+
+def hf_names(t: TensorName, cfg: ModelConfig) -> list[str]:
+    return [t.hf.format(i) for i in range(cfg.n_layers)] if "{}" in t.hf else [t.hf]
+
+
+def to_param_layout(t: TensorName, x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """torch [out, in] -> this project's per-layer layout ([in..., out...]): transpose, then reshape."""
+    return x if t.n_in == 0 else np.ascontiguousarray(x.T).reshape(_param_shape(t, cfg))
+
+
+def to_torch_layout(t: TensorName, x: np.ndarray) -> np.ndarray:
+    if t.n_in == 0:
+        return x
+    return np.ascontiguousarray(x.reshape(int(np.prod(x.shape[:t.n_in])), -1).T)
+
+
+def meta_to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Interleaved-pair rows -> rotate-half rows within each head (facts sheet 4.2): view the output axis
+    as (heads, H/2, 2), swap the last two, flatten. w: [n*H, D] torch layout."""
+    n_rows, d = w.shape
+    return np.ascontiguousarray(w.reshape(n_heads, n_rows // n_heads // 2, 2, d).swapaxes(1, 2).reshape(n_rows, d))
+
+
+def hf_to_meta_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The inverse of meta_to_hf_rows."""
+    n_rows, d = w.shape
+    return np.ascontiguousarray(w.reshape(n_heads, 2, n_rows // n_heads // 2, d).swapaxes(1, 2).reshape(n_rows, d))
+
+
+# ------------------------------------------------------------------------------ HF layout <-> params
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float64))
+
+
+def _checked(state: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    where = state.where(name) if hasattr(state, "where") and name in state else where
+    if name not in state:
+        raise ConvertError(f"{where}: tensor {name!r} is missing (expected shape {shape})")
+    x = state[name]
+    if tuple(x.shape) != tuple(shape):
+        raise ConvertError(f"{where}: tensor {name!r} has shape {tuple(x.shape)}, but the config needs {shape}")
+    if np.dtype(x.dtype) not in _FLOATS:
+        raise ConvertError(f"{where}: tensor {name!r} has dtype {x.dtype}; expected a float type (bf16/fp16/fp32)")
+    return x
+
+
+def check_names(names, cfg: ModelConfig, where: str) -> None:
+    """Every expected tensor present and nothing unexpected, before any work is done."""
+    expected = {n for t in table(cfg) for n in hf_names(t, cfg)}
+    names = {n for n in names if not n.endswith(IGNORED_SUFFIXES)}
+    if cfg.tie_embeddings:
+        names.discard("lm_head.weight")  # re-saved tied checkpoints may carry a copy; checked in iter_params
+    missing, extra = sorted(expected - names), sorted(names - expected)
+    if missing:
+        raise ConvertError(f"{where}: {len(missing)} tensor(s) missing for the config ({cfg.n_layers} layers, "
+                           f"tie_embeddings={cfg.tie_embeddings}): {missing[:5]}")
+    if extra:
+        raise ConvertError(f"{where}: {len(extra)} unexpected tensor(s) for the config ({cfg.n_layers} layers, "
+                           f"tie_embeddings={cfg.tie_embeddings}): {extra[:5]}")
+
+
+def iter_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=None,
+                where: str = "checkpoint") -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Yields (pytree path, array) one parameter at a time; layer tensors are stacked into [L, ...].
+    Peak memory is one stacked parameter plus one source tensor."""
+    dtype = np.dtype(dtype or cfg.param_dtype)
+    check_names(state.keys(), cfg, where)
+    for t in table(cfg):
+        shape = _torch_shape(t, cfg)
+        names = hf_names(t, cfg)
+        if t.param[0] != "layers":
+            yield t.param, to_param_layout(t, _checked(state, names[0], shape, where), cfg).astype(dtype)
+            continue
+        out = np.empty((cfg.n_layers,) + _param_shape(t, cfg), dtype)
+        for i, name in enumerate(names):
+            out[i] = to_param_layout(t, _checked(state, name, shape, where), cfg)
+        yield t.param, out
+    if cfg.tie_embeddings and "lm_head.weight" in state:
+        a, b = state["lm_head.weight"], state["model.embed_tokens.weight"]
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise ConvertError(f"{where}: tie_word_embeddings is true but 'lm_head.weight' differs from "
+                               "'model.embed_tokens.weight'; set tie_word_embeddings=false in config.json")
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def hf_to_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=None,
+                 where: str = "checkpoint") -> dict[str, Any]:
+    """HF-named numpy tensors (torch layout) -> this project's param pytree of numpy arrays."""
+    params: dict[str, Any] = {}
+    for path, x in iter_params(state, cfg, dtype, where):
+        _set(params, path, x)
+    return params
+
+
+def iter_hf_tensors(get_param: Callable[[tuple[str, ...]], np.ndarray], cfg: ModelConfig,
+                    dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, torch-layout tensor) in table order; `get_param(path)` returns one stacked parameter."""
+    for t in table(cfg):
+        x = np.asarray(get_param(t.param))
+        if dtype is not None:
+            x = x.astype(dtype)
+        if t.param[0] != "layers":
+            yield hf_names(t, cfg)[0], to_torch_layout(t, x)
+        else:
+            for i, name in enumerate(hf_names(t, cfg)):
+                yield name, to_torch_layout(t, x[i])
+
+
+def params_to_hf(params, cfg: ModelConfig, dtype=None) -> dict[str, np.ndarray]:
+    """This project's param pytree -> HF-named numpy tensors (torch layout)."""
+    return dict(iter_hf_tensors(lambda p: np.asarray(_get(params, p)), cfg, dtype))
+
+
+# ------------------------------------------------------------------------------------------- llama2.c
+def load_llama2c(path: str, dtype: str = "float32") -> tuple[ModelConfig, dict[str, Any]]:
+    """Karpathy's llama2.c legacy (version 0) `.bin` -> (cfg, params). Layout: ../shared/assets/README.md."""
+    cfg, state = read_llama2c(path)
+    cfg = cfg.replace(param_dtype=dtype, compute_dtype=dtype)
+    return cfg, hf_to_params(state, cfg, where=path)
+
+
+def read_llama2c(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(cfg, HF-layout state dict). wq/wk rows are permuted from interleaved pairs to rotate-half."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = f.read(28)
+            if len(header) < 28:
+                raise ConvertError(f"{path}: {size} bytes is too short for a llama2.c header (7 x int32)")
+            dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = struct.unpack("<7i", header)
+            data = np.fromfile(f, dtype="<f4")
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: file not found") from None
+    if min(dim, hidden, n_layers, n_heads, n_kv, seq_len) <= 0 or vocab == 0 or dim % n_heads:
+        raise ConvertError(f"{path}: not a llama2.c legacy .bin (header dim={dim} hidden_dim={hidden} "
+                           f"n_layers={n_layers} n_heads={n_heads} n_kv_heads={n_kv} vocab={vocab} seq_len={seq_len})")
+    tied, vocab = vocab > 0, abs(vocab)  # a negative vocab_size means a separate classifier at the end
+    hs = dim // n_heads
+    kv = n_kv * hs
+    L = n_layers
+    shapes = [("tok_embeddings", (vocab, dim)), ("attention_norm", (L, dim)), ("wq", (L, dim, dim)),
+              ("wk", (L, kv, dim)), ("wv", (L, kv, dim)), ("wo", (L, dim, dim)), ("ffn_norm", (L, dim)),
+              ("w1", (L, hidden, dim)), ("w2", (L, dim, hidden)), ("w3", (L, hidden, dim)), ("norm", (dim,)),
+              ("freq_cis_real", (seq_len, hs // 2)), ("freq_cis_imag", (seq_len, hs // 2))]
+    if not tied:
+        shapes.append(("output", (vocab, dim)))
+    need = sum(int(np.prod(s)) for _, s in shapes)
+    if data.size != need:
+        raise ConvertError(f"{path}: {size} bytes, but a llama2.c v0 model with this header needs "
+                           f"{28 + 4 * need} bytes (truncated, or another llama2.c version)")
+    arrays, offset = {}, 0
+    for name, shape in shapes:
+        n = int(np.prod(shape))
+        arrays[name] = data[offset:offset + n].reshape(shape)
+        offset += n
+    cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=L, n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=hidden,
+                      norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_seq_len=seq_len,
+                      tie_embeddings=tied, bos_id=1, eos_ids=(2,), name=os.path.basename(path))
+    per_layer = {"attention_norm": "layers.{}.attention_norm.weight", "wq": "layers.{}.attention.wq.weight",
+                 "wk": "layers.{}.attention.wk.weight", "wv": "layers.{}.attention.wv.weight",
+                 "wo": "layers.{}.attention.wo.weight", "ffn_norm": "layers.{}.ffn_norm.weight",
+                 "w1": "layers.{}.feed_forward.w1.weight", "w2": "layers.{}.feed_forward.w2.weight",
+                 "w3": "layers.{}.feed_forward.w3.weight"}
+    meta = {"tok_embeddings.weight": arrays["tok_embeddings"], "norm.weight": arrays["norm"]}
+    if not tied:
+        meta["output.weight"] = arrays["output"]
+    for key, template in per_layer.items():
+        for i in range(L):
+            meta[template.format(i)] = arrays[key][i]
+    return cfg, meta_state_to_hf(meta, cfg, path)
+
+
+def meta_state_to_hf(meta: Mapping[str, np.ndarray], cfg: ModelConfig, where: str) -> dict[str, np.ndarray]:
+    """Meta-named, Meta-layout tensors -> HF names with the wq/wk row permutation (facts sheet 4.2)."""
+    out = {}
+    for t in TABLE:
+        for i, name in enumerate(hf_names(t, cfg)):
+            mname = t.meta.format(i)
+            if mname not in meta:
+                continue
+            x = meta[mname]
+            if t.param[-1] in ("wq", "wk"):
+                n = cfg.n_heads if t.param[-1] == "wq" else cfg.n_kv_heads
+                if x.ndim != 2 or x.shape[0] != n * cfg.head_dim:
+                    raise ConvertError(f"{where}: tensor {mname!r} has shape {tuple(x.shape)}, expected "
+                                       f"({n * cfg.head_dim}, {cfg.dim})")
+                x = meta_to_hf_rows(x, n)
+            out[name] = x
+    return out
+
+
+# ------------------------------------------------------------------------------------------ safetensors
+# Format (facts sheet 4.3): u64 little-endian header length N, N bytes of JSON {name: {dtype, shape,
+# data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw little-endian data. Read and written
+# here directly so that each tensor is read on its own (np.fromfile at its offset) and a file is written
+# as the tensors arrive, and so that a corrupt file's error names the file and the tensor.
+ST_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+             "F64": np.dtype("<f8"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "I16": np.dtype("<i2"),
+             "I32": np.dtype("<i4"), "I64": np.dtype("<i8"), "BOOL": np.dtype("?")}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute, in bytes
+
+
+def read_safetensors_header(path: str) -> dict[str, _Entry]:
+    """name -> where its bytes are; validates the header against the file size before anything is read."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConvertError(f"{path}: {size} bytes is too short for a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise ConvertError(f"{path}: header length {n} exceeds the file ({size} bytes): truncated or "
+                                   "not a safetensors file")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: corrupt safetensors header ({e})") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = ST_DTYPES[info["dtype"]], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ConvertError(f"{path}: tensor {name!r} has a corrupt header entry {info!r}") from None
+        if end - begin != int(np.prod(shape)) * dtype.itemsize or begin < 0:
+            raise ConvertError(f"{path}: tensor {name!r}: data_offsets {begin}..{end} do not fit shape {shape} "
+                               f"of {info['dtype']}")
+        if 8 + n + end > size:
+            raise ConvertError(f"{path}: tensor {name!r} ends at byte {8 + n + end}, past the end of the file "
+                               f"({size} bytes): the file is truncated")
+        out[name] = _Entry(path, dtype, shape, 8 + n + begin)
+    return out
+
+
+def _read_entry(e: _Entry) -> np.ndarray:
+    count = int(np.prod(e.shape))
+    x = np.fromfile(e.file, dtype=e.dtype, count=count, offset=e.offset)
+    return x.reshape(e.shape)
+
+
+class HFCheckpoint(Mapping):
+    """A Hugging Face model directory as a lazy mapping name -> numpy array (read on access):
+    `model.safetensors`, or shards listed in `model.safetensors.index.json`."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        self.entries: dict[str, _Entry] = {}
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConvertError(f"{index}: not a safetensors index ({e!r})") from None
+            headers = {fn: read_safetensors_header(os.path.join(directory, fn)) for fn in sorted(set(weight_map.values()))}
+            for name, fn in weight_map.items():
+                if name not in headers[fn]:
+                    raise ConvertError(f"{index}: tensor {name!r} is listed in {fn}, which does not contain it")
+                self.entries[name] = headers[fn][name]
+        elif os.path.isfile(single):
+            self.entries = read_safetensors_header(single)
+        else:
+            found = sorted(os.listdir(directory)) if os.path.isdir(directory) else "no such directory"
+            raise ConvertError(f"{directory}: no model.safetensors or model.safetensors.index.json (found: {found})")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return _read_entry(self.entries[name])
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def where(self, name: str) -> str:
+        return self.entries[name].file
+
+
+def write_safetensors_shards(directory: str, tensors: Iterator[tuple[str, np.ndarray]],
+                             plan: list[tuple[str, tuple[int, ...], np.dtype]], shard_bytes: int,
+                             progress=None) -> list[str]:
+    """Writes `tensors` (arriving in `plan` order) into shards of at most `shard_bytes` each (a tensor
+    larger than that gets a shard of its own) as they arrive, plus the index when there are several.
+    HF names: `model.safetensors`, or `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`."""
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = int(np.prod(entry[1])) * entry[2].itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map, total = {}, 0
+    tensors = iter(tensors)
+    for fn, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in shard:
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = fn
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+        with open(os.path.join(directory, fn), "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for name, shape, dtype in shard:
+                got_name, x = next(tensors)
+                if got_name != name or tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+                    raise ConvertError(f"internal: expected {name} {shape} {dtype}, got {got_name} {x.shape} {x.dtype}")
+                np.ascontiguousarray(x).tofile(f)  # little-endian hosts only (x86, ARM), as torch assumes
+                if progress:
+                    progress(name, x)
+        total += offset
+    if n > 1:
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names
+
+
+# ------------------------------------------------------------------------------ Meta consolidated.NN.pth
+# A torch.save file is a zip: <archive>/data.pkl pickles the state dict, whose tensors refer (pickle
+# persistent ids) to raw storages stored as <archive>/data/<key>. An unpickler that allows only these
+# few classes reads it without torch, and without executing anything else from the file.
+_TORCH_STORAGES = {"BFloat16Storage": np.dtype(ml_dtypes.bfloat16), "HalfStorage": np.dtype("<f2"),
+                   "FloatStorage": np.dtype("<f4"), "DoubleStorage": np.dtype("<f8"), "LongStorage": np.dtype("<i8"),
+                   "IntStorage": np.dtype("<i4"), "ByteStorage": np.dtype("u1"), "CharStorage": np.dtype("i1"),
+                   "BoolStorage": np.dtype("?")}
+
+
+@dataclass(frozen=True)
+class _Storage:
+    zip_path: str
+    member: str
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class _LazyTensor:
+    storage: _Storage
+    offset: int  # in elements
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+    @property
+    def dtype(self):
+        return self.storage.dtype
+
+    def load(self, zf: zipfile.ZipFile) -> np.ndarray:
+        buf = np.frombuffer(zf.read(self.storage.member), self.storage.dtype)
+        item = buf.itemsize
+        view = np.lib.stride_tricks.as_strided(buf[self.offset:], self.shape, [s * item for s in self.stride])
+        return np.array(view)  # own the memory (the storage buffer is released)
+
+
+def _rebuild_tensor(storage, offset, shape, stride, *_):
+    return _LazyTensor(storage, int(offset), tuple(shape), tuple(stride))
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    def __init__(self, f, zip_path: str, prefix: str):
+        super().__init__(f)
+        self.zip_path, self.prefix = zip_path, prefix
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch" and name in _TORCH_STORAGES:
+            return _TORCH_STORAGES[name]
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch" and name in ("bfloat16", "float16", "float32"):
+            return name
+        raise ConvertError(f"{self.zip_path}: refusing to unpickle {module}.{name}: a Meta checkpoint holds "
+                           "only a dict of tensors")
+
+    def persistent_load(self, pid):
+        # ("storage", storage_type, key, location, numel); torch >= 2 writes typed legacy storage classes.
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise ConvertError(f"{self.zip_path}: unexpected persistent id {pid!r}")
+        dtype = pid[1] if isinstance(pid[1], np.dtype) else None
+        if dtype is None:
+            raise ConvertError(f"{self.zip_path}: unsupported storage type {pid[1]!r}")
+        return _Storage(self.zip_path, f"{self.prefix}/data/{pid[2]}", dtype)
+
+
+def read_torch_zip(path: str) -> tuple[zipfile.ZipFile, dict[str, _LazyTensor]]:
+    """The state dict of a torch.save zip file, lazily: tensor bytes are read on `.load`."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: file not found") from None
+    except zipfile.BadZipFile:
+        raise ConvertError(f"{path}: not a torch zip checkpoint (legacy non-zip torch.save files are not "
+                           "supported; re-save with torch >= 1.6)") from None
+    pkl = [n for n in zf.namelist() if n.endswith("/data.pkl")]
+    if len(pkl) != 1:
+        raise ConvertError(f"{path}: expected one */data.pkl in the zip, found {pkl}")
+    with zf.open(pkl[0]) as f:
+        state = _TorchUnpickler(f, path, pkl[0][: -len("/data.pkl")]).load()
+    if not isinstance(state, dict):
+        raise ConvertError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict")
+    return zf, state
+
+
+# fairscale layer kind -> concatenation axis in torch [out, in] layout (facts sheet 4.4). None: replicated.
+_MP_AXIS = {"wq": 0, "wk": 0, "wv": 0, "w_gate": 0, "w_up": 0, "lm_head": 0, "wo": 1, "w_down": 1,
+            "attn_norm": None, "mlp_norm": None, "final_norm": None}
+
+
+class MetaCheckpoint(Mapping):
+    """A Meta download directory (`params.json`, `consolidated.NN.pth`) as a lazy mapping from HF names to
+    HF-layout numpy arrays: model-parallel shards concatenated, then the wq/wk rows permuted."""
+
+    def __init__(self, directory: str, cfg: ModelConfig):
+        self.directory, self.cfg = directory, cfg
+        files = sorted(f for f in os.listdir(directory) if f.startswith("consolidated.") and f.endswith(".pth"))
+        if not files:
+            raise ConvertError(f"{directory}: no consolidated.NN.pth files")
+        self.shards = [read_torch_zip(os.path.join(directory, f)) for f in files]  # file-name order (4.4)
+        self.by_hf: dict[str, tuple[TensorName, str]] = {}
+        for t in TABLE:
+            for i, name in enumerate(hf_names(t, cfg)):
+                if t.meta.format(i) in self.shards[0][1]:
+                    self.by_hf[name] = (t, t.meta.format(i))
+        known = {m for _, m in self.by_hf.values()}
+        extra = [k for k in self.shards[0][1] if k not in known and not k.endswith(IGNORED_SUFFIXES)]
+        for k in extra:  # not a tensor of this config: keep the Meta name so check_names reports it
+            self.by_hf[k] = (None, k)
+
+    def __iter__(self):
+        return iter(self.by_hf)
+
+    def __len__(self):
+        return len(self.by_hf)
+
+    def where(self, name: str) -> str:
+        return os.path.join(self.directory, "consolidated.*.pth")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t, mname = self.by_hf[name]
+        pieces = []
+        for zf, state in self.shards:
+            if mname not in state:
+                raise ConvertError(f"{zf.filename}: tensor {mname!r} is missing from this shard")
+            if not isinstance(state[mname], _LazyTensor):
+                raise ConvertError(f"{zf.filename}: {mname!r} is not a tensor")
+            pieces.append(state[mname].load(zf))
+        key = t.param[-1]
+        if len(pieces) == 1 or _MP_AXIS.get(key, 0) is None:
+            x = pieces[0]
+        elif key == "embed":
+            # Llama 3 VocabParallelEmbedding splits rows; Llama 2 ParallelEmbedding splits columns (4.4).
+            x = np.concatenate(pieces, axis=0 if pieces[0].shape[1] == self.cfg.dim else 1)
+        else:
+            x = np.concatenate(pieces, axis=_MP_AXIS[key])
+        if key in ("wq", "wk"):
+            n = self.cfg.n_heads if key == "wq" else self.cfg.n_kv_heads
+            if x.ndim != 2 or x.shape[0] != n * self.cfg.head_dim:
+                raise ConvertError(f"{self.where(name)}: tensor {mname!r} merges to shape {x.shape}, but params.json "
+                                   f"needs ({n * self.cfg.head_dim}, {self.cfg.dim})")
+            x = meta_to_hf_rows(x, n)
+        return x
+
+
+# --------------------------------------------------------------------------------------- sources, sinks
+def open_source(kind: str, src: str, **cfg_overrides) -> tuple[ModelConfig, Mapping[str, np.ndarray]]:
+    """(cfg, lazy HF-layout state) for a source format: "hf", "meta", "llama2c" or "orbax"."""
+    if kind == "hf":
+        try:
+            cfg = from_hf_config(src, **cfg_overrides)
+        except ConfigError as e:
+            raise ConvertError(str(e)) from None
+        return cfg, HFCheckpoint(src)
+    if kind == "meta":
+        try:
+            cfg = from_meta_params(src, **cfg_overrides)
+        except ConfigError as e:
+            raise ConvertError(str(e)) from None
+        return cfg, MetaCheckpoint(src, cfg)
+    if kind == "llama2c":
+        cfg, state = read_llama2c(src)
+        return cfg.replace(**cfg_overrides), state
+    if kind == "orbax":
+        from llama.checkpoint import read_param, resolve
+
+        cfg_dict, params_dir = resolve(src)
+        cfg = ModelConfig.from_dict(cfg_dict).replace(**cfg_overrides)
+        # An Orbax source is already in param layout; expose it as HF tensors one stacked param at a time.
+        return cfg, _OrbaxAsHF(cfg, lambda path: read_param(params_dir, path))
+    raise ConvertError(f"unknown source format {kind!r}; expected one of hf, meta, llama2c, orbax")
+
+
+class _OrbaxAsHF(Mapping):
+    """HF names over an Orbax checkpoint, caching the one stacked parameter last read."""
+
+    def __init__(self, cfg: ModelConfig, get_param):
+        self.cfg, self.get_param, self.cached = cfg, get_param, (None, None)
+        self.names = {n: (t, i) for t in table(cfg) for i, n in enumerate(hf_names(t, cfg))}
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, name):
+        t, i = self.names[name]
+        if self.cached[0] != t.param:
+            self.cached = (t.param, None)  # drop the previous parameter before reading the next
+            self.cached = (t.param, np.asarray(self.get_param(t.param)))
+        x = self.cached[1]
+        return to_torch_layout(t, x[i] if t.param[0] == "layers" else x)
+
+
+def _dtype_of(state: Mapping[str, np.ndarray], dtype: str | None) -> str:
+    if dtype:
+        return str(np.dtype(dtype))
+    x = state["model.embed_tokens.weight"]
+    return str(np.dtype(x.dtype))
+
+
+def write_orbax(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, where: str,
+                overwrite: bool = False, progress: bool = True) -> ModelConfig:
+    from tqdm import tqdm
+
+    from llama.checkpoint import save_model_streaming
+
+    check_names(state.keys(), cfg, where)
+    with tqdm(total=len(table(cfg)), desc=f"-> {dst}", unit="param", disable=not progress) as bar:
+        save_model_streaming(dst, cfg, iter_params(state, cfg, cfg.param_dtype, where), overwrite=overwrite,
+                             on_write=lambda path, x: (bar.set_postfix_str("/".join(path)), bar.update()))
+    return cfg
+
+
+def write_hf(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, where: str,
+             shard_bytes: int = 5 * 2**30, overwrite: bool = False, progress: bool = True) -> list[str]:
+    """config.json, generation_config.json and safetensors shards (+ index) in `dst`, staged then renamed."""
+    from tqdm import tqdm
+
+    from llama.checkpoint import commit_dir, staging_dir
+
+    check_names(state.keys(), cfg, where)
+    dtype = np.dtype(cfg.param_dtype)
+    plan = [(n, _torch_shape(t, cfg), dtype) for t in table(cfg) for n in hf_names(t, cfg)]
+    tensors = ((n, _checked(state, n, s, where).astype(dtype, copy=False)) for n, s, _ in plan)
+    tmp = staging_dir(dst, overwrite)
+    try:
+        with tqdm(total=len(plan), desc=f"-> {dst}", unit="tensor", disable=not progress) as bar:
+            files = write_safetensors_shards(tmp, tensors, plan, shard_bytes, lambda n, x: bar.update())
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(to_hf_config(cfg), f, indent=2)
+        # Llama 3.1 generation_config.json (facts sheet 4.5): sampling defaults of the Meta reference.
+        gen = {"bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) > 1 else cfg.eos_ids[0],
+               "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+        commit_dir(tmp, dst)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, shard_bytes: int = 5 * 2**30,
+            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """One conversion, e.g. convert("hf-to-orbax", "Llama-3.1-8B", "ckpt/8b", dtype="bfloat16"). Returns a
+    summary. Nothing is written to `dst` unless the whole conversion succeeds."""
+    import time
+
+    kinds = {"hf", "meta", "llama2c", "orbax"}
+    parts = direction.split("-to-")
+    if len(parts) != 2 or parts[0] not in kinds or parts[1] not in ("hf", "orbax"):
+        raise ConvertError(f"unknown conversion {direction!r}; expected one of "
+                           f"{', '.join(f'{a}-to-{b}' for a in sorted(kinds) for b in ('hf', 'orbax'))}")
+    start = time.time()
+    cfg, state = open_source(parts[0], src)
+    out_dtype = _dtype_of(state, dtype)
+    if out_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConvertError(f"--dtype {out_dtype!r}: expected float32, bfloat16 or float16")
+    cfg = cfg.replace(param_dtype=out_dtype, compute_dtype=out_dtype)
+    if parts[1] == "orbax":
+        write_orbax(dst, cfg, state, where=src, overwrite=overwrite, progress=progress)
+        files = ["config.json", "params/"]
+    else:
+        files = write_hf(dst, cfg, state, where=src, shard_bytes=shard_bytes, overwrite=overwrite, progress=progress)
+        files += ["config.json", "generation_config.json"] + (["model.safetensors.index.json"] if len(files) > 1 else [])
+    n = cfg.param_count()
+    return {"direction": direction, "src": src, "dst": os.path.abspath(dst), "dtype": out_dtype, "params": n,
+            "bytes": n * np.dtype(out_dtype).itemsize, "files": files, "seconds": round(time.time() - start, 2),
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in ("remat", "attention_impl")}}
+
+
+def _parse_size(s: str) -> int:
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
+    for u, m in units.items():
+        if s.upper().endswith(u):
+            return int(float(s[: -len(u)]) * m)
+    return int(s)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("direction", help="SRC-to-DST with SRC in hf, meta, llama2c, orbax and DST in hf, orbax")
+    ap.add_argument("src")
+    ap.add_argument("dst")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's dtype")
+    ap.add_argument("--shard-size", default="5GB", help="largest safetensors shard for *-to-hf (default 5GB)")
+    ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once done)")
+    args = ap.parse_args(argv)
+    try:
+        summary = convert(args.direction, args.src, args.dst, dtype=args.dtype, shard_bytes=_parse_size(args.shard_size),
+                          overwrite=args.overwrite)
+    except ValueError as e:  # ConvertError, ConfigError, CheckpointError: messages name the file and tensor
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = summary["config"]
+    print(f"wrote {summary['dst']} ({summary['direction']}, {summary['dtype']}): {summary['params']:,} parameters, "
+          f"{summary['bytes'] / 2**20:,.1f} MiB in {summary['seconds']} s\n"
+          f"  model: vocab {c['vocab_size']}, dim {c['dim']}, {c['n_layers']} layers, {c['n_heads']} heads "
+          f"({c['n_kv_heads']} kv), ffn {c['ffn_dim']}, tied={c['tie_embeddings']}\n  files: {', '.join(summary['files'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""Text generation with a preallocated KV cache: one prefill pass, then a decode loop that runs on the device.
+
+Design (compare Meta's `Llama3.generate`, facts sheet section 6):
+- Prompts of different lengths are right-padded into one [B, T] batch and prefilled in ONE pass with positions
+  0..T-1; each row's first new token is sampled from the logits at its own last prompt token. Meta instead
+  starts every row at the shortest prompt and teacher-forces the longer ones one token per step; prefilling
+  everything at once does the same arithmetic in one pass.
+- The cache slot of a token is its position (`model.forward_cached`). A row of length n therefore decodes from
+  position n: each step writes its token's K/V into slot n (over the pad token's K/V that the padded prefill
+  left there) before attending to slots <= n, so the pad K/V in later slots are never seen.
+- `decode` is a `lax.while_loop` inside one jitted call: a step is one forward of B tokens, a sample and a
+  few [B] updates; it stops when every row has hit a stop token or its own max_new_tokens.
+- The cache is sharded by `sharding.rules.RULES` through `model.CACHE_AXES` (batch over data x fsdp, KV heads
+  over tensor); an axis whose size does not divide its mesh axes is replicated instead (`fitted_rules`).
+
+CLI: `python -m llama.generate --checkpoint DIR --prompt "Once upon a time"` (see docs/inference.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama import model
+from llama.config import ModelConfig
+from llama.model import QuantizedWeight
+from llama.sampling import GREEDY, SamplingConfig, sample
+from sharding import rules as sharding_rules
+
+PAD_ID = 0  # any valid id works: a pad token's K/V land in slots its row overwrites before reading them
+BUCKET = 64  # prompt and cache lengths round up to this, so nearby lengths share one compiled program
+
+
+class ContextLimitError(ValueError):
+    """A prompt plus its requested new tokens would not fit the model's context (cfg.max_seq_len)."""
+
+
+# ---------------------------------------------------------------------------------------- device state
+@jax.tree_util.register_dataclass
+@dataclass
+class DecodeState:
+    """Everything the decode loop carries, all on device. B rows, M = max new tokens, E = stop ids per row."""
+
+    cache: dict  # {"k", "v"}: [L, B, S, K, H]
+    token: jax.Array  # [B] the last sampled token, not yet written to the cache
+    position: jax.Array  # [B] its position, which is also the cache slot it will be written to
+    out: jax.Array  # [B, M] generated ids; -1 after a row has stopped
+    n_out: jax.Array  # [B] tokens generated so far per row (a stop token counts)
+    done: jax.Array  # [B] bool
+    limit: jax.Array  # [B] max new tokens per row
+    stop: jax.Array  # [B, E] stop ids per row, padded with -1
+    step: jax.Array  # [] columns of `out` filled so far
+    key: jax.Array  # PRNG key; step i samples with fold_in(key, i)
+
+
+def _is_stop(tok: jax.Array, stop: jax.Array) -> jax.Array:
+    return jnp.any(tok[:, None] == stop, axis=-1)
+
+
+def prefill(params, tokens: jax.Array, lengths: jax.Array, limit: jax.Array, stop: jax.Array, key: jax.Array, *,
+            cfg: ModelConfig, sampling: SamplingConfig, max_new: int, cache_len: int,
+            cache_sharding=None, cache_dtype=None) -> tuple[jax.Array, DecodeState]:
+    """tokens: [B, T] right-padded prompts, lengths: [B] (>= 1). Writes the whole padded batch into a fresh
+    cache of cache_len slots and samples each row's first new token from its last prompt token's logits.
+    Returns (those logits [B, V] float32, the state)."""
+    B, T = tokens.shape
+    cache = model.init_cache(cfg, B, cache_len, cache_dtype)
+    if cache_sharding is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    logits, cache = model.forward_cached(params, tokens, positions, cache, cfg=cfg, logits_at=lengths - 1)
+    logits = logits[:, 0]
+    tok = sample(logits, jax.random.fold_in(key, 0), sampling)
+    state = DecodeState(
+        cache=cache, token=tok, position=lengths.astype(jnp.int32),
+        out=jnp.full((B, max_new), -1, jnp.int32).at[:, 0].set(tok), n_out=jnp.ones((B,), jnp.int32),
+        done=_is_stop(tok, stop) | (limit <= 1), limit=limit.astype(jnp.int32), stop=stop.astype(jnp.int32),
+        step=jnp.ones((), jnp.int32), key=key)
+    return logits, state
+
+
+def decode_step(params, state: DecodeState, *, cfg: ModelConfig,
+                sampling: SamplingConfig) -> tuple[jax.Array, DecodeState]:
+    """Feeds each row's last token at its position and samples the next. Stopped rows keep their position and
+    emit -1. Returns (the step's logits [B, V] float32, the new state); the decode loop's body."""
+    logits, cache = model.forward_cached(params, state.token[:, None], state.position[:, None], state.cache,
+                                         cfg=cfg)
+    logits = logits[:, 0]
+    active = ~state.done
+    nxt = jnp.where(active, sample(logits, jax.random.fold_in(state.key, state.step), sampling), -1)
+    n_out = state.n_out + active
+    return logits, dataclasses.replace(
+        state, cache=cache, token=jnp.where(active, nxt, state.token), position=state.position + active,
+        out=jax.lax.dynamic_update_slice(state.out, nxt[:, None], (0, state.step)), n_out=n_out,
+        done=state.done | (active & (_is_stop(nxt, state.stop) | (n_out >= state.limit))), step=state.step + 1)
+
+
+def decode(params, state: DecodeState, until: jax.Array, *, cfg: ModelConfig,
+           sampling: SamplingConfig) -> DecodeState:
+    """Runs decode_step on the device until every row is done or `until` columns of `out` are filled
+    (`until` is traced, so streaming in chunks reuses one compiled loop)."""
+    until = jnp.minimum(until, state.out.shape[1])
+
+    def cond(s):
+        return (s.step < until) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(cond, lambda s: decode_step(params, s, cfg=cfg, sampling=sampling)[1], state)
+
+
+_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "sampling", "max_new", "cache_len", "cache_sharding",
+                                                 "cache_dtype"))
+_decode_jit = jax.jit(decode, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
+_COMPILED: dict = {}
+
+
+def _compiled(fn, args: tuple, static: dict):
+    """Ahead-of-time compile, cached by the arguments' shapes, dtypes and shardings, so the tokens/s that
+    `generate` reports never include compilation (which it reports separately)."""
+    sig = jax.tree.map(lambda x: (x.shape, str(x.dtype), getattr(x, "sharding", None)), args)
+    key = (fn, str(sig), jax.tree.structure(args), tuple(sorted(static.items())))
+    if key not in _COMPILED:
+        _COMPILED[key] = fn.lower(*args, **static).compile()
+    return _COMPILED[key]
+
+
+# -------------------------------------------------------------------------------------------- sharding
+def fitted_rules(cfg: ModelConfig, mesh, batch: int | None = None) -> dict:
+    """RULES, with each logical axis whose size here does not divide its mesh axes replicated instead
+    (e.g. 8 KV heads on tensor=16, or a batch of 3 over data=2)."""
+    sizes = {"vocab": cfg.vocab_size, "embed": cfg.dim, "q_heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
+             "ffn": cfg.ffn_dim, "batch": batch}
+    out = dict(sharding_rules.RULES)
+    for name, size in sizes.items():
+        axes = out.get(name)
+        if axes is None or size is None:
+            continue
+        n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        if size % n:
+            out[name] = None
+    return out
+
+
+def cache_sharding(cfg: ModelConfig, mesh, batch: int):
+    """NamedSharding of the KV cache [L, B, S, K, H] (model.CACHE_AXES) on this mesh."""
+    return sharding_rules.named_sharding(mesh, model.CACHE_AXES, rules=fitted_rules(cfg, mesh, batch))
+
+
+def shard_params(params, cfg: ModelConfig, mesh):
+    """Places params (plain or int8) on the mesh by the (fitted) rules table."""
+    from llama import quant
+
+    quantized = isinstance(params["layers"]["wq"], QuantizedWeight)
+    specs = quant.quantized_specs(cfg) if quantized else model.param_specs(cfg)
+    shardings = sharding_rules.param_shardings(specs, mesh, fitted_rules(cfg, mesh))
+    return jax.device_put(params, shardings)
+
+
+# ---------------------------------------------------------------------------------------------- host API
+@dataclass(frozen=True)
+class GenerationResult:
+    tokens: list[list[int]]  # new ids per row, a final stop token included
+    stop_reason: list[str]  # "stop" (a stop token), "length" (max_new_tokens), "context" (cut at max_seq_len)
+    prompt_tokens: int
+    prefill_s: float
+    decode_s: float
+    compile_s: float
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(max(len(t) - 1, 0) for t in self.tokens)  # the first new token comes from the prefill
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _per_row(value, n: int, what: str) -> list:
+    if isinstance(value, (int, np.integer)):
+        return [int(value)] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{what}: {len(value)} values for {n} prompts")
+    return value
+
+
+def plan(prompts: Sequence[Sequence[int]], max_new_tokens, cfg: ModelConfig,
+         truncate: bool) -> tuple[list[int], list[bool]]:
+    """Per-row new-token limits within the context, and which rows were cut (Meta: prompt + new <=
+    max_seq_len). Raises ContextLimitError unless truncate."""
+    limits, cut = [], []
+    for i, (p, m) in enumerate(zip(prompts, _per_row(max_new_tokens, len(prompts), "max_new_tokens"))):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; start it with at least the BOS token ({cfg.bos_id})")
+        if m < 1:
+            raise ValueError(f"max_new_tokens for prompt {i} is {m}; expected >= 1")
+        room = cfg.max_seq_len - len(p)
+        if room < 1 or (m > room and not truncate):
+            raise ContextLimitError(
+                f"prompt {i}: {len(p)} prompt tokens + {m} new tokens exceed the context of {cfg.max_seq_len} "
+                f"(cfg.max_seq_len); shorten the prompt, lower --max-new-tokens, or pass truncate=True")
+        limits.append(min(m, room))
+        cut.append(m > room)
+    return limits, cut
+
+
+def _stop_rows(stop_ids, cfg: ModelConfig, B: int) -> list[list[int]]:
+    if stop_ids is None:
+        return [list(cfg.eos_ids)] * B
+    stop_ids = list(stop_ids)
+    if stop_ids and not isinstance(stop_ids[0], (int, np.integer)):
+        if len(stop_ids) != B:
+            raise ValueError(f"stop_ids: {len(stop_ids)} rows for {B} prompts")
+        return [list(s) for s in stop_ids]
+    return [stop_ids] * B
+
+
+def _prepare(params, prompts, *, cfg, max_new_tokens, sampling, seed, stop_ids, mesh, truncate, cache_dtype):
+    """Host-side batch assembly shared by `generate` and `stream`: (prefill args, prefill statics, limits,
+    cut rows, stop ids per row). Lengths are bucketed so that nearby prompts share compiled programs."""
+    B = len(prompts)
+    limits, cut = plan(prompts, max_new_tokens, cfg, truncate)
+    lengths = [len(p) for p in prompts]
+    stop_rows = _stop_rows(stop_ids, cfg, B)
+    stop = np.full((B, max(1, max(len(s) for s in stop_rows))), -1, np.int32)
+    for i, s in enumerate(stop_rows):
+        stop[i, :len(s)] = s
+    T = min(_round_up(max(lengths), BUCKET), cfg.max_seq_len)
+    max_new = max(limits)
+    cache_len = min(_round_up(T + max_new, BUCKET), max(cfg.max_seq_len, T))
+    tokens = np.full((B, T), PAD_ID, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    host = (tokens, np.asarray(lengths, np.int32), np.asarray(limits, np.int32), stop)
+    csh = None
+    if mesh is not None:
+        csh = cache_sharding(cfg, mesh, B)
+        row_spec = sharding_rules.logical_to_spec(("batch",), fitted_rules(cfg, mesh, B))
+        host = tuple(jax.device_put(x, sharding_rules.NamedSharding(mesh, sharding_rules.P(*row_spec, *[None] * (x.ndim - 1))))
+                     for x in host)
+    static = dict(cfg=cfg, sampling=sampling, max_new=max_new, cache_len=cache_len, cache_sharding=csh,
+                  cache_dtype=cache_dtype)
+    return (params, *host, jax.random.key(seed)), static, limits, cut, stop_rows
+
+
+def _programs(args, static):
+    """The compiled prefill and decode for these arguments (decode's state shardings are prefill's outputs)."""
+    prefill_fn = _compiled(_prefill_jit, args, static)
+    shapes = jax.eval_shape(lambda *a: prefill(*a, **static), *args)
+    state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                         prefill_fn.output_shardings)[1]
+    until = jax.ShapeDtypeStruct((), jnp.int32)
+    decode_fn = _compiled(_decode_jit, (args[0], state, until), dict(cfg=static["cfg"], sampling=static["sampling"]))
+    return prefill_fn, decode_fn
+
+
+def generate(params, prompts: Sequence[Sequence[int]], *, cfg: ModelConfig, max_new_tokens=256,
+             sampling: SamplingConfig = GREEDY, seed: int = 0, stop_ids=None, mesh=None,
+             truncate: bool = False, cache_dtype=None) -> GenerationResult:
+    """Generates for a batch of token-id prompts (of any lengths). max_new_tokens: an int or one per row.
+    stop_ids: ids shared by all rows (default cfg.eos_ids), or one sequence per row. With a mesh, params must
+    already be placed (`shard_params`); the cache is sharded by the rules table."""
+    args, static, limits, cut, stop_rows = _prepare(
+        params, prompts, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
+        mesh=mesh, truncate=truncate, cache_dtype=cache_dtype)
+    t0 = time.perf_counter()
+    prefill_fn, decode_fn = _programs(args, static)
+    compile_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _, state = prefill_fn(*args)
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    state = decode_fn(params, state, jnp.asarray(static["max_new"], jnp.int32))
+    out, n_out = jax.device_get((state.out, state.n_out))
+    t2 = time.perf_counter()
+
+    rows, reasons = [], []
+    for i in range(len(prompts)):
+        row = [int(t) for t in out[i, :n_out[i]]]
+        rows.append(row)
+        reasons.append("stop" if row and row[-1] in stop_rows[i] else ("context" if cut[i] else "length"))
+    return GenerationResult(rows, reasons, sum(len(p) for p in prompts), t1 - t0, t2 - t1, compile_s)
+
+
+def stream(params, prompt: Sequence[int], *, cfg: ModelConfig, max_new_tokens: int = 256,
+           sampling: SamplingConfig = GREEDY, seed: int = 0, stop_ids=None, chunk: int = 4,
+           truncate: bool = True, cache_dtype=None) -> Iterator[list[int]]:
+    """Yields one prompt's new ids a few at a time (`chunk` on-device decode steps per host round trip), for
+    streaming text as it is generated; the same programs and ids as `generate` on that prompt alone. The stop
+    token, if reached, is the last id yielded."""
+    args, static, *_ = _prepare(params, [prompt], cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
+                                seed=seed, stop_ids=stop_ids, mesh=None, truncate=truncate, cache_dtype=cache_dtype)
+    prefill_fn, decode_fn = _programs(args, static)
+    _, state = prefill_fn(*args)
+    sent = 0
+    while True:
+        n, done = (int(x) for x in jax.device_get((state.n_out[0], state.done[0])))
+        if n > sent:
+            yield [int(t) for t in jax.device_get(state.out[0, sent:n])]
+            sent = n
+        if done:
+            return
+        state = decode_fn(params, state, jnp.asarray(n + chunk, jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def parse_mesh(text: str | None):
+    """'data=1,fsdp=1,tensor=8' -> sharding.rules.MeshConfig (unnamed axes are 1)."""
+    if not text:
+        return None
+    sizes = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name.strip() not in sharding_rules.MESH_AXES or not value.strip().lstrip("-").isdigit():
+            raise SystemExit(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in "
+                             f"{sharding_rules.MESH_AXES}, e.g. data=1,fsdp=1,tensor=8")
+        sizes[name.strip()] = int(value)
+    return sharding_rules.MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes})
+
+
+def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantize: str | None = None,
+                       dtype: str | None = None):
+    """(cfg, params, mesh) from a model checkpoint directory: restored, optionally cast, placed on the mesh
+    and int8-quantized there (the quantizer runs jitted on the devices, donating the full-precision copy)."""
+    from llama import quant
+    from llama.checkpoint import load_model
+
+    mesh_cfg = parse_mesh(mesh_text)
+    mesh = sharding_rules.make_mesh(mesh_cfg) if mesh_cfg is not None else None
+    try:  # restore straight onto the mesh when the plain rules fit this model
+        cfg, params = load_model(checkpoint, mesh=mesh, dtype=dtype)
+    except sharding_rules.ShardingError:  # e.g. fewer KV heads than tensor devices: replicate those axes
+        cfg, params = load_model(checkpoint, dtype=dtype)
+        params = shard_params(params, cfg, mesh)
+    if dtype:
+        cfg = cfg.replace(param_dtype=dtype, compute_dtype=dtype)
+    if quantize == "int8":
+        out_sh = (sharding_rules.param_shardings(quant.quantized_specs(cfg), mesh, fitted_rules(cfg, mesh))
+                  if mesh is not None else None)
+        params = jax.jit(quant.quantize_params, out_shardings=out_sh, donate_argnums=0)(params)
+    elif quantize is not None:
+        raise SystemExit(f"--quantize {quantize!r}: only 'int8' is supported")
+    return cfg, params, mesh
+
+
+def load_tokenizer_for(checkpoint: str, path: str | None):
+    """--tokenizer, else DIR/tokenizer.model if present, else the Llama 3 tokenizer from `llama-models`."""
+    from llama.tokenizer import load_tokenizer
+
+    if path is None and os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
+        path = os.path.join(checkpoint, "tokenizer.model")
+    return load_tokenizer(path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="model checkpoint directory (config.json + params/)")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompt-file", help="a text file, one prompt per line (blank lines skipped)")
+    ap.add_argument("--tokenizer", help="tokenizer file (default: DIR/tokenizer.model, else Llama 3's)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (Meta default 0.6)")
+    ap.add_argument("--top-p", type=float, default=0.9, help="Meta default 0.9; 1 = off")
+    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantize", choices=["int8"], help="weight-only int8 for the linear layers")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params and compute")
+    ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
+    ap.add_argument("--truncate", action="store_true", help="cut generation at the context limit, not error")
+    ap.add_argument("--json-ids", action="store_true", help="print generated ids as JSON, one line per prompt")
+    a = ap.parse_args(argv)
+
+    if a.prompt is not None:
+        texts = [a.prompt]
+    else:
+        with open(a.prompt_file) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+        if not texts:
+            raise SystemExit(f"--prompt-file {a.prompt_file}: no prompts (one per line expected)")
+    tok = load_tokenizer_for(a.checkpoint, a.tokenizer)
+    cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype)
+    prompts = [tok.encode(t, bos=True) for t in texts]
+    stops = tuple(sorted(set(cfg.eos_ids) | set(tok.stop_ids)))
+    res = generate(params, prompts, cfg=cfg, max_new_tokens=a.max_new_tokens, seed=a.seed, stop_ids=stops,
+                   sampling=SamplingConfig(a.temperature, a.top_p, a.top_k), mesh=mesh, truncate=a.truncate)
+    for text, ids, why in zip(texts, res.tokens, res.stop_reason):
+        if a.json_ids:
+            print(json.dumps({"prompt": text, "ids": ids, "stop_reason": why}))
+        else:
+            print(text + tok.decode([t for t in ids if t not in stops]))
+            print(f"[{len(ids)} tokens, {why}]")
+    print(f"prefill: {res.prompt_tokens} tokens in {res.prefill_s:.3f}s = {res.prefill_tokens_per_s:.1f} tokens/s; "
+          f"decode: {res.decode_tokens} tokens in {res.decode_s:.3f}s = {res.decode_tokens_per_s:.1f} tokens/s "
+          f"(batch {len(prompts)}; compile {res.compile_s:.1f}s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Weight-only int8: symmetric, one scale per output channel, for every linear layer.
+
+q = round(w / s) clipped to [-127, 127], s = max|w| over the contracted (input) axes / 127, so `q * s` is the
+dequantised weight (the LLM.int8 / "W8A16" scheme without outliers; Dettmers et al. 2022, sec. 3.1). The
+result is a `model.QuantizedWeight(q, scale)` whose scale keeps the weight's shape with the contracted axes
+reduced to 1 (the convention `model.linear` reads): the model's matmuls then read the int8 tensor and
+scale the much smaller output, so no full-precision copy of the model is ever made.
+
+The token embedding is a gather, not a matmul, and stays in its dtype; when the output projection is tied
+to it (Llama 3.2 1B/3B, stories260K) the vocab matmul stays unquantised too.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama import model
+from llama.config import ModelConfig
+from llama.model import ParamSpec, QuantizedWeight
+
+# The contracted (input) axes of each linear weight, in the stacked layout of `model.param_specs`.
+CONTRACTED: dict[str, tuple[int, ...]] = {
+    "wq": (1,), "wk": (1,), "wv": (1,),  # [L, D, n, H]: contract D
+    "wo": (1, 2),  # [L, N, H, D]: contract N and H
+    "w_gate": (1,), "w_up": (1,),  # [L, D, F]
+    "w_down": (1,),  # [L, F, D]
+    "lm_head": (0,),  # [D, V]
+}
+
+
+def quantize(w: jax.Array, contracted: tuple[int, ...]) -> QuantizedWeight:
+    """Symmetric int8 with one float32 scale per output channel. An all-zero channel gets scale 1 (q = 0)."""
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=contracted, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
+    return QuantizedWeight(q=q, scale=scale)
+
+
+def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+    return (w.q.astype(jnp.float32) * w.scale).astype(dtype)
+
+
+def _map_linear(tree: dict, fn) -> dict:
+    """Applies fn(name, leaf) to the linear weights, leaving everything else as is."""
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    if "lm_head" in tree:
+        out["lm_head"] = fn("lm_head", tree["lm_head"])
+    out["layers"] = {k: fn(k, v) if k in CONTRACTED else v for k, v in tree["layers"].items()}
+    return out
+
+
+def quantize_params(params: model.Params) -> model.Params:
+    """The param pytree with every linear weight an int8 QuantizedWeight. Jit it with `out_shardings=
+    quantized_shardings(...)` to quantize already-sharded parameters in place on the devices."""
+    return _map_linear(params, lambda name, w: quantize(w, CONTRACTED[name]))
+
+
+def quantized_specs(cfg: ModelConfig) -> dict:
+    """`model.param_specs` with each linear weight declared as QuantizedWeight(q spec, scale spec); the scale's
+    contracted axes have size 1 and are never sharded. Feed to `sharding.rules.param_shardings`."""
+
+    def one(name, spec: ParamSpec):
+        axes = tuple(None if i in CONTRACTED[name] else a for i, a in enumerate(spec.logical_axes))
+        shape = tuple(1 if i in CONTRACTED[name] else s for i, s in enumerate(spec.shape))
+        return QuantizedWeight(q=spec, scale=ParamSpec(shape, axes, "ones"))
+
+    return _map_linear(model.param_specs(cfg), one)
+
+
+def param_bytes(params) -> int:
+    """Bytes of every array in a param pytree (int8 weights and their scales included)."""
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+
+
+__all__ = ["CONTRACTED", "quantize", "dequantize", "quantize_params", "quantized_specs", "param_bytes"]

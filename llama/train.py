@@ -1,0 +1,520 @@
+"""Pre-training: the typed config, the pure train step, Orbax checkpoints, and one linear `main()`.
+
+    python -m llama.train --config experiments/cpu_small.py [--set optimizer.peak_lr=3e-4 ...]
+                          [--data 'my/texts/*.txt'] [--out runs/cpu_small]
+
+API (also what the sharding tests call):
+    cfg = load_experiment("experiments/cpu_small.py")            # a TrainConfig; apply_overrides(cfg, [...])
+    init_state, step = make_train_step(cfg, mesh)                # both jitted with explicit shardings
+    state = init_state(seed)                                     # TrainState, created already sharded
+    state, metrics = step(state, batch)                          # state donated; batch: numpy dicts [B, T]
+    state_shardings(cfg, mesh)                                   # the TrainState of NamedShardings used above
+    train_step(state, batch, *, cfg, tx, mesh=None)              # the pure function behind `step`
+
+The state's shardings come from `sharding.rules`: params from `param_specs` through `param_shardings`; the
+AdamW moments mirror the params (`optax.tree_map_params`) and take the same shardings; scalars replicate.
+
+Checkpoints: OUT/checkpoints/<step>/ with items "params" (the bare param pytree, as in a model checkpoint),
+"opt_state", "config" ({"model": ..., "train": ...}), "data" (the input iterator's state) and "meta"
+({"step", "rng"}). Orbax writes each step to a temporary directory and renames it when complete, so a
+killed run never leaves a step that restores wrongly; the same command resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import glob as globlib
+import importlib.util
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from llama import model as llama_model
+from llama import metrics as llama_metrics
+from llama import optim
+from llama.config import ConfigError, ModelConfig, RopeScaling
+from sharding.rules import MeshConfig, batch_sharding, make_mesh, param_shardings, replicated
+
+BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class DataConfig:
+    """What to train on; `input_pipeline` reads, tokenizes, shuffles and packs it."""
+
+    paths: str | None = None  # glob of files; None = the CPython docs topics (pydoc_data.topics)
+    format: str = "text"  # input_pipeline.Source formats: text, jsonl, parquet, array_record, hf, prepared
+    separator: str | None = None  # text only: None = one document per file (see input_pipeline.Source)
+    tokenizer: str | None = None  # a tokenizer file; None = train a SentencePiece BPE of model.vocab_size on the text
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    optimizer: optim.OptimizerConfig = field(default_factory=optim.OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 1000
+    batch_size: int = 8  # global rows per step (all micro-batches together)
+    seq_len: int = 256  # T
+    micro_batches: int = 1  # gradient accumulation: the batch is split into this many and scanned
+    z_loss: float = 0.0  # weight of mean(logsumexp^2) (PaLM section 5 uses 1e-4); 0 disables
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    sample_tokens: int = 64  # generated after training; 0 disables
+    sample_prompt: str = ""
+    peak_flops: float = 0.0  # per device, for MFU; 0 = look the device kind up in metrics.PEAK_BF16_FLOPS
+
+    def __post_init__(self):
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(f"TrainConfig: {msg}")
+
+        need(self.model.param_dtype == "float32", f"model.param_dtype={self.model.param_dtype!r}; training keeps "
+             "float32 master parameters (set model.compute_dtype='bfloat16' for bf16 matmuls)")
+        for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every", "checkpoint_every",
+                     "keep_checkpoints"):
+            need(getattr(self, name) > 0, f"{name}={getattr(self, name)} must be positive")
+        need(self.batch_size % self.micro_batches == 0,
+             f"batch_size={self.batch_size} is not divisible by micro_batches={self.micro_batches}")
+        need(self.seq_len <= self.model.max_seq_len, f"seq_len={self.seq_len} > model.max_seq_len={self.model.max_seq_len}")
+        need(self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["model"] = ModelConfig.from_dict(d["model"])
+        d["optimizer"] = optim.OptimizerConfig(**d.get("optimizer", {}))
+        d["mesh"] = MeshConfig(**d.get("mesh", {}))
+        d["data"] = DataConfig(**d.get("data", {}))
+        return cls(**d)
+
+
+def load_experiment(path: str) -> TrainConfig:
+    """Imports an experiment file and returns its `CONFIG` (a TrainConfig)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: file not found (experiments live in experiments/*.py)")
+    spec = importlib.util.spec_from_file_location(f"experiment_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = getattr(module, "CONFIG", None)
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"{path}: must define CONFIG = TrainConfig(...), found {type(cfg).__name__}")
+    return cfg
+
+
+def _parse_value(text: str, current: Any, where: str) -> Any:
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"--set {where}={text}: expected true or false")
+        return text.lower() in ("true", "1")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        try:
+            value = float(text) if isinstance(current, float) or any(c in text for c in ".eE") else int(text)
+        except ValueError:
+            raise ConfigError(f"--set {where}={text}: expected a number like {current!r}") from None
+        if isinstance(current, int) and isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"--set {where}={text}: expected an integer")
+            value = int(value)
+        return value
+    if isinstance(current, str):
+        return text
+    if dataclasses.is_dataclass(current) or isinstance(current, tuple) or current is None:
+        if text in ("None", "none", "null"):
+            return None
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text  # a bare string for an Optional[str] field
+        if isinstance(current, RopeScaling) and isinstance(value, dict):
+            return RopeScaling(**value)
+        return tuple(value) if isinstance(current, tuple) else value
+    raise ConfigError(f"--set {where}: cannot set a field of type {type(current).__name__} from the command line")
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """`["optimizer.peak_lr=3e-4", "model.n_layers=2", "steps=50"]` -> a new config. Unknown fields are errors."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. optimizer.peak_lr=3e-4")
+        dotted, text = item.split("=", 1)
+
+        def set_path(obj, parts):
+            names = [f.name for f in dataclasses.fields(obj)]
+            if parts[0] not in names:
+                raise ConfigError(f"--set {dotted}: {type(obj).__name__} has no field {parts[0]!r}; fields: {names}")
+            current = getattr(obj, parts[0])
+            if len(parts) == 1:
+                new = _parse_value(text, current, dotted)
+            elif dataclasses.is_dataclass(current):
+                new = set_path(current, parts[1:])
+            else:
+                raise ConfigError(f"--set {dotted}: {parts[0]!r} is not a config section")
+            return dataclasses.replace(obj, **{parts[0]: new})
+
+        cfg = set_path(cfg, dotted.strip().split("."))
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- train state
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class TrainState:
+    step: jax.Array  # int32 [], optimizer steps taken
+    params: Any  # float32 master parameters (llama.model's pytree)
+    opt_state: Any  # optax state: AdamW mu and nu mirror params, plus scalar counts
+    rng: jax.Array  # uint32 [2] raw key data; the step needs none (Llama has no dropout), sampling uses it
+
+
+def _objective(params, mb: dict, *, model_cfg: ModelConfig, z_loss: float, n_tokens):
+    """Summed next-token cross-entropy (and z-loss) over the loss mask of one micro-batch, divided by the
+    whole batch's token count so that micro-batch gradients add up to the full-batch gradient.
+    Logits, log-softmax and sums are float32 whatever the compute dtype."""
+    logits = llama_model.forward(params, mb["tokens"], mb["positions"], mb["segment_ids"], cfg=model_cfg)
+    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, mb["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = mb["loss_mask"].astype(jnp.float32)
+    nll_sum = jnp.sum((logz - target_logit) * mask)
+    z_sum = jnp.sum(jnp.square(logz) * mask)
+    return (nll_sum + z_loss * z_sum) / n_tokens, (nll_sum, z_sum)
+
+
+def _split_micro(x: jax.Array, k: int, mesh) -> jax.Array:
+    """[B, ...] -> [k, B/k, ...]: micro-batch i takes rows i, i+k, ..., so every device's contiguous block
+    of the batch holds rows of every micro-batch and no row moves between devices."""
+    x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+        spec = batch_sharding(mesh, x.ndim - 1).spec
+        x = jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec)))
+    return x
+
+
+def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None):
+    """Gradient of the batch's mean loss, accumulated over cfg.micro_batches with lax.scan (one code path:
+    k = 1 is a scan of length one). Returns (float32 grads, nll_sum, z_sum, n_tokens)."""
+    k = cfg.micro_batches
+    micro = {name: _split_micro(jnp.asarray(batch[name]), k, mesh) for name in BATCH_KEYS}
+    n_tokens = jnp.maximum(jnp.sum(jnp.asarray(batch["loss_mask"], jnp.float32)), 1.0)
+    grad_fn = jax.grad(functools.partial(_objective, model_cfg=cfg.model, z_loss=cfg.z_loss, n_tokens=n_tokens),
+                       has_aux=True)
+
+    def one(carry, mb):
+        grads, nll, z = carry
+        g, (nll_i, z_i) = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, grads, g), nll + nll_i, z + z_i), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, nll_sum, z_sum), _ = jax.lax.scan(one, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+    return grads, nll_sum, z_sum, n_tokens
+
+
+def train_step(state: TrainState, batch: dict, *, cfg: TrainConfig, tx: optax.GradientTransformation,
+               mesh=None) -> tuple[TrainState, dict]:
+    """One optimizer step: accumulated gradients, global-norm clipping and AdamW (both inside `tx`)."""
+    grads, nll_sum, z_sum, n_tokens = compute_grads(state.params, batch, cfg=cfg, mesh=mesh)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": nll_sum / n_tokens, "z_loss": z_sum / n_tokens, "grad_norm": optim.global_norm(grads),
+               "lr": optim.learning_rate(cfg.optimizer, state.step), "tokens": n_tokens}
+    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+
+def state_shardings(cfg: TrainConfig, mesh) -> TrainState:
+    """The TrainState's NamedShardings, derived from sharding.rules (see the module docstring)."""
+    tx = optim.make_optimizer(cfg.optimizer)
+    p_sh = param_shardings(llama_model.param_specs(cfg.model), mesh)
+    abstract_opt = jax.eval_shape(tx.init, llama_model.abstract_params(cfg.model))
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, p_sh,
+                                   transform_non_params=lambda _: replicated(mesh),
+                                   is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return TrainState(step=replicated(mesh), params=p_sh, opt_state=opt_sh, rng=replicated(mesh))
+
+
+def abstract_state(cfg: TrainConfig, mesh) -> TrainState:
+    """ShapeDtypeStructs carrying the shardings: restore targets, and `eval_shape` checks of huge configs."""
+    tx = optim.make_optimizer(cfg.optimizer)
+
+    def init(seed):
+        params = llama_model.init_params(cfg.model, jax.random.key(seed))
+        return TrainState(jnp.int32(0), params, tx.init(params), jnp.zeros((2,), jnp.uint32))
+
+    shapes = jax.eval_shape(init, 0)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        state_shardings(cfg, mesh))
+
+
+def _check_batch_divisible(cfg: TrainConfig, mesh) -> None:
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    if (cfg.batch_size // cfg.micro_batches) % n:
+        raise ConfigError(f"TrainConfig: batch_size/micro_batches = {cfg.batch_size // cfg.micro_batches} rows "
+                          f"per micro-batch must divide over the data*fsdp = {n} devices of mesh {dict(mesh.shape)}")
+
+
+def make_train_step(cfg: TrainConfig, mesh):
+    """(init_state_fn, step_fn): `init_state_fn(seed) -> TrainState` jitted with out_shardings (parameters
+    are created already sharded, never whole on one device), and `step_fn(state, batch) -> (state,
+    metrics)`, jitted with explicit in/out shardings and the state donated."""
+    _check_batch_divisible(cfg, mesh)
+    tx = optim.make_optimizer(cfg.optimizer)
+    sh = state_shardings(cfg, mesh)
+
+    def init(seed):
+        params_key, rng_key = jax.random.split(jax.random.key(seed))
+        params = llama_model.init_params(cfg.model, params_key)
+        return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(rng_key))
+
+    batch_sh = {name: batch_sharding(mesh, 2) for name in BATCH_KEYS}
+    init_fn = jax.jit(init, out_shardings=sh)
+    step_fn = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, mesh=mesh), in_shardings=(sh, batch_sh),
+                      out_shardings=(sh, replicated(mesh)), donate_argnums=0)
+    return init_fn, step_fn
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+CHECKPOINT_ITEMS = ("params", "opt_state", "config", "data", "meta")
+
+
+def checkpoint_manager(out_dir: str, cfg: TrainConfig):
+    """Async saves; keep the last `keep_checkpoints`; temporary directories left by a killed run are
+    removed on start (Orbax only ever renames complete steps into place)."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=True,
+                                           create=True, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options,
+                                 item_names=CHECKPOINT_ITEMS)
+
+
+def save_checkpoint(mngr, state: TrainState, cfg: TrainConfig, data_state: dict) -> int:
+    """Starts an async save of `state` at its step. The device->host copy happens before this returns, so
+    the next (donating) step may run at once; the write to disk continues in the background."""
+    import orbax.checkpoint as ocp
+
+    step = int(jax.device_get(state.step))
+    meta = {"step": step, "rng": [int(x) for x in np.asarray(jax.device_get(state.rng))]}
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
+        config=ocp.args.JsonSave({"model": cfg.model.to_dict(), "train": cfg.to_dict()}),
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+    return step
+
+
+def restore_checkpoint(mngr, step: int, cfg: TrainConfig, mesh) -> tuple[TrainState, dict, dict]:
+    """(state placed with the trainer's shardings, data iterator state, saved config dict). A checkpoint
+    of another architecture is refused with the differing fields named."""
+    import orbax.checkpoint as ocp
+
+    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    mine = json.loads(json.dumps(cfg.model.to_dict()))  # tuples -> lists, as stored
+    numerics_only = ("remat", "compute_dtype", "attention_impl", "name")  # may change across a restart
+    diff = {k: (saved["model"].get(k), mine[k]) for k in mine if k not in numerics_only and saved["model"].get(k) != mine[k]}
+    if diff:
+        raise ConfigError(f"{mngr.directory}/{step}: the checkpoint's model differs from the config's in "
+                          f"{ {k: f'saved {a!r} vs config {b!r}' for k, (a, b) in diff.items()} }; use another --out")
+    target = abstract_state(cfg, mesh)
+    got = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target.params), opt_state=ocp.args.StandardRestore(target.opt_state),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    meta = got["meta"]
+    rng = jax.device_put(np.asarray(meta["rng"], np.uint32), target.rng.sharding)
+    state = TrainState(jax.device_put(np.int32(meta["step"]), target.step.sharding), got["params"],
+                       got["opt_state"], rng)
+    return state, got["data"], saved
+
+
+# ---------------------------------------------------------------------------------------- data, tokenizer
+CORPUS_SEPARATOR = "<|endoftext|>"
+
+
+def default_corpus(out_dir: str) -> str:
+    """The embedded corpus: the CPython documentation topics that ship with Python (`pydoc_data.topics`,
+    ~80 documents, ~0.46 MB), written once to OUT/corpus/pydoc_topics.txt, documents separated by
+    CORPUS_SEPARATOR."""
+    from pydoc_data.topics import topics
+
+    path = os.path.join(out_dir, "corpus", "pydoc_topics.txt")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(f"\n{CORPUS_SEPARATOR}\n".join(topics[k].strip() for k in sorted(topics)))
+        os.replace(path + ".tmp", path)
+    return path
+
+
+def data_source(cfg: TrainConfig, out_dir: str):
+    """The input pipeline's Source for cfg.data (the embedded corpus when no paths are given)."""
+    import input_pipeline
+
+    if cfg.data.paths is None:
+        return input_pipeline.Source((default_corpus(out_dir),), separator=CORPUS_SEPARATOR)
+    return input_pipeline.Source((cfg.data.paths,), format=cfg.data.format, separator=cfg.data.separator)
+
+
+def tokenizer_for(cfg: TrainConfig, source, out_dir: str):
+    """cfg.data.tokenizer if given; else OUT/tokenizer.model, trained once (SentencePiece BPE with
+    model.vocab_size pieces) on the training text and reused on resume."""
+    from input_pipeline.sources import open_documents
+    from llama.tokenizer import load_tokenizer, train_sentencepiece
+
+    path = cfg.data.tokenizer or os.path.join(out_dir, "tokenizer.model")
+    if cfg.data.tokenizer is None and not os.path.exists(path):
+        docs = open_documents(source)
+        print(f"training a {cfg.model.vocab_size}-piece SentencePiece tokenizer on {len(docs)} documents ...")
+        train_sentencepiece((docs[i] for i in range(len(docs))), cfg.model.vocab_size, path)
+    return load_tokenizer(path, vocab_size=cfg.model.vocab_size)
+
+
+def sample_text(params, cfg: TrainConfig, tok, rng) -> str:
+    """A short continuation of cfg.sample_prompt (after BOS) with Meta's default sampling (T 0.6, top-p 0.9)."""
+    from llama.generate import generate
+    from llama.sampling import SamplingConfig
+
+    prompt = tok.encode(cfg.sample_prompt, bos=True)
+    seed = int(np.asarray(jax.device_get(rng))[0])
+    out = generate(params, [prompt], cfg=cfg.model, max_new_tokens=cfg.sample_tokens, sampling=SamplingConfig(),
+                   seed=seed, stop_ids=tok.stop_ids)
+    return cfg.sample_prompt + tok.decode(out.tokens[0])
+
+
+# --------------------------------------------------------------------------------------------------- main
+class _Preempted:
+    """SIGTERM sets a flag; the loop saves at the end of the current step and exits 0."""
+
+    def __init__(self):
+        self.flag = False
+        signal.signal(signal.SIGTERM, self._set)
+
+    def _set(self, signum, frame):
+        self.flag = True
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m llama.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="experiment file defining CONFIG = TrainConfig(...)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="override config fields, e.g. optimizer.peak_lr=3e-4 steps=200 model.n_layers=2")
+    p.add_argument("--data", help="glob of your own text files (one document per file) instead of the default corpus")
+    p.add_argument("--out", help="run directory (default runs/<experiment name>); rerun to resume")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = apply_overrides(load_experiment(args.config), args.set)
+    if args.data:
+        cfg = cfg.replace(data=dataclasses.replace(cfg.data, paths=args.data))
+    out = os.path.abspath(args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0]))
+    os.makedirs(out, exist_ok=True)
+    preempted = _Preempted()
+
+    # Data and tokenizer.
+    import input_pipeline
+
+    source = data_source(cfg, out)
+    tok = tokenizer_for(cfg, source, out)
+    data = input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,)), tok, seq_len=cfg.seq_len,
+                                       global_batch_size=cfg.batch_size, seed=cfg.seed)
+
+    # Model, optimizer state and the step, sharded over the mesh; resume from the latest checkpoint.
+    mesh = make_mesh(cfg.mesh)
+    init_fn, step_fn = make_train_step(cfg, mesh)
+    mngr = checkpoint_manager(out, cfg)
+    start = mngr.latest_step()
+    if start is None:
+        state = init_fn(cfg.seed)
+        print(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}")
+    else:
+        state, data_state, _ = restore_checkpoint(mngr, start, cfg, mesh)
+        data.set_state(data_state)
+        print(f"resuming {out} from step {start}")
+    start = start or 0
+
+    # The loop: metrics every log_every steps, async checkpoints every checkpoint_every.
+    from tqdm import tqdm
+
+    writer = MetricsWriter(out)
+    flops_per_step = llama_metrics.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    peak = llama_metrics.peak_flops(override=cfg.peak_flops)
+    last_saved, status = start, 0
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    t_prev = time.perf_counter()
+    for step in range(start, cfg.steps):
+        batch = input_pipeline.to_global_batch(next(data), mesh)
+        state, m = step_fn(state, batch)
+        m = jax.device_get(m)  # a host sync per step: the NaN check must precede any save of this state
+        now = time.perf_counter()
+        dt, t_prev = now - t_prev, now
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            mngr.wait_until_finished()
+            bar.close()
+            print(f"\nstopping: non-finite loss at step {step + 1} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+                  f"nothing saved after it; the last good checkpoint is step {mngr.latest_step()} in "
+                  f"{mngr.directory}", file=sys.stderr)
+            status = 1
+            break
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{cfg.batch_size * cfg.seq_len / dt:,.0f}")
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            scalars = dict(m, step_time_s=dt, tokens_per_s=cfg.batch_size * cfg.seq_len / dt,
+                           mfu=flops_per_step / dt / (peak * mesh.size) if peak else None,
+                           memory_bytes=llama_metrics.memory_in_use(), first_step=float(step == start))
+            writer.write(done, scalars)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted.flag:
+            last_saved = save_checkpoint(mngr, state, cfg, data.get_state())
+        if preempted.flag:
+            bar.close()
+            print(f"\nSIGTERM: saved step {done}; rerun the same command to resume", file=sys.stderr)
+            break
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    data.close()
+    if status or preempted.flag:
+        return status
+
+    # Outputs: the loss plot and a sample from the trained model.
+    plot = llama_metrics.plot_loss(writer.jsonl_path, os.path.join(out, "loss.png"), f"{cfg.model.name}: loss")
+    lines = [f"run directory:  {out}", f"checkpoint:     {mngr.directory}/{last_saved}  (params, opt_state, "
+             "config, data, meta)", f"tokenizer:      {tok.path}", f"metrics:        {writer.jsonl_path}, "
+             f"{out}/tensorboard", f"loss plot:      {plot}"]
+    if cfg.sample_tokens:
+        text = sample_text(state.params, cfg, tok, state.rng)
+        with open(os.path.join(out, "sample.txt"), "w") as f:
+            f.write(text + "\n")
+        lines += [f"sample:         {out}/sample.txt", "", "--- sample ---", text, "--------------"]
+    print("\n".join(lines))
+    return 0
+
+
+MetricsWriter = llama_metrics.MetricsWriter
+
+if __name__ == "__main__":
+    # Run the imported module's main, so experiment files and this code share one TrainConfig class.
+    from llama import train
+
+    sys.exit(train.main())

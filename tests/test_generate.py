@@ -1,0 +1,202 @@
+"""Generation: against Hugging Face transformers greedy `generate` on the real stories260K model, against a
+full forward at every decode step, across meshes, and the batch, stop, context and CLI contracts."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama import generate as G
+from llama import model as M
+from llama.config import TINY, to_hf_config
+from llama.sampling import GREEDY, SamplingConfig
+from sharding.rules import MeshConfig, make_mesh
+from tests.conftest import require_shared
+
+# Decode-vs-forward tolerance: both sides are the same float32 arithmetic except the reduction length of
+# the attention softmax (padded cache slots add exact zeros) and XLA's blocking of the matmuls, so they
+# differ by float32 rounding only: ~1e-7 relative on logits of magnitude <~1.
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _highest_precision():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def stories():
+    from llama.convert import load_llama2c
+
+    cfg, params = load_llama2c(str(require_shared("assets", "llama2c_stories260K", "stories260K.bin")))
+    return cfg, jax.device_put(params)
+
+
+@pytest.fixture(scope="module")
+def stories_tok():
+    from llama.tokenizer import load_tokenizer
+
+    return load_tokenizer(require_shared("assets", "llama2c_stories260K", "tok512.model"))
+
+
+def hf_generate(cfg, params, prompt, n):
+    """transformers float32 eager greedy generate with its KV cache, on the same weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from llama.convert import params_to_hf
+
+    hf_cfg = transformers.LlamaConfig(**to_hf_config(cfg))
+    hf_cfg._attn_implementation = "eager"
+    hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
+    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in params_to_hf(params, cfg).items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          do_sample=False, max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                          pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_stories260k_greedy_200_tokens_match_transformers(stories, stories_tok):
+    cfg, params = stories
+    ours = G.generate(params, [[cfg.bos_id]], cfg=cfg, max_new_tokens=200, stop_ids=[]).tokens[0]
+    assert len(ours) == 200
+    assert ours == hf_generate(cfg, params, [cfg.bos_id], 200)
+    story = stories_tok.decode(ours[:ours.index(2)] if 2 in ours else ours)
+    assert story.startswith("Once upon a time") and "Lily" in story, story
+
+
+def test_stories260k_batch_of_different_lengths_matches_transformers_row_by_row(stories, stories_tok):
+    cfg, params = stories
+    texts = ["Once upon a time", "The cat", "Tom and his friend went to the park. They saw a big"]
+    prompts = [stories_tok.encode(t, bos=True) for t in texts]
+    assert len({len(p) for p in prompts}) == 3
+    res = G.generate(params, prompts, cfg=cfg, max_new_tokens=40, stop_ids=[])
+    for p, ids in zip(prompts, res.tokens):
+        assert ids == hf_generate(cfg, params, p, 40)
+
+
+def _drive(params, cfg, prompts, n_steps, sampling=GREEDY):
+    """Prefill then n_steps decode steps, returning every step's logits [B, V] and the state."""
+    B, T = len(prompts), max(len(p) for p in prompts)
+    tokens = np.zeros((B, T), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    stop = np.full((B, 1), -1, np.int32)
+    logits, state = G._prefill_jit(params, tokens, lengths, np.full(B, n_steps + 1, np.int32), stop,
+                                   jax.random.key(0), cfg=cfg, sampling=sampling, max_new=n_steps + 1,
+                                   cache_len=T + n_steps + 5)
+    out = [logits]
+    step = jax.jit(G.decode_step, static_argnames=("cfg", "sampling"))
+    for _ in range(n_steps):
+        logits, state = step(params, state, cfg=cfg, sampling=sampling)
+        out.append(logits)
+    return out, state
+
+
+def test_every_decode_step_equals_a_full_forward():
+    """GQA 4:2, llama3 RoPE scaling whose smoothed band starts below position 64 (TINY); the 70-token prompt
+    crosses it. Prompts of three lengths share one padded prefill. (Tied embeddings: the stories260K tests.)"""
+    cfg = TINY
+    params = M.init_params(cfg, jax.random.key(3))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 70, 20)]
+    n = 12
+    logits, state = _drive(params, cfg, prompts, n)
+    out = np.asarray(state.out)
+    seqs = np.zeros((len(prompts), max(map(len, prompts)) + n + 1), np.int32)  # right padding: causal, harmless
+    for b, p in enumerate(prompts):
+        seqs[b, :len(p) + n + 1] = p + out[b].tolist()
+    full = np.asarray(M.forward(params, jnp.asarray(seqs), cfg=cfg))
+    for b, p in enumerate(prompts):
+        for s in range(n + 1):
+            np.testing.assert_allclose(np.asarray(logits[s][b]), full[b, len(p) - 1 + s], atol=ATOL, rtol=0,
+                                       err_msg=f"row {b} step {s}")
+
+
+SHARD_CFG = TINY.replace(n_heads=8, n_kv_heads=4)  # 8 query heads divide tensor=8; 4 KV heads fall back
+
+
+@pytest.mark.parametrize("mesh_cfg,kv_spec", [(MeshConfig(data=1, fsdp=1, tensor=8), None),
+                                              (MeshConfig(data=2, fsdp=1, tensor=4), "tensor")])
+def test_greedy_identical_on_one_and_eight_devices(mesh_cfg, kv_spec):
+    cfg = SHARD_CFG
+    params = M.init_params(cfg, jax.random.key(5))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (5, 17, 9, 30)]
+    single = G.generate(params, prompts, cfg=cfg, max_new_tokens=24, stop_ids=[])
+    mesh = make_mesh(mesh_cfg)
+    sharded = G.shard_params(params, cfg, mesh)
+    assert sharded["layers"]["wq"].sharding.spec[2] == "tensor"
+    spec = G.cache_sharding(cfg, mesh, len(prompts)).spec  # [L, B, S, K, H]: batch over data x fsdp
+    assert tuple(spec) == (None, ("data", "fsdp"), None, kv_spec, None), spec
+    multi = G.generate(sharded, prompts, cfg=cfg, max_new_tokens=24, stop_ids=[], mesh=mesh)
+    assert multi.tokens == single.tokens
+
+
+def test_rows_stop_on_their_own_stop_ids_and_limits():
+    cfg = TINY
+    params = M.init_params(cfg, jax.random.key(7))
+    prompts = [[1, 10, 11], [1, 12, 13, 14, 15], [1, 20]]
+    free = G.generate(params, prompts, cfg=cfg, max_new_tokens=16, stop_ids=[]).tokens
+    stop0 = free[0][4]
+    res = G.generate(params, prompts, cfg=cfg, max_new_tokens=[16, 16, 6], stop_ids=[[stop0], [], []])
+    assert res.tokens[0] == free[0][:free[0].index(stop0) + 1] and res.stop_reason[0] == "stop"
+    assert res.tokens[1] == free[1] and res.stop_reason[1] == "length"
+    assert res.tokens[2] == free[2][:6] and res.stop_reason[2] == "length"
+
+
+def test_context_limit_error_or_truncation():
+    cfg = TINY.replace(max_seq_len=32)
+    params = M.init_params(cfg, jax.random.key(0))
+    prompt = list(range(1, 31))
+    with pytest.raises(G.ContextLimitError, match="exceed the context of 32"):
+        G.generate(params, [prompt], cfg=cfg, max_new_tokens=5)
+    res = G.generate(params, [prompt, [1, 2, 3]], cfg=cfg, max_new_tokens=5, stop_ids=[], truncate=True)
+    assert [len(t) for t in res.tokens] == [2, 5] and res.stop_reason == ["context", "length"]
+    with pytest.raises(G.ContextLimitError):
+        G.generate(params, [list(range(32))], cfg=cfg, max_new_tokens=1, truncate=True)
+
+
+def test_seeded_sampling_is_reproducible_and_stream_matches():
+    cfg = TINY
+    params = M.init_params(cfg, jax.random.key(2))
+    prompts = [[1, 5, 6], [1, 7]]
+    s = SamplingConfig(temperature=1.0, top_p=0.9, top_k=50)
+    a = G.generate(params, prompts, cfg=cfg, max_new_tokens=20, sampling=s, seed=11, stop_ids=[]).tokens
+    b = G.generate(params, prompts, cfg=cfg, max_new_tokens=20, sampling=s, seed=11, stop_ids=[]).tokens
+    c = G.generate(params, prompts, cfg=cfg, max_new_tokens=20, sampling=s, seed=12, stop_ids=[]).tokens
+    assert a == b and a != c
+    streamed = [t for chunk in G.stream(params, prompts[0], cfg=cfg, max_new_tokens=20, sampling=s, seed=11,
+                                        stop_ids=[], chunk=3) for t in chunk]
+    assert streamed == G.generate(params, prompts[:1], cfg=cfg, max_new_tokens=20, sampling=s, seed=11,
+                                  stop_ids=[]).tokens[0]
+
+
+def test_cli_json_ids_match_the_api_with_mesh_and_int8(stories, tmp_path, capsys):
+    from llama.checkpoint import save_model
+
+    cfg, params = stories
+    ckpt = save_model(str(tmp_path / "stories"), cfg, params)
+    tok = str(require_shared("assets", "llama2c_stories260K", "tok512.model"))
+    base = ["--checkpoint", ckpt, "--tokenizer", tok, "--prompt", "Once upon a time", "--temperature", "0",
+            "--max-new-tokens", "30", "--json-ids"]
+    G.main(base)
+    captured = capsys.readouterr()
+    row = json.loads(captured.out.strip().splitlines()[0])
+    from llama.tokenizer import load_tokenizer
+
+    prompt = load_tokenizer(tok).encode("Once upon a time", bos=True)
+    assert row["ids"] == G.generate(params, [prompt], cfg=cfg, max_new_tokens=30).tokens[0]
+    assert "prefill:" in captured.err and "decode:" in captured.err
+    G.main(base + ["--mesh", "data=1,fsdp=1,tensor=8"])  # KV heads (4) and ffn (172) fall back to replication
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[0])["ids"] == row["ids"]
+    G.main(base + ["--quantize", "int8"])
+    q = json.loads(capsys.readouterr().out.strip().splitlines()[0])["ids"]
+    assert len(q) == len(row["ids"]) and sum(a == b for a, b in zip(q, row["ids"])) >= 10
