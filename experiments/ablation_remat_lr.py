@@ -22,7 +22,7 @@ MODEL = ModelConfig(
 CONFIG = TrainConfig(
     model=MODEL,
     optimizer=OptimizerConfig(peak_lr=2e-3, end_lr=2e-4, warmup_steps=10, decay_steps=90, weight_decay=0.1),
-    mesh=MeshConfig(data=1, fsdp=1, tensor=1),
+    mesh=MeshConfig(data=1, fsdp=-1, tensor=1),  # all devices; batch_size 8 divides over 1, 2, 4 or 8
     data=DataConfig(paths=None, tokenizer=None),  # the CPython docs topics, a 512-piece BPE trained on them
     steps=100, batch_size=8, seq_len=128, log_every=5, checkpoint_every=100, keep_checkpoints=1,
     sample_tokens=0,

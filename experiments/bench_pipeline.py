@@ -2,8 +2,9 @@
 
     .venv/bin/python -m experiments.bench_pipeline [--corpus PATH] [--seq-len 2048] [--batch 8] [--seconds 20]
 
-Measures, on this machine: (1) `prepare` (tokenize once into ArrayRecord), (2) on-the-fly tokenization +
-packing, (3) pre-tokenized ArrayRecord + packing. Each pipeline is warmed up (first batch and thread start-up
+Measures, on this machine: (1) `prepare` (tokenize once into ArrayRecord), the peers (2) the tokenizer alone
+and (3) reading the prepared records in order, then the pipeline with (4) on-the-fly tokenization + packing and
+(5) pre-tokenized ArrayRecord + packing. Each pipeline is warmed up (first batch and thread start-up
 excluded), then timed over `--seconds`; tokens = batch * seq_len per batch (padding included, but with
 num_epochs=None there is none). Prints one JSON line per measurement.
 """
@@ -17,7 +18,8 @@ import platform
 import tempfile
 import time
 
-from input_pipeline import DataConfig, Source, make_dataset, prepare_corpus
+from input_pipeline import DataConfig, Source, make_dataset, open_prepared, prepare_corpus
+from input_pipeline.sources import open_documents
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets", "text", "tinystories",
                               "tinystories_v1_train_first2MiB.txt")
@@ -59,6 +61,16 @@ def main() -> None:
         print(json.dumps({"what": "prepare (tokenize to ArrayRecord)", "machine": machine,
                           "documents": index["num_documents"], "tokens": index["num_tokens"],
                           "seconds": round(dt, 2), "tokens_per_s": round(index["num_tokens"] / dt)}))
+        # Peers (the limits each path approaches): the tokenizer alone, one thread, no pipeline; and reading
+        # the prepared records in order, with no shuffle, packing or batching.
+        docs = open_documents(src)
+        t, n = time.perf_counter(), sum(len(tok.encode(docs[i], bos=True, eos=True)) for i in range(len(docs)))
+        print(json.dumps({"what": "peer: tokenizer.encode alone, 1 thread", "machine": machine,
+                          "tokens_per_s": round(n / (time.perf_counter() - t))}))
+        prepared = open_prepared([os.path.join(tmp, "prepared")])
+        t, n = time.perf_counter(), sum(len(prepared[i]) for i in range(len(prepared)))
+        print(json.dumps({"what": "peer: ArrayRecord records read in order, 1 thread", "machine": machine,
+                          "tokens_per_s": round(n / (time.perf_counter() - t))}))
         for what, cfg in [("on-the-fly tokenization", DataConfig(sources=(src,), num_threads=args.threads)),
                           ("pre-tokenized ArrayRecord", DataConfig(sources=(Source(os.path.join(tmp, "prepared"),
                                                                                     format="prepared"),),

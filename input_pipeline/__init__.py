@@ -29,10 +29,10 @@ Public API
         it.set_state(state): the next batches are exactly those of an uninterrupted run (raises DataError if
         the state came from another seq_len/batch/seed/process layout/sources/tokenizer).
         it.stats: per-source counts (documents, empty files/documents skipped, UTF-8 replacements, ...).
-        it.close().
+        it.close() (stops the read/prefetch threads; `with make_dataset(...) as it:` closes it too).
 
     to_global_batch(batch, mesh) -> dict of jax.Array [B_global, T], sharded with
-        sharding.rules.batch_sharding(mesh, 2) (jax.make_array_from_process_local_data).
+        sharding.rules.batch_sharding (= sharding.distributed.global_batch: make_array_from_process_local_data).
 
     prepare_corpus(source, tokenizer, out_dir, *, utf8_errors="replace", num_shards=None, num_threads=4,
             overwrite=False, progress=True) -> index dict      (CLI: python -m input_pipeline.prepare)

@@ -15,9 +15,9 @@ Per row (all [T]):
   stream, and, if `mask_document_boundary`, on each document's EOS, whose target would be the next
   document's BOS (a cross-document prediction).
 
-The iterator's state is (state of the block iterator before the block holding the first document still in
-use, that document's index in the block, the number of its tokens already emitted): small, JSON-serialisable, and exact, since packing is deterministic
-given the document stream.
+The iterator's state is (state of the block iterator before the block holding the first document still
+in use, that document's index in the block, the number of its tokens already emitted): small,
+JSON-serialisable, and exact, since packing is deterministic given the document stream.
 """
 
 from __future__ import annotations

@@ -13,8 +13,6 @@ the iterator state is one index plus an offset into a document (see packing.py):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -130,6 +128,8 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._it is None:
+            raise ValueError("this BatchIterator was closed; make a new one (and set_state) to continue")
         return next(self._it)
 
     def get_state(self) -> dict[str, Any]:
@@ -149,6 +149,12 @@ class BatchIterator(Iterator[dict[str, np.ndarray]]):
     def stats(self) -> dict[str, dict[str, int]]:
         """Per source: files, documents and the counts of skipped or repaired input (see sources.py)."""
         return {d.name: dict(d.stats) for d in self._docs}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self) -> None:
         """Stops the prefetch threads. Also drops the grain iterator now, while the interpreter is whole
@@ -179,6 +185,8 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
     for i, src in enumerate(config.sources):
         if src.format == "prepared":
             docs = open_prepared(src.paths, tokenizer_check=tok_info)
+            # Without a tokenizer, the first prepared source's identifies the ids; the others must agree.
+            tok_info = tok_info or docs.indexes[0]["tokenizer"]
             ds = grain.MapDataset.source(docs)
         else:
             if tokenizer is None:
@@ -203,10 +211,13 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
 
         batches = ThreadPrefetchIterDataset(batches, prefetch_buffer_size=config.prefetch)
 
-    cfg = config.to_dict()
-    for k in ("num_threads", "read_buffer", "prefetch"):  # performance only: a resume may change them
-        cfg.pop(k)
-    fingerprint = {"data": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16],
+    # What the state's meaning depends on. Paths are left out (data may move between runs); the number of
+    # documents per source, and a prepared directory's own fingerprint, stand for the contents.
+    sources = [{k: v for k, v in s.to_dict().items() if k != "paths"} | {"documents": len(d)}
+               | ({"prepared": [ix["fingerprint"][:16] for ix in d.indexes]} if s.format == "prepared" else {})
+               for s, d in zip(config.sources, all_docs)]
+    fingerprint = {"sources": sources, "shuffle": config.shuffle, "num_epochs": config.num_epochs,
+                   "mask_document_boundary": config.mask_document_boundary, "utf8_errors": config.utf8_errors,
                    "tokenizer": tok_info, "seq_len": int(seq_len), "global_batch_size": int(global_batch_size),
                    "seed": int(seed), "process_index": process_index, "process_count": process_count,
                    "docs_per_read": DOCS_PER_READ}
@@ -214,14 +225,9 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
-    """Process-local numpy batch -> global jax.Arrays [B_global, T] sharded by `sharding.rules.batch_sharding`
-    (batch over the data and fsdp axes). The one place batches are placed on devices."""
-    import jax
+    """Process-local numpy batch [B_local, T] -> global jax.Arrays [B_local * process_count, T], batch over the
+    mesh's data and fsdp axes (`sharding.rules.batch_sharding`, via jax.make_array_from_process_local_data).
+    The implementation is `sharding.distributed.global_batch`, kept in one place."""
+    from sharding.distributed import global_batch
 
-    from sharding.rules import batch_sharding
-
-    out = {}
-    for k, v in batch.items():
-        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v, global_shape)
-    return out
+    return global_batch(batch, mesh)

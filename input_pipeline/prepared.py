@@ -1,11 +1,11 @@
 """Prepared corpora: tokenized once into ArrayRecord (`prepare_corpus`, CLI in prepare.py), read back as
 random-access documents (`open_prepared`).
 
-A prepared directory OUT_DIR holds `tokens-0000i-of-0000n.array_record` (one record per document: its int32 little-endian ids,
-BOS..EOS included, in corpus order; the pipeline shuffles at read time) and `index.json` (counts, the
-tokenizer's identity, each input file's size and SHA-256, the skipped/repaired counts, and a fingerprint of
-all of it). It is written to a temporary sibling directory and renamed into place when complete, so OUT_DIR
-is either absent or whole. Point a run at it with `Source(OUT_DIR, format="prepared")`.
+A prepared directory OUT_DIR holds `tokens-0000i-of-0000n.array_record` (one record per document: its
+int32 little-endian ids, BOS..EOS included, in corpus order; the pipeline shuffles at read time) and
+`index.json` (counts, the tokenizer's identity, each input file's size and SHA-256, the skipped/repaired
+counts, and a fingerprint of all of it). It is written to a temporary sibling directory and renamed into
+place when complete, so OUT_DIR is either absent or whole. Point a run at it with `Source(OUT_DIR, format="prepared")`.
 """
 
 from __future__ import annotations
@@ -132,12 +132,13 @@ def read_index(path: str) -> dict[str, Any]:
 
 
 def open_prepared(paths: Sequence[str], tokenizer_check: dict[str, Any] | None = None) -> PreparedDocuments:
-    """Prepared directories (globs allowed); with tokenizer_check (tokenize.tokenizer_info of the run's
-    tokenizer), a directory made with another tokenizer is an error."""
+    """Prepared directories (globs allowed). A directory made with another tokenizer than tokenizer_check
+    (tokenize.tokenizer_info of the run's tokenizer; default: the first directory's) is an error."""
     dirs = expand_paths(paths, allow_dirs=True)
     indexes = [read_index(d) for d in dirs]
+    tokenizer_check = tokenizer_check or indexes[0]["tokenizer"]  # one tokenizer for all directories
     for d, ix in zip(dirs, indexes):
-        if tokenizer_check is not None and ix["tokenizer"] != tokenizer_check:
+        if ix["tokenizer"] != tokenizer_check:
             raise DataError(f"{d}: prepared with tokenizer {ix['tokenizer']}, but this run's tokenizer is "
                             f"{tokenizer_check}; prepare the corpus again with the run's tokenizer")
         if ix["num_documents"] == 0:

@@ -35,6 +35,7 @@ FORMATS = ("text", "jsonl", "parquet", "array_record", "hf", "prepared")
 # Separator value meaning "one or more blank (whitespace-only) lines", as in TinyStories' validation file.
 BLANK_LINES = "\n\n"
 _BLANK_LINES_RE = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
+_NON_SPACE = re.compile(rb"\S")
 UTF8_ERRORS = ("replace", "strict")
 
 
@@ -102,13 +103,14 @@ def expand_paths(patterns: Sequence[str], *, allow_dirs: bool = False) -> list[s
     return out
 
 
-def decode_utf8(data: bytes, where: str, errors: str, stats: dict) -> str:
-    """Decode with the replace/strict policy; counts the U+FFFD characters that replacement introduced."""
+def decode_utf8(data: bytes, where: str, errors: str, stats: dict, offset: int = 0) -> str:
+    """Decode with the replace/strict policy; counts the U+FFFD characters that replacement introduced.
+    `offset`: where `data` starts in its file, for the error message."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         if errors == "strict":
-            raise DataError(f"{where}: invalid UTF-8 at byte {e.start} ({data[e.start:e.start + 4]!r}); pass "
+            raise DataError(f"{where}: invalid UTF-8 at byte {offset + e.start} ({data[e.start:e.start + 4]!r}); pass "
                             f"utf8_errors='replace' (DataConfig.utf8_errors, --utf8-errors replace) to decode it "
                             f"as U+FFFD") from None
         text = data.decode("utf-8", errors="replace")
@@ -134,6 +136,9 @@ def _new_stats(files: int) -> dict[str, int]:
             "dropped_unterminated": 0, "invalid_utf8_replacements": 0}
 
 
+_MAX_MAPPED_FILES = 64
+
+
 class _SpanDocuments(Documents):
     """Documents stored as byte spans (file, start, end) of memory-mapped files: text and JSONL."""
 
@@ -148,6 +153,10 @@ class _SpanDocuments(Documents):
 
     def _bytes(self, i: int) -> bytes:
         f, start, end = (int(x) for x in self._spans[i])
+        if len(self._files) > _MAX_MAPPED_FILES:  # an mmap holds a file descriptor: read instead
+            with open(self._files[f], "rb") as fh:
+                fh.seek(start)
+                return fh.read(end - start)
         m = self._maps.get(f)
         if m is None:
             with self._lock:
@@ -165,44 +174,50 @@ class _SpanDocuments(Documents):
         return json.loads(text)[self._field]
 
 
-def _read(path: str) -> bytes:
+def _map(path: str) -> mmap.mmap | None:
+    """The file memory-mapped (scans stay out of Python memory), or None for an empty file."""
     try:
         with open(path, "rb") as fh:
-            return fh.read()
+            if os.fstat(fh.fileno()).st_size == 0:
+                return None
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _split(data, src: Source) -> list[tuple[int, int]]:
+    """(start, end) byte spans of the pieces between separators (the whole file without one)."""
+    if src.separator is None:
+        return [(0, len(data))]
+    if src.separator == BLANK_LINES:
+        bounds = [(m.start(), m.end()) for m in _BLANK_LINES_RE.finditer(data)]
+    else:
+        sep = src.separator.encode("utf-8")
+        bounds, k = [], data.find(sep)
+        while k >= 0:
+            bounds.append((k, k + len(sep)))
+            k = data.find(sep, k + len(sep))
+    return list(zip([0] + [e for _, e in bounds], [s for s, _ in bounds] + [len(data)]))
 
 
 def open_text(src: Source, utf8_errors: str) -> Documents:
     files = expand_paths(src.paths)
     stats = _new_stats(len(files))
     spans = []
-    sep = None if src.separator is None else src.separator.encode("utf-8")
     for f, path in enumerate(files):
-        data = _read(path)
-        decode_utf8(data, path, utf8_errors, stats)  # validate + count once per file
-        if not data.strip():
+        data = _map(path)
+        if data is None or not _NON_SPACE.search(data):
             stats["empty_files"] += 1
             log.warning("%s: empty file, skipped", path)
             continue
-        if sep is None:
-            pieces = [(0, len(data))]
-        else:
-            if src.separator == BLANK_LINES:
-                bounds = [(m.start(), m.end()) for m in _BLANK_LINES_RE.finditer(data)]
-            else:
-                bounds, k = [], data.find(sep)
-                while k >= 0:
-                    bounds.append((k, k + len(sep)))
-                    k = data.find(sep, k + len(sep))
-            starts = [0] + [e for _, e in bounds]
-            ends = [s for s, _ in bounds] + [len(data)]
-            pieces = list(zip(starts, ends))
-            if src.drop_unterminated and pieces and data[pieces[-1][0]:].strip():
-                stats["dropped_unterminated"] += 1
-                pieces = pieces[:-1]
+        pieces = _split(data, src)
+        if src.drop_unterminated and src.separator is not None and data[pieces[-1][0]:].strip():
+            stats["dropped_unterminated"] += 1
+            pieces = pieces[:-1]
         for start, end in pieces:
             piece = data[start:end]
+            # Validate (and count) each piece once here; reads later only repeat the same decoding.
+            decode_utf8(piece, path, utf8_errors, stats, offset=start)
             if not piece.strip():
                 stats["empty_documents"] += 1
                 continue
@@ -210,6 +225,7 @@ def open_text(src: Source, utf8_errors: str) -> Documents:
             lead = len(piece) - len(piece.lstrip())
             trail = len(piece) - len(piece.rstrip())
             spans.append((f, start + lead, end - trail))
+        data.close()
     return _finish(_SpanDocuments(f"text:{','.join(src.paths)}", files, spans), stats, src)
 
 
@@ -218,16 +234,19 @@ def open_jsonl(src: Source, utf8_errors: str) -> Documents:
     stats = _new_stats(len(files))
     spans = []
     for f, path in enumerate(files):
-        data = _read(path)
-        if not data.strip():
+        data = _map(path)
+        if data is None:
             stats["empty_files"] += 1
             log.warning("%s: empty file, skipped", path)
             continue
-        start = 0
-        for lineno, line in enumerate(data.split(b"\n"), 1):
-            end = start + len(line)
+        start, lineno = 0, 0
+        while start < len(data):
+            lineno += 1
+            end = data.find(b"\n", start)
+            end = len(data) if end < 0 else end
+            line = data[start:end]
             if not line.strip():
-                stats["blank_lines"] += 1 if end < len(data) else 0  # the final newline is not a blank line
+                stats["blank_lines"] += 1
             else:
                 text = decode_utf8(line, f"{path}:{lineno}", utf8_errors, stats)
                 try:
@@ -246,6 +265,7 @@ def open_jsonl(src: Source, utf8_errors: str) -> Documents:
                 else:
                     spans.append((f, start, end))
             start = end + 1
+        data.close()
     return _finish(_SpanDocuments(f"jsonl:{','.join(src.paths)}", files, spans, field=src.field), stats, src)
 
 

@@ -121,6 +121,7 @@ def save_model_streaming(directory: str, cfg: ModelConfig, arrays: Iterable[tupl
             seen.add(path)
             if on_write:
                 on_write(path, x)
+            del tree, node, x  # release this parameter before the iterator makes the next one
         if seen != set(want):
             raise CheckpointError(f"parameters never written: {sorted('/'.join(p) for p in set(want) - seen)}")
         partial.finalize(target)
@@ -160,11 +161,11 @@ def resolve(directory: str) -> tuple[dict, str]:
     if os.path.isfile(os.path.join(d, CONFIG_FILE)) and os.path.isdir(os.path.join(d, PARAMS_DIR)):
         return _read_json(os.path.join(d, CONFIG_FILE)), os.path.join(d, PARAMS_DIR)
     if _is_complete_step(d):  # a train step dir: config item is a JSON checkpoint of {"model": ..., ...}
-        cfg_dir = os.path.join(d, "config")
-        files = [f for f in os.listdir(cfg_dir) if not f.startswith("_")]
-        if not files:
-            raise CheckpointError(f"{cfg_dir}: the 'config' item holds no JSON file")
-        item = _read_json(os.path.join(cfg_dir, sorted(files)[0]))
+        cfg_file = os.path.join(d, "config", "metadata")  # JsonCheckpointHandler's default file name
+        if not os.path.isfile(cfg_file):
+            raise CheckpointError(f"{cfg_file}: missing; the step's 'config' item was not written by JsonSave")
+        item = _read_json(cfg_file)
+        cfg_dir = os.path.dirname(cfg_file)
         if "model" not in item:
             raise CheckpointError(f"{cfg_dir}: the 'config' item has no 'model' entry (keys {sorted(item)})")
         return item["model"], os.path.join(d, PARAMS_DIR)

@@ -1,6 +1,7 @@
 """Cross-backend / cross-dtype / cross-commit comparison: a fixed probe and a diff of two probe reports.
 
     python -m llama.compare run  --checkpoint DIR --out REPORT [--compute-dtype float32|bfloat16]
+    python -m llama.compare run  --init llama3.2-1b --out REPORT --train-steps 0     (random weights)
     python -m llama.compare diff REPORT_A REPORT_B [--tolerances max_abs=1e-3,kl=1e-5,top1=0.99] --out DIR
 
 `run` loads a model checkpoint (llama.checkpoint.load_model), builds a fixed token batch from a seed (numpy,
@@ -136,11 +137,12 @@ def _greedy(params, tokens: np.ndarray, cfg, probe: ProbeConfig, mesh=None) -> n
     return out
 
 
-def _train_losses(cfg, params, tokens: np.ndarray, probe: ProbeConfig, mesh=None) -> np.ndarray:
+def _train_losses(cfg, params, tokens: np.ndarray, probe: ProbeConfig, mesh=None) -> tuple[np.ndarray, list[float]]:
     """Losses of `train_steps` steps of the trainer's own jitted step (llama.train.make_train_step) on the
     fixed batch, starting from the checkpoint's parameters (as float32 masters, as the trainer keeps them).
     AdamW at a constant `train_lr`, no weight decay, the trainer's default clipping. The loss at step i is
-    the loss before update i, so losses[0] is the checkpoint's own loss on the batch."""
+    the loss before update i, so losses[0] is the checkpoint's own loss on the batch. Returns (losses, wall
+    seconds of each step)."""
     import jax
 
     from llama import optim, train
@@ -159,11 +161,13 @@ def _train_losses(cfg, params, tokens: np.ndarray, probe: ProbeConfig, mesh=None
              "segment_ids": np.zeros((B, T - 1), np.int32),
              "positions": np.broadcast_to(np.arange(T - 1, dtype=np.int32), (B, T - 1)).copy(),
              "loss_mask": np.ones((B, T - 1), np.float32)}
-    losses = []
+    losses, seconds = [], []
     for _ in range(probe.train_steps):
+        t0 = time.perf_counter()
         state, metrics = step(state, batch)
         losses.append(np.float32(jax.device_get(metrics["loss"])))
-    return np.asarray(losses, np.float32)
+        seconds.append(time.perf_counter() - t0)
+    return np.asarray(losses, np.float32), seconds
 
 
 @functools.lru_cache(maxsize=8)
@@ -196,16 +200,22 @@ def run_probe(cfg, params, probe: ProbeConfig = ProbeConfig(), *, mesh=None) -> 
     full_pos = full_logit_positions(cfg.vocab_size, probe)
     timing = {}
 
+    top_k = min(probe.top_k, cfg.vocab_size)
     t0 = time.perf_counter()
-    out = _logits_jit()(params, tokens, sample_ids, full_pos, cfg=cfg, top_k=probe.top_k)
+    out = _logits_jit()(params, tokens, sample_ids, full_pos, cfg=cfg, top_k=top_k)
     arrays = {k: np.asarray(v) for k, v in jax.device_get(out).items()}
-    timing["logits_s"] = time.perf_counter() - t0
+    timing["logits_s"] = time.perf_counter() - t0  # wall seconds, compilation included
+    t0 = time.perf_counter()
+    jax.block_until_ready(_logits_jit()(params, tokens, sample_ids, full_pos, cfg=cfg, top_k=top_k))
+    timing["logits_run_s"] = time.perf_counter() - t0  # compiled: the forward's own cost
     t0 = time.perf_counter()
     greedy = _greedy(params, tokens, cfg, probe, mesh) if probe.gen_len else np.zeros((probe.batch, 0), np.int32)
     timing["greedy_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    losses = _train_losses(cfg, params, tokens, probe, mesh) if probe.train_steps else np.zeros((0,), np.float32)
+    losses, step_s = (_train_losses(cfg, params, tokens, probe, mesh) if probe.train_steps
+                      else (np.zeros((0,), np.float32), []))
     timing["train_s"] = time.perf_counter() - t0
+    timing["train_step_s"] = float(np.median(step_s[1:])) if len(step_s) > 1 else None  # without the compile step
     arrays.update(tokens=tokens, sample_ids=sample_ids, full_positions=full_pos, greedy=greedy.astype(np.int32),
                   losses=losses)
     report = {
@@ -213,6 +223,7 @@ def run_probe(cfg, params, probe: ProbeConfig = ProbeConfig(), *, mesh=None) -> 
         "model": cfg.to_dict(),
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
+        "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "losses": [float(x) for x in losses],  # float32 -> float64 is exact, so JSON round-trips bit-exactly
         "greedy": greedy.tolist(),
         "timing": timing,  # the only field that differs between identical runs
@@ -231,9 +242,13 @@ def write_report(out: str, report: dict, arrays: dict[str, np.ndarray], **manife
             json.dump(report, f, indent=1, sort_keys=True)
         np.savez_compressed(os.path.join(tmp, REPORT_NPZ), **arrays)
         manifest.write_manifest(tmp, **manifest_kwargs)
-        if os.path.exists(out):
-            shutil.rmtree(out)
+        old = None
+        if os.path.exists(out):  # moved aside, deleted once the new report is in place
+            old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out) + ".old-")
+            os.rename(out, os.path.join(old, "report"))
         os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -465,25 +480,55 @@ def _cmd_run(args) -> int:
 
     from llama import checkpoint
 
+    if args.matmul_precision:
+        jax.config.update("jax_default_matmul_precision", args.matmul_precision)
+
     mesh = None
     if args.mesh:
         from sharding.rules import MeshConfig, make_mesh
 
-        mesh = make_mesh(MeshConfig(**{k: int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}),
-                         jax.devices())
-    cfg, params = checkpoint.load_model(args.checkpoint, mesh=mesh)
+        try:
+            sizes = {k.strip(): int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
+        except ValueError:
+            raise CompareError(f"--mesh {args.mesh!r}: expected e.g. data=1,fsdp=-1,tensor=1") from None
+        mesh = make_mesh(MeshConfig(**sizes), jax.devices())
+    if args.checkpoint:
+        cfg, params = checkpoint.load_model(args.checkpoint, mesh=mesh)
+        source = os.path.abspath(args.checkpoint)
+    else:
+        cfg, params = random_model(args.init, args.init_seed, mesh)
+        source = f"random init of preset {args.init!r}, seed {args.init_seed}"
     changes = {k: v for k, v in (("compute_dtype", args.compute_dtype), ("attention_impl", args.attention_impl)) if v}
     cfg = cfg.replace(**changes)
     probe = ProbeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ProbeConfig)
                            if getattr(args, f.name, None) is not None})
     report, arrays = run_probe(cfg, params, probe, mesh=mesh)
-    report["checkpoint"] = os.path.abspath(args.checkpoint)
+    report["checkpoint"] = source
     out = write_report(args.out, report, arrays, config={"model": cfg, "probe": probe}, mesh=mesh,
-                       seeds={"probe": probe.seed}, data_files=[args.checkpoint],
-                       extra={"tool": "llama.compare run", "checkpoint": os.path.abspath(args.checkpoint)})
+                       seeds={"probe": probe.seed, "init": args.init_seed if args.init else None},
+                       data_files=[args.checkpoint] if args.checkpoint else [],
+                       extra={"tool": "llama.compare run", "checkpoint": source})
     print(f"probe on {report['backend']} ({report['device_kind']}), compute {cfg.compute_dtype}: "
           f"losses {report['losses']}, wrote {out}")
     return 0
+
+
+def random_model(preset_name: str, seed: int, mesh=None):
+    """(cfg, params) of a preset at random init, drawn on the host CPU so that every backend probes the
+    very same bits (jax.random's float transforms are not guaranteed bit-equal across backends), then
+    placed on the default device or the mesh. Lets a probe cover a full-size architecture without weights."""
+    import jax
+
+    from llama import config, model
+
+    cfg = config.preset(preset_name)
+    with jax.default_device(jax.devices("cpu")[0]):
+        params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(seed))
+    if mesh is not None:
+        from sharding.rules import param_shardings
+
+        return cfg, jax.device_put(params, param_shardings(model.param_specs(cfg), mesh))
+    return cfg, jax.device_put(params, jax.devices()[0])
 
 
 def _cmd_diff(args) -> int:
@@ -500,11 +545,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llama.compare", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the fixed probe on this backend and write a report directory")
-    r.add_argument("--checkpoint", required=True, help="model checkpoint directory (llama.checkpoint)")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model checkpoint or train run directory (llama.checkpoint.load_model)")
+    src.add_argument("--init", metavar="PRESET", help="a random init of a preset instead (llama.config.PRESETS)")
+    r.add_argument("--init-seed", type=int, default=0)
     r.add_argument("--out", required=True, help="report directory to write (replaced if present)")
     r.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"))
     r.add_argument("--attention-impl", choices=("xla", "cudnn"))
     r.add_argument("--mesh", help="e.g. data=1,fsdp=-1,tensor=1 (default: one device)")
+    r.add_argument("--matmul-precision", choices=("default", "high", "highest"),
+                   help="jax_default_matmul_precision for the whole probe; 'highest' keeps float32 matmuls "
+                        "in full float32 on GPUs, which otherwise may use TF32 for them")
     for f in dataclasses.fields(ProbeConfig):
         if f.type in ("int", "float"):
             r.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if f.type == "int" else float,
@@ -517,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return _cmd_run(args) if args.cmd == "run" else _cmd_diff(args)
-    except CompareError as e:
+    except ValueError as e:  # CompareError, CheckpointError, ConfigError, ShardingError: messages name the input
         print(f"error: {e}", file=sys.stderr)
         return 2
 

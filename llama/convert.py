@@ -6,23 +6,23 @@ Every source is first turned into a lazy mapping from Hugging Face tensor names 
 parameter at a time. Meta and llama2.c rotate interleaved pairs, HF rotate-half, so their wq/wk rows are
 permuted once on the way in (facts sheet 4.1-4.2). Everything here is numpy on the host: no GPU, no torch.
 
-    python -m llama.convert hf-to-orbax     SRC_HF_DIR   DST_ORBAX_DIR [--dtype bfloat16]
-    python -m llama.convert orbax-to-hf     SRC_ORBAX    DST_HF_DIR    [--dtype ...] [--shard-size 5GB]
-    python -m llama.convert meta-to-orbax   SRC_META_DIR DST_ORBAX_DIR
-    python -m llama.convert meta-to-hf      SRC_META_DIR DST_HF_DIR
-    python -m llama.convert llama2c-to-orbax MODEL.bin   DST_ORBAX_DIR
-    python -m llama.convert llama2c-to-hf   MODEL.bin    DST_HF_DIR
-    python -m llama.convert hf-to-hf        SRC_HF_DIR   DST_HF_DIR    (re-shard / re-type)
+    python -m llama.convert {hf,meta,llama2c,orbax}-to-{orbax,hf} SRC DST [--dtype bfloat16] [--shard-size 5GB]
+    e.g. hf-to-orbax HF_DIR CKPT; orbax-to-hf CKPT_OR_RUN HF_DIR; meta-to-orbax META_DIR CKPT;
+    llama2c-to-hf stories260K.bin HF_DIR. See docs/checkpoints.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 import os
 import pickle
+import shutil
 import struct
 import sys
+import time
 import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from llama.config import ConfigError, ModelConfig, from_hf_config, from_meta_params, to_hf_config
+from llama.config import ModelConfig, from_hf_config, from_meta_params, to_hf_config
 
 
 class ConvertError(ValueError):
@@ -77,11 +77,9 @@ def _param_shape(t: TensorName, cfg: ModelConfig) -> tuple[int, ...]:
     return spec.shape[1:] if t.param[0] == "layers" else spec.shape
 
 
-def _torch_shape(t: TensorName, cfg: ModelConfig) -> tuple[int, ...]:
+def torch_shape(t: TensorName, cfg: ModelConfig) -> tuple[int, ...]:
     p = _param_shape(t, cfg)
-    if t.n_in == 0:
-        return p
-    return (int(np.prod(p[t.n_in:])), int(np.prod(p[:t.n_in])))
+    return p if t.n_in == 0 else (int(np.prod(p[t.n_in:])), int(np.prod(p[:t.n_in])))
 
 
 def table(cfg: ModelConfig) -> list[TensorName]:
@@ -98,9 +96,7 @@ def to_param_layout(t: TensorName, x: np.ndarray, cfg: ModelConfig) -> np.ndarra
 
 
 def to_torch_layout(t: TensorName, x: np.ndarray) -> np.ndarray:
-    if t.n_in == 0:
-        return x
-    return np.ascontiguousarray(x.reshape(int(np.prod(x.shape[:t.n_in])), -1).T)
+    return x if t.n_in == 0 else np.ascontiguousarray(x.reshape(int(np.prod(x.shape[:t.n_in])), -1).T)
 
 
 def meta_to_hf_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -132,12 +128,17 @@ def _checked(state: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...],
     return x
 
 
-def check_names(names, cfg: ModelConfig, where: str) -> None:
+def check_names(state: Mapping[str, np.ndarray], cfg: ModelConfig, where: str) -> None:
     """Every expected tensor present and nothing unexpected, before any work is done."""
     expected = {n for t in table(cfg) for n in hf_names(t, cfg)}
-    names = {n for n in names if not n.endswith(IGNORED_SUFFIXES)}
-    if cfg.tie_embeddings:
-        names.discard("lm_head.weight")  # re-saved tied checkpoints may carry a copy; checked in iter_params
+    names = {n for n in state if not n.endswith(IGNORED_SUFFIXES)}
+    if cfg.tie_embeddings and "lm_head.weight" in names:
+        # Meta's 1B/3B and some re-saved checkpoints carry a copy of the embedding (facts sheet 4.3).
+        names.discard("lm_head.weight")
+        a, b = state["lm_head.weight"], state["model.embed_tokens.weight"]
+        if a.shape != b.shape or not np.array_equal(a, b):
+            raise ConvertError(f"{where}: tie_word_embeddings is true but 'lm_head.weight' differs from "
+                               "'model.embed_tokens.weight'; set tie_word_embeddings=false in config.json")
     missing, extra = sorted(expected - names), sorted(names - expected)
     if missing:
         raise ConvertError(f"{where}: {len(missing)} tensor(s) missing for the config ({cfg.n_layers} layers, "
@@ -152,9 +153,9 @@ def iter_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=None,
     """Yields (pytree path, array) one parameter at a time; layer tensors are stacked into [L, ...].
     Peak memory is one stacked parameter plus one source tensor."""
     dtype = np.dtype(dtype or cfg.param_dtype)
-    check_names(state.keys(), cfg, where)
+    check_names(state, cfg, where)
     for t in table(cfg):
-        shape = _torch_shape(t, cfg)
+        shape = torch_shape(t, cfg)
         names = hf_names(t, cfg)
         if t.param[0] != "layers":
             yield t.param, to_param_layout(t, _checked(state, names[0], shape, where), cfg).astype(dtype)
@@ -163,23 +164,7 @@ def iter_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=None,
         for i, name in enumerate(names):
             out[i] = to_param_layout(t, _checked(state, name, shape, where), cfg)
         yield t.param, out
-    if cfg.tie_embeddings and "lm_head.weight" in state:
-        a, b = state["lm_head.weight"], state["model.embed_tokens.weight"]
-        if a.shape != b.shape or not np.array_equal(a, b):
-            raise ConvertError(f"{where}: tie_word_embeddings is true but 'lm_head.weight' differs from "
-                               "'model.embed_tokens.weight'; set tie_word_embeddings=false in config.json")
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _get(tree, path: tuple[str, ...]):
-    for k in path:
-        tree = tree[k]
-    return tree
+        del out  # before the next parameter is allocated: one stacked parameter alive at a time
 
 
 def hf_to_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=None,
@@ -187,27 +172,37 @@ def hf_to_params(state: Mapping[str, np.ndarray], cfg: ModelConfig, dtype=None,
     """HF-named numpy tensors (torch layout) -> this project's param pytree of numpy arrays."""
     params: dict[str, Any] = {}
     for path, x in iter_params(state, cfg, dtype, where):
-        _set(params, path, x)
+        (params.setdefault(path[0], {}) if len(path) == 2 else params)[path[-1]] = x
     return params
 
 
-def iter_hf_tensors(get_param: Callable[[tuple[str, ...]], np.ndarray], cfg: ModelConfig,
-                    dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, torch-layout tensor) in table order; `get_param(path)` returns one stacked parameter."""
-    for t in table(cfg):
-        x = np.asarray(get_param(t.param))
-        if dtype is not None:
-            x = x.astype(dtype)
-        if t.param[0] != "layers":
-            yield hf_names(t, cfg)[0], to_torch_layout(t, x)
-        else:
-            for i, name in enumerate(hf_names(t, cfg)):
-                yield name, to_torch_layout(t, x[i])
+class ParamsAsHF(Mapping):
+    """HF names over this project's params, given `get_param(path)` -> one stacked parameter (an in-memory
+    pytree, or an Orbax checkpoint read one parameter at a time). Keeps only the last parameter read."""
+
+    def __init__(self, cfg: ModelConfig, get_param: Callable[[tuple[str, ...]], np.ndarray]):
+        self.get_param, self.cached = get_param, (None, None)
+        self.names = {n: (t, i) for t in table(cfg) for i, n in enumerate(hf_names(t, cfg))}
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, name):
+        t, i = self.names[name]
+        if self.cached[0] != t.param:
+            self.cached = (t.param, None)  # drop the previous parameter before reading the next
+            self.cached = (t.param, np.asarray(self.get_param(t.param)))
+        x = self.cached[1]
+        return to_torch_layout(t, x[i] if t.param[0] == "layers" else x)
 
 
 def params_to_hf(params, cfg: ModelConfig, dtype=None) -> dict[str, np.ndarray]:
     """This project's param pytree -> HF-named numpy tensors (torch layout)."""
-    return dict(iter_hf_tensors(lambda p: np.asarray(_get(params, p)), cfg, dtype))
+    state = ParamsAsHF(cfg, lambda path: functools.reduce(operator.getitem, path, params))
+    return {n: state[n] if dtype is None else state[n].astype(dtype) for n in state}
 
 
 # ------------------------------------------------------------------------------------------- llama2.c
@@ -237,55 +232,31 @@ def read_llama2c(path: str) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     hs = dim // n_heads
     kv = n_kv * hs
     L = n_layers
-    shapes = [("tok_embeddings", (vocab, dim)), ("attention_norm", (L, dim)), ("wq", (L, dim, dim)),
-              ("wk", (L, kv, dim)), ("wv", (L, kv, dim)), ("wo", (L, dim, dim)), ("ffn_norm", (L, dim)),
-              ("w1", (L, hidden, dim)), ("w2", (L, dim, hidden)), ("w3", (L, hidden, dim)), ("norm", (dim,)),
-              ("freq_cis_real", (seq_len, hs // 2)), ("freq_cis_imag", (seq_len, hs // 2))]
-    if not tied:
-        shapes.append(("output", (vocab, dim)))
+    # File order; keys are the last element of TABLE's param paths (None: the legacy RoPE tables, skipped).
+    shapes = [("embed", (vocab, dim)), ("attn_norm", (L, dim)), ("wq", (L, dim, dim)), ("wk", (L, kv, dim)),
+              ("wv", (L, kv, dim)), ("wo", (L, dim, dim)), ("mlp_norm", (L, dim)), ("w_gate", (L, hidden, dim)),
+              ("w_down", (L, dim, hidden)), ("w_up", (L, hidden, dim)), ("final_norm", (dim,)),
+              (None, (2, seq_len, hs // 2))] + ([] if tied else [("lm_head", (vocab, dim))])
     need = sum(int(np.prod(s)) for _, s in shapes)
     if data.size != need:
         raise ConvertError(f"{path}: {size} bytes, but a llama2.c v0 model with this header needs "
                            f"{28 + 4 * need} bytes (truncated, or another llama2.c version)")
     arrays, offset = {}, 0
     for name, shape in shapes:
-        n = int(np.prod(shape))
-        arrays[name] = data[offset:offset + n].reshape(shape)
-        offset += n
+        arrays[name] = data[offset:offset + int(np.prod(shape))].reshape(shape)
+        offset += int(np.prod(shape))
     cfg = ModelConfig(vocab_size=vocab, dim=dim, n_layers=L, n_heads=n_heads, n_kv_heads=n_kv, ffn_dim=hidden,
                       norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, max_seq_len=seq_len,
                       tie_embeddings=tied, bos_id=1, eos_ids=(2,), name=os.path.basename(path))
-    per_layer = {"attention_norm": "layers.{}.attention_norm.weight", "wq": "layers.{}.attention.wq.weight",
-                 "wk": "layers.{}.attention.wk.weight", "wv": "layers.{}.attention.wv.weight",
-                 "wo": "layers.{}.attention.wo.weight", "ffn_norm": "layers.{}.ffn_norm.weight",
-                 "w1": "layers.{}.feed_forward.w1.weight", "w2": "layers.{}.feed_forward.w2.weight",
-                 "w3": "layers.{}.feed_forward.w3.weight"}
-    meta = {"tok_embeddings.weight": arrays["tok_embeddings"], "norm.weight": arrays["norm"]}
-    if not tied:
-        meta["output.weight"] = arrays["output"]
-    for key, template in per_layer.items():
-        for i in range(L):
-            meta[template.format(i)] = arrays[key][i]
-    return cfg, meta_state_to_hf(meta, cfg, path)
-
-
-def meta_state_to_hf(meta: Mapping[str, np.ndarray], cfg: ModelConfig, where: str) -> dict[str, np.ndarray]:
-    """Meta-named, Meta-layout tensors -> HF names with the wq/wk row permutation (facts sheet 4.2)."""
-    out = {}
-    for t in TABLE:
+    state = {}
+    for t in table(cfg):
+        x = arrays[t.param[-1]]
         for i, name in enumerate(hf_names(t, cfg)):
-            mname = t.meta.format(i)
-            if mname not in meta:
-                continue
-            x = meta[mname]
-            if t.param[-1] in ("wq", "wk"):
-                n = cfg.n_heads if t.param[-1] == "wq" else cfg.n_kv_heads
-                if x.ndim != 2 or x.shape[0] != n * cfg.head_dim:
-                    raise ConvertError(f"{where}: tensor {mname!r} has shape {tuple(x.shape)}, expected "
-                                       f"({n * cfg.head_dim}, {cfg.dim})")
-                x = meta_to_hf_rows(x, n)
-            out[name] = x
-    return out
+            w = x[i] if t.param[0] == "layers" else x
+            if t.param[-1] in ("wq", "wk"):  # llama2.c rotates interleaved pairs, as Meta (facts sheet 4.2)
+                w = meta_to_hf_rows(w, n_heads if t.param[-1] == "wq" else n_kv)
+            state[name] = w
+    return cfg, state
 
 
 # ------------------------------------------------------------------------------------------ safetensors
@@ -385,6 +356,9 @@ class HFCheckpoint(Mapping):
 
     def where(self, name: str) -> str:
         return self.entries[name].file
+
+    def dtype_of(self, name: str) -> np.dtype:
+        return self.entries[name].dtype
 
 
 def write_safetensors_shards(directory: str, tensors: Iterator[tuple[str, np.ndarray]],
@@ -552,6 +526,9 @@ class MetaCheckpoint(Mapping):
     def where(self, name: str) -> str:
         return os.path.join(self.directory, "consolidated.*.pth")
 
+    def dtype_of(self, name: str) -> np.dtype:
+        return self.shards[0][1][self.by_hf[name][1]].dtype
+
     def __getitem__(self, name: str) -> np.ndarray:
         t, mname = self.by_hf[name]
         pieces = []
@@ -582,17 +559,9 @@ class MetaCheckpoint(Mapping):
 def open_source(kind: str, src: str, **cfg_overrides) -> tuple[ModelConfig, Mapping[str, np.ndarray]]:
     """(cfg, lazy HF-layout state) for a source format: "hf", "meta", "llama2c" or "orbax"."""
     if kind == "hf":
-        try:
-            cfg = from_hf_config(src, **cfg_overrides)
-        except ConfigError as e:
-            raise ConvertError(str(e)) from None
-        return cfg, HFCheckpoint(src)
+        return (cfg := from_hf_config(src, **cfg_overrides)), HFCheckpoint(src)
     if kind == "meta":
-        try:
-            cfg = from_meta_params(src, **cfg_overrides)
-        except ConfigError as e:
-            raise ConvertError(str(e)) from None
-        return cfg, MetaCheckpoint(src, cfg)
+        return (cfg := from_meta_params(src, **cfg_overrides)), MetaCheckpoint(src, cfg)
     if kind == "llama2c":
         cfg, state = read_llama2c(src)
         return cfg.replace(**cfg_overrides), state
@@ -602,37 +571,18 @@ def open_source(kind: str, src: str, **cfg_overrides) -> tuple[ModelConfig, Mapp
         cfg_dict, params_dir = resolve(src)
         cfg = ModelConfig.from_dict(cfg_dict).replace(**cfg_overrides)
         # An Orbax source is already in param layout; expose it as HF tensors one stacked param at a time.
-        return cfg, _OrbaxAsHF(cfg, lambda path: read_param(params_dir, path))
+        return cfg, ParamsAsHF(cfg, lambda path: read_param(params_dir, path))
     raise ConvertError(f"unknown source format {kind!r}; expected one of hf, meta, llama2c, orbax")
 
 
-class _OrbaxAsHF(Mapping):
-    """HF names over an Orbax checkpoint, caching the one stacked parameter last read."""
-
-    def __init__(self, cfg: ModelConfig, get_param):
-        self.cfg, self.get_param, self.cached = cfg, get_param, (None, None)
-        self.names = {n: (t, i) for t in table(cfg) for i, n in enumerate(hf_names(t, cfg))}
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, name):
-        t, i = self.names[name]
-        if self.cached[0] != t.param:
-            self.cached = (t.param, None)  # drop the previous parameter before reading the next
-            self.cached = (t.param, np.asarray(self.get_param(t.param)))
-        x = self.cached[1]
-        return to_torch_layout(t, x[i] if t.param[0] == "layers" else x)
-
-
 def _dtype_of(state: Mapping[str, np.ndarray], dtype: str | None) -> str:
+    """The requested dtype, else the source's (its embedding's), read from headers where there are any."""
     if dtype:
         return str(np.dtype(dtype))
-    x = state["model.embed_tokens.weight"]
-    return str(np.dtype(x.dtype))
+    name = "model.embed_tokens.weight"
+    if name not in state:
+        raise ConvertError(f"{getattr(state, 'directory', 'source')}: tensor {name!r} is missing")
+    return str(np.dtype(state.dtype_of(name) if hasattr(state, "dtype_of") else state[name].dtype))
 
 
 def write_orbax(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, where: str,
@@ -641,7 +591,7 @@ def write_orbax(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, 
 
     from llama.checkpoint import save_model_streaming
 
-    check_names(state.keys(), cfg, where)
+    check_names(state, cfg, where)
     with tqdm(total=len(table(cfg)), desc=f"-> {dst}", unit="param", disable=not progress) as bar:
         save_model_streaming(dst, cfg, iter_params(state, cfg, cfg.param_dtype, where), overwrite=overwrite,
                              on_write=lambda path, x: (bar.set_postfix_str("/".join(path)), bar.update()))
@@ -655,9 +605,9 @@ def write_hf(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, whe
 
     from llama.checkpoint import commit_dir, staging_dir
 
-    check_names(state.keys(), cfg, where)
+    check_names(state, cfg, where)
     dtype = np.dtype(cfg.param_dtype)
-    plan = [(n, _torch_shape(t, cfg), dtype) for t in table(cfg) for n in hf_names(t, cfg)]
+    plan = [(n, torch_shape(t, cfg), dtype) for t in table(cfg) for n in hf_names(t, cfg)]
     tensors = ((n, _checked(state, n, s, where).astype(dtype, copy=False)) for n, s, _ in plan)
     tmp = staging_dir(dst, overwrite)
     try:
@@ -672,8 +622,6 @@ def write_hf(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, whe
             json.dump(gen, f, indent=2)
         commit_dir(tmp, dst)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return files
@@ -683,8 +631,6 @@ def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, sha
             overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """One conversion, e.g. convert("hf-to-orbax", "Llama-3.1-8B", "ckpt/8b", dtype="bfloat16"). Returns a
     summary. Nothing is written to `dst` unless the whole conversion succeeds."""
-    import time
-
     kinds = {"hf", "meta", "llama2c", "orbax"}
     parts = direction.split("-to-")
     if len(parts) != 2 or parts[0] not in kinds or parts[1] not in ("hf", "orbax"):
@@ -709,11 +655,10 @@ def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, sha
 
 
 def _parse_size(s: str) -> int:
+    """"5GB", "300KB", "1000" (bytes)."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
-    for u, m in units.items():
-        if s.upper().endswith(u):
-            return int(float(s[: -len(u)]) * m)
-    return int(s)
+    unit = next((u for u in units if s.upper().endswith(u)), None)
+    return int(float(s[: -len(unit)]) * units[unit]) if unit else int(s)
 
 
 def main(argv=None) -> int:

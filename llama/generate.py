@@ -11,7 +11,8 @@ Design (compare Meta's `Llama3.generate`, facts sheet section 6):
 - `decode` is a `lax.while_loop` inside one jitted call: a step is one forward of B tokens, a sample and a
   few [B] updates; it stops when every row has hit a stop token or its own max_new_tokens.
 - The cache is sharded by `sharding.rules.RULES` through `model.CACHE_AXES` (batch over data x fsdp, KV heads
-  over tensor); an axis whose size does not divide its mesh axes is replicated instead (`fitted_rules`).
+  over tensor), fitted: an axis whose size does not divide its mesh axes is replicated for the cache. Params
+  follow the strict rules unless the model does not divide the mesh (`fitted_rules`, with a note).
 
 CLI: `python -m llama.generate --checkpoint DIR --prompt "Once upon a time"` (see docs/inference.md).
 """
@@ -135,35 +136,48 @@ def _compiled(fn, args: tuple, static: dict):
 
 
 # -------------------------------------------------------------------------------------------- sharding
-def fitted_rules(cfg: ModelConfig, mesh, batch: int | None = None) -> dict:
-    """RULES, with each logical axis whose size here does not divide its mesh axes replicated instead
-    (e.g. 8 KV heads on tensor=16, or a batch of 3 over data=2)."""
+def fitted_rules(cfg: ModelConfig, mesh) -> dict:
+    """RULES with each parameter axis whose size does not divide its mesh axes replicated instead. Parameters
+    are strict in sharding/rules.py (a surprise replication could run a large model out of memory); serving
+    replicates only when asked to run on a mesh the model does not divide (e.g. 4 KV heads on tensor=8)."""
     sizes = {"vocab": cfg.vocab_size, "embed": cfg.dim, "q_heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
-             "ffn": cfg.ffn_dim, "batch": batch}
+             "ffn": cfg.ffn_dim}
     out = dict(sharding_rules.RULES)
     for name, size in sizes.items():
         axes = out.get(name)
-        if axes is None or size is None:
+        if axes is None:
             continue
-        n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-        if size % n:
+        if size % math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)):
             out[name] = None
     return out
 
 
-def cache_sharding(cfg: ModelConfig, mesh, batch: int):
-    """NamedSharding of the KV cache [L, B, S, K, H] (model.CACHE_AXES) on this mesh."""
-    return sharding_rules.named_sharding(mesh, model.CACHE_AXES, rules=fitted_rules(cfg, mesh, batch))
+def cache_sharding(cfg: ModelConfig, mesh, batch: int, cache_len: int = 1):
+    """NamedSharding of the KV cache [L, B, S, K, H] (model.CACHE_AXES), fitted by sharding/rules.py: batch over
+    data x fsdp and KV heads over tensor where they divide, replicated on that axis otherwise."""
+    shape = jax.ShapeDtypeStruct((cfg.n_layers, batch, cache_len, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+    return sharding_rules.cache_shardings(mesh, {"k": shape})["k"]
+
+
+def param_shardings(cfg: ModelConfig, mesh, quantized: bool = False):
+    """Shardings of the (plain or int8) params by the rules table; where the model does not divide the mesh,
+    those axes are replicated (`fitted_rules`) with a note on stderr."""
+    from llama import quant
+
+    specs = quant.quantized_specs(cfg) if quantized else model.param_specs(cfg)
+    try:
+        return sharding_rules.param_shardings(specs, mesh)
+    except sharding_rules.ShardingError as e:
+        rules = fitted_rules(cfg, mesh)
+        dropped = sorted(k for k in rules if rules[k] != sharding_rules.RULES[k])
+        print(f"note: {e}; replicating the {dropped} axes of the parameters instead", file=sys.stderr)
+        return sharding_rules.param_shardings(specs, mesh, rules)
 
 
 def shard_params(params, cfg: ModelConfig, mesh):
-    """Places params (plain or int8) on the mesh by the (fitted) rules table."""
-    from llama import quant
-
+    """Places params (plain or int8) on the mesh (`param_shardings`)."""
     quantized = isinstance(params["layers"]["wq"], QuantizedWeight)
-    specs = quant.quantized_specs(cfg) if quantized else model.param_specs(cfg)
-    shardings = sharding_rules.param_shardings(specs, mesh, fitted_rules(cfg, mesh))
-    return jax.device_put(params, shardings)
+    return jax.device_put(params, param_shardings(cfg, mesh, quantized))
 
 
 # ---------------------------------------------------------------------------------------------- host API
@@ -252,17 +266,20 @@ def _prepare(params, prompts, *, cfg, max_new_tokens, sampling, seed, stop_ids, 
     host = (tokens, np.asarray(lengths, np.int32), np.asarray(limits, np.int32), stop)
     csh = None
     if mesh is not None:
-        csh = cache_sharding(cfg, mesh, B)
-        row_spec = sharding_rules.logical_to_spec(("batch",), fitted_rules(cfg, mesh, B))
-        host = tuple(jax.device_put(x, sharding_rules.NamedSharding(mesh, sharding_rules.P(*row_spec, *[None] * (x.ndim - 1))))
-                     for x in host)
+        csh = cache_sharding(cfg, mesh, B, cache_len)
+        host = tuple(jax.device_put(x, sharding_rules.fitted_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1),
+                                                                      x.shape)) for x in host)
     static = dict(cfg=cfg, sampling=sampling, max_new=max_new, cache_len=cache_len, cache_sharding=csh,
                   cache_dtype=cache_dtype)
     return (params, *host, jax.random.key(seed)), static, limits, cut, stop_rows
 
 
-def _programs(args, static):
-    """The compiled prefill and decode for these arguments (decode's state shardings are prefill's outputs)."""
+def _programs(args, static, mesh=None):
+    """The compiled prefill and decode for these arguments (decode's state shardings are prefill's outputs).
+    Traced under the mesh, so the model's layer-boundary constraints (sharding/rules.py) apply."""
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            return _programs(args, static)
     prefill_fn = _compiled(_prefill_jit, args, static)
     shapes = jax.eval_shape(lambda *a: prefill(*a, **static), *args)
     state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
@@ -282,7 +299,7 @@ def generate(params, prompts: Sequence[Sequence[int]], *, cfg: ModelConfig, max_
         params, prompts, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
         mesh=mesh, truncate=truncate, cache_dtype=cache_dtype)
     t0 = time.perf_counter()
-    prefill_fn, decode_fn = _programs(args, static)
+    prefill_fn, decode_fn = _programs(args, static, mesh)
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -354,8 +371,7 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
     if dtype:
         cfg = cfg.replace(param_dtype=dtype, compute_dtype=dtype)
     if quantize == "int8":
-        out_sh = (sharding_rules.param_shardings(quant.quantized_specs(cfg), mesh, fitted_rules(cfg, mesh))
-                  if mesh is not None else None)
+        out_sh = param_shardings(cfg, mesh, quantized=True) if mesh is not None else None
         params = jax.jit(quant.quantize_params, out_shardings=out_sh, donate_argnums=0)(params)
     elif quantize is not None:
         raise SystemExit(f"--quantize {quantize!r}: only 'int8' is supported")

@@ -225,7 +225,10 @@ _REMAT: dict[str, Callable | None] = {
 
 # ---------------------------------------------------------------------------------------------- forward
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    return params["embed"].astype(cfg.compute_dtype)[tokens]
+    # Gather from a table whose D is whole (FSDP all-gathers it, as it does every weight), so the rows land
+    # batch-sharded instead of the partitioner replicating the [B, T, D] result (sharding/rules.py).
+    table = constrain(params["embed"].astype(cfg.compute_dtype), ("vocab", "act_embed"))
+    return table[tokens]
 
 
 def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -40,6 +40,9 @@ from typing import Any, Sequence
 from llama import manifest
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 class SweepError(ValueError):
     """A bad grid, base experiment or sweep directory."""
 
@@ -178,7 +181,7 @@ def _fmt(x) -> str:
     if x is None:
         return ""
     if isinstance(x, float):
-        return f"{x:.4f}" if abs(x) < 1e4 else f"{x:,.0f}"
+        return f"{x:.4f}" if abs(x) < 100 else f"{x:,.0f}"
     return str(x)
 
 
@@ -233,10 +236,11 @@ def run_variant(base: str, common: Sequence[str], v: Variant, out: str, cfg) -> 
     """Trains one variant in a subprocess; writes its sweep_manifest.json (status, rc, wall time)."""
     vdir = os.path.join(out, "variants", v.name)
     os.makedirs(vdir, exist_ok=True)
-    cmd = command(base, common, v, vdir)
+    cmd = command(os.path.abspath(base), common, v, vdir)
     t0 = time.time()
     with open(os.path.join(vdir, "train.log"), "a") as log:
-        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # From the repository root, so `-m llama.train` imports this checkout whatever the caller's cwd.
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
     wall = time.time() - t0
     extra = {"sweep": os.path.abspath(out), "variant": v.name, "overrides": list(v.overrides),
              "common_overrides": list(common), "base": os.path.abspath(base), "command": shlex.join(cmd),

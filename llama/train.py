@@ -59,7 +59,9 @@ class DataConfig:
     paths: str | None = None  # glob of files; None = the CPython docs topics (pydoc_data.topics)
     format: str = "text"  # input_pipeline.Source formats: text, jsonl, parquet, array_record, hf, prepared
     separator: str | None = None  # text only: None = one document per file (see input_pipeline.Source)
-    tokenizer: str | None = None  # a tokenizer file; None = train a SentencePiece BPE of model.vocab_size on the text
+    # A tokenizer file; "llama3" = the Llama 3 tokenizer from `llama-models`; None = train a SentencePiece
+    # BPE with model.vocab_size pieces on the training text (OUT/tokenizer.model).
+    tokenizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -374,11 +376,13 @@ def data_source(cfg: TrainConfig, out_dir: str):
 
 
 def tokenizer_for(cfg: TrainConfig, source, out_dir: str):
-    """cfg.data.tokenizer if given; else OUT/tokenizer.model, trained once (SentencePiece BPE with
-    model.vocab_size pieces) on the training text and reused on resume."""
+    """cfg.data.tokenizer if given ("llama3": Llama 3's); else OUT/tokenizer.model, trained once
+    (SentencePiece BPE with model.vocab_size pieces) on the training text and reused on resume."""
     from input_pipeline.sources import open_documents
     from llama.tokenizer import load_tokenizer, train_sentencepiece
 
+    if cfg.data.tokenizer == "llama3":
+        return load_tokenizer(None, vocab_size=cfg.model.vocab_size)
     path = cfg.data.tokenizer or os.path.join(out_dir, "tokenizer.model")
     if cfg.data.tokenizer is None and not os.path.exists(path):
         docs = open_documents(source)

@@ -17,7 +17,10 @@ from sharding.rules import MeshConfig, make_mesh, param_shardings
 
 
 def params_for(cfg, seed=0):
-    return model.init_params(cfg, jax.random.key(seed))
+    """Random params in the config's dtype (numpy: much faster here than jitting the real init per leaf)."""
+    leaves, treedef = jax.tree.flatten(model.param_specs(cfg), is_leaf=model.is_spec)
+    rng = np.random.default_rng(seed)
+    return jax.tree.unflatten(treedef, [jnp.asarray(rng.standard_normal(s.shape), cfg.param_dtype) for s in leaves])
 
 
 def assert_same(a, b):
@@ -40,11 +43,12 @@ def test_restore_onto_another_mesh_and_device_count(tmp_path):
     cfg = TINY
     saver_mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2), jax.devices()[:8])
     shardings = param_shardings(model.param_specs(cfg), saver_mesh)
-    params = jax.jit(lambda: params_for(cfg), out_shardings=shardings)()  # saved from 8 sharded devices
+    params = jax.device_put(params_for(cfg), shardings)  # saved from 8 devices, sharded
     save_model(str(tmp_path / "m"), cfg, params)
 
-    for mesh_cfg, devices in [(MeshConfig(data=1, fsdp=1, tensor=4), jax.devices()[:4]),
-                              (MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])]:
+    for mesh_cfg, devices in [(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4]),
+                              (MeshConfig(data=2, fsdp=4, tensor=1), jax.devices()[:8]),
+                              (MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[5:6])]:
         mesh = make_mesh(mesh_cfg, devices)
         _, restored = load_model(str(tmp_path / "m"), mesh=mesh)
         want = param_shardings(model.param_specs(cfg), mesh)
@@ -128,7 +132,19 @@ def test_loads_train_run_checkpoints(tmp_path):
         cfg, params = load_model(str(path))
         assert cfg == TINY
         assert_same(params, params_for(TINY, 2))  # the latest complete step
-    cfg, params = load_model(str(run / "checkpoints" / "10"), mesh=make_mesh(MeshConfig(fsdp=2, tensor=4)))
+    cfg, params = load_model(str(run / "checkpoints" / "10"), mesh=make_mesh(MeshConfig(fsdp=4, tensor=2)))
     assert_same(params, params_for(TINY, 1))
     with pytest.raises(CheckpointError, match="neither a model checkpoint"):
         load_model(str(tmp_path))
+
+
+def test_train_run_converts_to_hf(tmp_path):
+    from llama.convert import HFCheckpoint, convert, params_to_hf
+
+    _train_run(str(tmp_path / "run"), TINY, [(5, 4)])
+    convert("orbax-to-hf", str(tmp_path / "run"), str(tmp_path / "hf"), progress=False)
+    got = HFCheckpoint(str(tmp_path / "hf"))
+    want = params_to_hf(jax.tree.map(np.asarray, params_for(TINY, 4)), TINY)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])

@@ -84,10 +84,11 @@ def test_different_checkpoints_fail_tight_tolerances(report_f32, ckpts, tmp_path
     out = json.loads((tmp_path / "d" / "diff.json").read_text())
     assert len(out["violations"]) == 3 and out["metrics"]["max_abs"] > 0.1
     assert "EXCEEDED" in (tmp_path / "d" / "diff.md").read_text()
-    # A probe with other settings is refused rather than compared (exit 2).
+    # A probe with other settings (here of a random init instead of a checkpoint) is refused, not compared.
     wrong = ckpts / "report_wrong"
-    assert compare.main(["run", "--checkpoint", str(ckpts / "a"), "--out", str(wrong), "--seq-len", "16",
-                         "--gen-len", "0", "--train-steps", "0"]) == 0
+    assert compare.main(["run", "--init", "tiny", "--out", str(wrong), "--seq-len", "16", "--gen-len", "0",
+                         "--train-steps", "0"]) == 0
+    assert json.loads((wrong / "report.json").read_text())["checkpoint"].startswith("random init of preset 'tiny'")
     assert compare.main(["diff", str(report_f32), str(wrong), "--out", str(tmp_path / "e")]) == 2
     assert compare.main(["diff", str(report_f32), str(other), "--tolerances", "bogus=1", "--out",
                          str(tmp_path / "e")]) == 2

@@ -108,7 +108,7 @@ def test_orbax_to_hf_logits_match_transformers(tmp_path, shape):
     np.testing.assert_allclose(hf_logits(m, tokens), our_logits(cfg, params, tokens), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "f16", "f32"])
 def test_round_trip_hf_orbax_hf_is_bit_exact(tmp_path, dtype):
     from safetensors.numpy import load_file
 
@@ -231,7 +231,7 @@ def test_stories260k_to_orbax_to_hf_same_logits_and_low_loss(tmp_path):
 
 
 def test_wrong_permutation_would_be_caught():
-    """The loss test above has teeth: skipping the q/k permutation raises the loss a lot."""
+    """The loss threshold above has teeth: skipping the q/k permutation puts the loss far above it."""
     import sentencepiece as spm
 
     import llama.convert as conv
@@ -251,7 +251,7 @@ def test_wrong_permutation_would_be_caught():
         _, bad = load_llama2c(str(src))
     finally:
         conv.meta_to_hf_rows = original
-    assert loss(bad, cfg) > loss(good, cfg) + 0.5, (loss(bad, cfg), loss(good, cfg))
+    assert loss(bad, cfg) > 2.0 > loss(good, cfg), (loss(bad, cfg), loss(good, cfg))  # measured 4.45 vs 1.40
 
 
 # -------------------------------------------------------------------------------------------- bad input

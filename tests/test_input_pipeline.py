@@ -5,6 +5,7 @@ Order, determinism, resume, per-process shares, prepare and device placement: te
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -147,7 +148,8 @@ def test_blank_line_separator_tinystories_valid():
     assert sorted(got) == sorted(tuple(tok.encode(p, bos=True, eos=True)) for p in pieces)
 
 
-DOCS = ["first document", "zweites Dokument: ü", "third\nwith a newline", "4", " ".join(["fifth"] * 40), "日本語の文書"]
+DOCS = ["first document", "zweites Dokument: ü", "third\nwith a newline", "4", " ".join(["fifth"] * 40),
+        "日本語の文書"]
 
 
 def _write_formats(tmp_path):
@@ -279,6 +281,44 @@ def test_prepared_refuses_another_tokenizer(tmp_path):
 
     with pytest.raises(DataError, match="prepared with tokenizer"):
         _make(DataConfig.from_paths(str(tmp_path / "p"), format="prepared"), Other())
+    prepare_corpus(Source(str(tmp_path / "a.txt")), Other(), str(tmp_path / "q"), progress=False)
+    with pytest.raises(DataError, match="prepared with tokenizer"):  # two tokenizers' ids never mix
+        make_dataset(DataConfig.from_paths(str(tmp_path / "p"), str(tmp_path / "q"), format="prepared"), None,
+                     seq_len=8, global_batch_size=2, seed=0, process_index=0, process_count=1)
+    # Without a tokenizer the prepared one identifies the run: its state resumes a run that passed one.
+    kw = {"seq_len": 8, "global_batch_size": 2, "seed": 0, "process_index": 0, "process_count": 1}
+    cfg = DataConfig.from_paths(str(tmp_path / "p"), format="prepared")
+    make_dataset(cfg, None, **kw).set_state(make_dataset(cfg, ByteTokenizer(), **kw).get_state())
+    shutil.rmtree(tmp_path / "q")
     with pytest.raises(DataError, match="not a prepared directory"):
         _make(DataConfig.from_paths(str(tmp_path), format="prepared"))
-    assert os.listdir(tmp_path) == ["a.txt", "p"] or sorted(os.listdir(tmp_path)) == ["a.txt", "p"]
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "p"], "no temporary directory left behind"
+
+
+def test_many_small_files_and_jsonl_blank_lines(tmp_path):
+    """More files than are kept memory-mapped (each map holds a descriptor) read the same way."""
+    (tmp_path / "many").mkdir()
+    for i in range(70):
+        (tmp_path / "many" / f"{i:03d}.txt").write_text(f"document {i}\n")
+    docs = check_rows(run_epoch(DataConfig.from_paths(str(tmp_path / "many" / "*.txt"), num_epochs=1),
+                                ByteTokenizer(), seq_len=32), bos_id=1, eos_id=2)
+    assert sorted(ByteTokenizer().decode(d) for d in docs) == sorted(f"document {i}" for i in range(70))
+    (tmp_path / "b.jsonl").write_text('{"text": "a"}\n\n   \n{"text": "b"}\n')
+    it = _make(DataConfig.from_paths(str(tmp_path / "b.jsonl"), format="jsonl", num_epochs=1))
+    assert sorted(ByteTokenizer().decode(d) for d in check_rows(collect(it), bos_id=1, eos_id=2)) == ["a", "b"]
+    assert next(iter(it.stats.values()))["blank_lines"] == 2
+
+
+def test_prepare_failure_leaves_nothing(tmp_path):
+    (tmp_path / "in.txt").write_text("good<|endoftext|>boom<|endoftext|>good")
+
+    class Exploding(ByteTokenizer):
+        def encode(self, text, *, bos=False, eos=False):
+            if text == "boom":
+                raise RuntimeError("tokenizer failed")
+            return super().encode(text, bos=bos, eos=eos)
+
+    with pytest.raises(RuntimeError, match="tokenizer failed"):
+        prepare_corpus(Source(str(tmp_path / "in.txt"), separator="<|endoftext|>"), Exploding(),
+                       str(tmp_path / "out"), progress=False)
+    assert os.listdir(tmp_path) == ["in.txt"], "neither the output nor a temporary directory remains"

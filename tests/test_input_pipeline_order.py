@@ -74,8 +74,10 @@ def test_resume_refuses_another_configuration(tok, stories):
     state = make_dataset(cfg_for(stories), tok, seq_len=64, **kw).get_state()
     with pytest.raises(DataError, match="seq_len"):
         make_dataset(cfg_for(stories), tok, seq_len=128, **kw).set_state(state)
-    with pytest.raises(DataError, match="data"):
+    with pytest.raises(DataError, match="mask_document_boundary"):
         make_dataset(cfg_for(stories, mask_document_boundary=False), tok, seq_len=64, **kw).set_state(state)
+    with pytest.raises(DataError, match="sources"):
+        make_dataset(DataConfig.from_paths(stories), tok, seq_len=64, **kw).set_state(state)
     make_dataset(cfg_for(stories, num_threads=1), tok, seq_len=64, **kw).set_state(state)  # perf knobs may change
 
 

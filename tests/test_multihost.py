@@ -1,5 +1,6 @@
 """Two local processes x 4 CPU devices, joined by `jax.distributed` (gloo collectives over 127.0.0.1), run three
-train steps of a tiny model and reach the same losses as one process with 8 devices.
+steps of the trainer's jitted train step (`llama.train.make_train_step`) on a tiny model and reach the same
+losses as one process with 8 devices.
 
 Each worker is this file run as a script; it loads only its own half of every global batch (process-local data)
 and `sharding.distributed.global_batch` assembles the global array, as on a real multi-host job. The 2-process
@@ -17,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = "data=2,fsdp=2,tensor=2"
@@ -93,6 +95,36 @@ def test_two_processes_match_one():
     np.testing.assert_allclose(outs[0]["losses"], outs[1]["losses"], rtol=0, atol=0)
     np.testing.assert_allclose(outs[0]["losses"], reference, rtol=1e-5)
     assert reference[2] < reference[0]  # it trains
+
+
+_CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
+                 "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST", "JOB_COMPLETION_INDEX", "JOBSET_NAME",
+                 "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
+                 "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def test_cluster_detection_and_flags(monkeypatch, tmp_path):
+    from sharding import distributed
+
+    for v in _CLUSTER_VARS:
+        monkeypatch.delenv(v, raising=False)
+    assert distributed.detect_cluster() is None
+    info = distributed.initialize()  # nothing detected: one process, jax.distributed untouched
+    assert (info.method, info.num_processes, info.global_devices) == ("single", 1, 8)
+    slurm = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    assert distributed.detect_cluster() == "slurm"
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task allocation is a single process
+    assert distributed.detect_cluster() is None
+    with pytest.raises(ValueError, match="give all of --coordinator HOST:PORT, --num-processes N and --process-id I"):
+        distributed.initialize(coordinator="10.0.0.1:1234")
+    with pytest.raises(ValueError, match=r"--process-id 2 must lie in \[0, --num-processes 2\)"):
+        distributed.initialize("10.0.0.1:1234", 2, 2)
+    path = tmp_path / "sub" / "config.json"
+    distributed.write_json_primary(str(path), {"a": 1})  # process 0 writes, atomically
+    assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in path.parent.iterdir()] == ["config.json"]
 
 
 if __name__ == "__main__":  # a worker: COORDINATOR NUM_PROCESSES PROCESS_ID

@@ -1,0 +1,193 @@
+"""Decoding throughput: this project's on-device decode loop vs Hugging Face transformers `generate` (KV cache).
+
+    python -m experiments.bench_decode          # CPU: hidden 256, 4 layers, 8/2 heads, FFN 768, vocab 32000,
+                                                # float32; decode tokens/s at batch 1 and 8, prefill tokens/s,
+                                                # both sides on the same weights, next to the memory-bandwidth bound
+    python -m experiments.bench_decode --gpu    # one GPU: Llama 3.1 8B shapes (random weights, initialised on the
+                                                # device), batch-1 decode tokens/s in bfloat16 and int8 next to
+                                                # the bound (weight bytes per token / measured read bandwidth)
+
+The bound: decoding one token must read every weight once (all but the token embedding, of which one row), so
+tokens/s <= read bandwidth / bytes read per token. Bandwidth is measured here with a large-array reduction
+(numpy on one thread and on every core, and jitted jax; the largest is used), measured
+beside each batch-1 round because the load on this shared machine varies. Both sides are timed alternately, several rounds, median reported,
+because this machine's cores are shared; greedy, no stop token, so every run decodes exactly the same count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+SHAPE = dict(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=768)
+PROMPT, NEW, PREFILL = 16, 128, 512
+
+
+def read_bandwidth(n_bytes: int = 1 << 30, rounds: int = 5) -> dict:
+    """Bytes/s of a full read of an n_bytes array (best of rounds): numpy sum and a jitted jnp.sum."""
+    import jax
+    import jax.numpy as jnp
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(n_bytes // 4, np.float32)
+    best_np = min(_timed(lambda: a.sum()) for _ in range(rounds))
+    n_threads = os.cpu_count() or 1
+    parts = np.array_split(a, n_threads)
+    with ThreadPoolExecutor(n_threads) as pool:  # numpy releases the GIL: one reader per core
+        best_mt = min(_timed(lambda: list(pool.map(np.sum, parts))) for _ in range(rounds))
+    x = jnp.ones(n_bytes // 4, jnp.float32)
+    f = jax.jit(lambda v: jnp.sum(v))
+    f(x).block_until_ready()
+    best_jax = min(_timed(lambda: f(x).block_until_ready()) for _ in range(rounds))
+    del a, x
+    return {"numpy_GBps": n_bytes / best_np / 1e9, f"numpy_{n_threads}threads_GBps": n_bytes / best_mt / 1e9,
+            "jax_GBps": n_bytes / best_jax / 1e9}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bytes_per_token(params) -> int:
+    """Weight bytes one decode step reads: everything but the embedding table, plus one embedding row."""
+    from llama import quant
+
+    emb = params["embed"]
+    return quant.param_bytes(params) - quant.param_bytes(emb) + emb.shape[1] * emb.dtype.itemsize
+
+
+def ours(params, cfg, batch: int, prompt_len: int, new: int):
+    from llama import generate as G
+
+    prompts = [list(range(1, prompt_len + 1)) for _ in range(batch)]
+    return G.generate(params, prompts, cfg=cfg, max_new_tokens=new, stop_ids=[])
+
+
+def hf_model(params, cfg):
+    import torch
+    import transformers
+
+    from llama.config import to_hf_config
+    from llama.convert import params_to_hf
+
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(cfg))).float().eval()
+    hf.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in params_to_hf(params, cfg).items()})
+    return hf
+
+
+def hf_run(hf, batch: int, prompt_len: int, new: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of transformers greedy generate: a separate timed prompt forward gives
+    the prefill share, the rest of generate is decode (its default sdpa attention and dynamic KV cache)."""
+    import torch
+
+    ids = torch.arange(1, prompt_len + 1).repeat(batch, 1)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        hf(ids, use_cache=True)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                          min_new_tokens=new, pad_token_id=0)
+        total = time.perf_counter() - t0
+    assert out.shape[1] == prompt_len + new
+    return prefill, total - prefill
+
+
+def cpu(rounds: int) -> dict:
+    import jax
+
+    from llama import model as M
+    from llama.config import ModelConfig
+
+    cfg = ModelConfig(**SHAPE, max_seq_len=8192, bos_id=1, eos_ids=(2,), name="bench-decode")
+    params = M.init_params(cfg, jax.random.key(0))
+    hf = hf_model(params, cfg)
+    bpt = bytes_per_token(params)
+    res: dict = {"machine": "CPU", "devices": str(jax.devices()), "shape": SHAPE, "dtype": "float32",
+                 "prompt": PROMPT, "new_tokens": NEW, "prefill_len": PREFILL, "bytes_per_token": bpt}
+    bws, fractions = [], []
+    for b in (1, 8):
+        ours(params, cfg, b, PROMPT, NEW)  # compile
+        mine, peer = [], []
+        for _ in range(rounds):
+            if b == 1:  # the machine's load varies: measure the bound next to each run
+                bw = read_bandwidth(1 << 28, 3)
+                bws.append(bw)
+            r = ours(params, cfg, b, PROMPT, NEW)
+            mine.append(r.decode_tokens / r.decode_s)
+            if b == 1:
+                fractions.append(mine[-1] / (max(bw.values()) * 1e9 / bpt))
+            _, dec = hf_run(hf, b, PROMPT, NEW)
+            peer.append(b * (NEW - 1) / dec)
+        res[f"decode_b{b}"] = {"ours": statistics.median(mine), "hf": statistics.median(peer),
+                               "ratio": statistics.median(mine) / statistics.median(peer)}
+        print(json.dumps({f"decode_b{b}": res[f"decode_b{b}"]}), flush=True)
+    ours(params, cfg, 1, PREFILL, 1)
+    mine, peer = [], []
+    for _ in range(rounds):
+        r = ours(params, cfg, 1, PREFILL, 1)
+        mine.append(r.prefill_tokens_per_s)
+        pre, _ = hf_run(hf, 1, PREFILL, 1)
+        peer.append(PREFILL / pre)
+    res["prefill_b1"] = {"ours": statistics.median(mine), "hf": statistics.median(peer),
+                         "ratio": statistics.median(mine) / statistics.median(peer)}
+    res["read_GBps"] = {k: statistics.median(bw[k] for bw in bws) for k in bws[0]}
+    best = statistics.median(max(bw.values()) for bw in bws)
+    res["bound_tokens_per_s_b1"] = best * 1e9 / bpt
+    res["fraction_of_bound_b1"] = statistics.median(fractions)  # per round: decode / bound measured beside it
+    return res
+
+
+def gpu(new: int = 256, prompt: int = 128) -> dict:
+    """8B shapes on one GPU. Parameters are created on the device by a jitted init (no host copy); int8 is
+    quantized on the device from them, donating the bf16 copy."""
+    import jax
+
+    from llama import generate as G
+    from llama import model as M
+    from llama import quant
+    from llama.config import LLAMA31_8B
+
+    cfg = LLAMA31_8B
+    dev = jax.devices()[0]
+    bw = read_bandwidth(4 << 30)
+    bw_best = max(bw.values()) if dev.platform == "cpu" else bw["jax_GBps"]
+    res: dict = {"device": dev.device_kind, "shape": "llama3.1-8b", "prompt": prompt, "new_tokens": new, **bw}
+    params = jax.jit(M.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    for name in ("bfloat16", "int8"):
+        if name == "int8":
+            params = jax.jit(quant.quantize_params, donate_argnums=0)(params)
+        bpt = bytes_per_token(params)
+        G.generate(params, [list(range(1, prompt + 1))], cfg=cfg, max_new_tokens=new, stop_ids=[])
+        runs = [G.generate(params, [list(range(1, prompt + 1))], cfg=cfg, max_new_tokens=new, stop_ids=[])
+                for _ in range(3)]
+        tps = statistics.median(r.decode_tokens_per_s for r in runs)
+        bound = bw_best * 1e9 / bpt
+        res[name] = {"decode_tokens_per_s": tps, "bytes_per_token": bpt, "bound_tokens_per_s": bound,
+                     "fraction_of_bound": tps / bound,
+                     "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs)}
+        print(json.dumps({name: res[name]}), flush=True)
+    res["int8_speedup"] = res["int8"]["decode_tokens_per_s"] / res["bfloat16"]["decode_tokens_per_s"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", help="8B shapes on one GPU, bf16 and int8")
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+    res = gpu() if a.gpu else cpu(a.rounds)
+    res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Back-of-the-envelope planner: per-device memory on a mesh, and training FLOPs and device-hours.
+
+    python -m sharding.plan --preset llama3.1-405b --mesh data=1,fsdp=8,tensor=2 --dtype bfloat16 \\
+        --mode inference --device-memory 80GB [--quantize int8] [--batch 1 --seq-len 8192]
+    python -m sharding.plan --preset llama3.1-405b --mesh data=1,fsdp=-1,tensor=8 --devices 16384 \\
+        --mode training --remat full --tokens 15.6e12 --mfu 0.38
+
+Memory per device (bytes; every sharded dimension divided by the product of its mesh axes, from the SAME rules
+table the code uses, so a parameter that does not divide is the same ShardingError here as at run time):
+- parameters: the param specs at their dtype (int8: `llama.quant.quantized_specs`, q int8 + float32 scales,
+  the embedding stays in --dtype); training keeps float32 master parameters (as `llama.train` does);
+- optimizer state: AdamW's mu and nu, sharded and typed like the parameters (optax's default);
+- gradients: float32, sharded like the parameters (`llama.train.compute_grads` accumulates in float32);
+- activations: what the backward pass keeps, per layer and token, for the remat policy (below), times
+  L x local batch x T, plus one layer's working set and the float32 logits; inference: one layer's working set
+  of a prefill of T tokens (the xla attention path materialises the float32 [T, S] scores);
+- KV cache (inference): [L, B, S, K, H] in --dtype, with the cache's fitted sharding (KV heads over tensor only
+  where they divide, batch over data x fsdp only where it divides);
+- FSDP gathers (fsdp > 1): the embedding table and one layer's weights made whole along D for use, and in
+  training their float32 gradients before the reduce-scatter.
+
+Saved bytes per token per layer (a = bytes of the compute dtype; t = tensor size; N, K heads, H head dim):
+- remat "full" (`nothing_saveable`): the layer input, a*D;
+- "save_matmuls" (`dots_with_no_batch_dims_saveable`): the input and every weight matmul's output:
+  a*(D + (N + 2K)*H/t + D + 2F/t + D);
+- "none": every intermediate the backward pass reads: a*(4D + (3N + 3K)*H/t + 4F/t) + (8 + a)*N*T/t (the xla
+  attention path's float32 scores before and after the mask, and the probabilities).
+Plus, in every policy, one layer's "none" set as the backward pass's working set (the layer being
+differentiated, recomputed if need be, and its gradients' temporaries) and the float32 logits and their gradient.
+This is an estimate; `tests/test_plan.py` compares it with XLA's `compiled.memory_analysis()` (docs/sharding.md).
+
+Training FLOPs (PaLM, Chowdhery et al. 2022, appendix B): per token 6*P + 12*L*(N*H)*T, where P counts the
+weights that take part in matmuls (every parameter but the embedding gather and the norm gains, plus the output
+projection) and the second term is attention's QK^T and AV (forward 4*L*N*H*T, times 3 with the backward),
+counted over the full T x T square as the xla path computes it. The Llama 3 paper's 3.8e25 for 405B on 15.6T
+tokens is 6*P*D alone (3.80e25); the attention term adds 8% at T = 8192. Device-hours = FLOPs / (MFU * peak *
+3600), peak = dense bf16 (H100 SXM: 989 TFLOP/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import jax
+
+from llama import model
+from llama.config import ModelConfig, preset
+from sharding import rules
+from sharding.mesh import MeshConfig, ShardingError
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, NVIDIA H100 SXM datasheet (1979 TFLOP/s is with 2:4 sparsity)
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class Plan:
+    preset: str
+    mode: str
+    mesh: dict
+    n_devices: int
+    batch: int
+    seq_len: int
+    remat: str
+    params_bytes: float  # all per device
+    optimizer_bytes: float
+    grads_bytes: float
+    activations_bytes: float
+    kv_cache_bytes: float
+    gathered_bytes: float  # FSDP: weights all-gathered for use (and their float32 gradients in training)
+    device_memory: float
+    flops_per_token: float = 0.0  # 6P + attention
+    flops_6p_per_token: float = 0.0  # 6P alone (the Llama 3 paper's convention)
+    tokens: float = 0.0
+    mfu: float = 0.0
+    peak_flops: float = H100_BF16_PEAK
+
+    @property
+    def total_bytes(self) -> float:
+        return (self.params_bytes + self.optimizer_bytes + self.grads_bytes + self.activations_bytes
+                + self.kv_cache_bytes + self.gathered_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.device_memory
+
+    @property
+    def total_flops(self) -> float:
+        return self.flops_per_token * self.tokens
+
+    @property
+    def device_hours(self) -> float:
+        return device_hours(self.total_flops, self.mfu, self.peak_flops) if self.mfu else float("nan")
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB' -> 80e9, '80GiB' -> 80 * 2**30, '1.5TB', plain numbers are bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B)?\s*", str(text))
+    if not m:
+        raise ValueError(f"--device-memory {text!r}: expected e.g. 80GB or 80GiB")
+    unit = m.group(2) or "B"
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+             "TiB": 2**40}[unit]
+    return float(m.group(1)) * scale
+
+
+def _shard_factor(spec, sizes: Mapping[str, int]) -> int:
+    return math.prod(math.prod(sizes[a] for a in (ax if isinstance(ax, tuple) else (ax,))) for ax in spec if ax)
+
+
+class _SizesMesh:
+    """Just enough of a Mesh (`.shape`) for `rules.check_divisible`, without devices."""
+
+    def __init__(self, sizes):
+        self.shape = dict(sizes)
+
+
+def sharded_bytes(specs, sizes: Mapping[str, int], dtype_of) -> float:
+    """Per-device bytes of a pytree of ParamSpecs under the strict rules. dtype_of(path, spec) -> bytes/element."""
+    total = 0.0
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=model.is_spec)[0]:
+        name = jax.tree_util.keystr(path)
+        pspec = rules.logical_to_spec(spec.logical_axes)
+        rules.check_divisible(name, spec.shape, pspec, _SizesMesh(sizes))
+        total += math.prod(spec.shape) / _shard_factor(pspec, sizes) * dtype_of(path, spec)
+    return total
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """P of the 6P rule: the weights that enter matmuls (not the embedding gather, not the norm gains);
+    the output projection counts once whether or not it is tied to the embedding."""
+    d, hd = cfg.dim, cfg.head_dim
+    per_layer = d * cfg.n_heads * hd * 2 + 2 * d * cfg.n_kv_heads * hd + 3 * d * cfg.ffn_dim
+    return cfg.n_layers * per_layer + cfg.vocab_size * d
+
+
+def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """6P + 12 L (N H) T (PaLM appendix B; module docstring)."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+
+
+def device_hours(flops: float, mfu: float, peak_flops: float = H100_BF16_PEAK) -> float:
+    return flops / (mfu * peak_flops * 3600.0)
+
+
+def implied_mfu(flops: float, hours: float, peak_flops: float = H100_BF16_PEAK) -> float:
+    return flops / (hours * 3600.0 * peak_flops)
+
+
+def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int, tensor: int, a: int) -> float:
+    """Bytes the backward pass keeps per token per layer (module docstring)."""
+    D, N, K, H, F, t = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, tensor
+    kt = t if K % t == 0 else 1
+    if remat == "full":
+        return a * D
+    if remat == "save_matmuls":
+        return a * (3 * D + N * H / t + 2 * K * H / kt + 2 * F / t)
+    scores = (8 + a) * N * seq_len / t if cfg.attention_impl == "xla" else 0.0
+    return a * (4 * D + 3 * N * H / t + 3 * K * H / kt + 4 * F / t) + scores
+
+
+def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode: str, quantize: str | None) -> float:
+    """With fsdp > 1 each weight is all-gathered (D made whole) just before use: the embedding table (the model
+    gathers it whole, `model.embed`) and one layer's weights at a time, at the compute dtype (int8 for int8
+    weights), split over tensor only; training also holds their float32 gradients before the reduce-scatter."""
+    if sizes["fsdp"] == 1:
+        return 0.0
+    t = sizes["tensor"]
+    layer = (cfg.param_count() - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) - cfg.dim) / cfg.n_layers
+    n = cfg.vocab_size * cfg.dim / t + layer / t
+    w = 1 if quantize == "int8" else a
+    return n * (w + 4) if mode == "training" else n * w
+
+
+def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype: str = "bfloat16",
+         quantize: str | None = None, batch: int | None = None, seq_len: int = 8192, remat: str | None = None,
+         device_memory: float = 80e9, tokens: float = 0.0, mfu: float = 0.0,
+         peak_flops: float = H100_BF16_PEAK, param_dtype: str = "float32", attention: str | None = None) -> Plan:
+    """Per-device memory and training FLOPs (module docstring). attention: "xla" (materialised float32
+    scores) or "cudnn" (fused, none); default the config's."""
+    if mode not in ("training", "inference"):
+        raise ValueError(f"--mode {mode!r}: expected training or inference")
+    cfg = cfg.replace(attention_impl=attention or cfg.attention_impl)
+    sizes = mesh.shape(n_devices)
+    dp, t = sizes["data"] * sizes["fsdp"], sizes["tensor"]
+    remat = remat or cfg.remat
+    a = _BYTES[dtype]
+    specs = model.param_specs(cfg)
+    if batch is None:
+        batch = dp if mode == "training" else 1
+    b_local = batch / dp if batch % dp == 0 else batch  # a batch that does not divide is replicated (fitted)
+    opt = grads = kv = 0.0
+    if mode == "training":
+        if quantize:
+            raise ValueError("--quantize applies to inference only")
+        params = sharded_bytes(specs, sizes, lambda p, s: _BYTES[param_dtype])
+        opt = 2 * params  # AdamW mu and nu, like the parameters
+        grads = sharded_bytes(specs, sizes, lambda p, s: 4)
+        per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
+        working = activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)  # one layer's backward
+        logits = 2 * 4 * cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)  # float32 logits and their grad
+        acts = b_local * seq_len * (cfg.n_layers * per_layer + working + logits)
+    else:
+        if quantize == "int8":
+            from llama import quant
+
+            specs = quant.quantized_specs(cfg)
+            kind = lambda path: jax.tree_util.keystr(path).rsplit(".", 1)[-1]  # noqa: E731  (q / scale / other)
+            params = sharded_bytes(specs, sizes, lambda path, s: {"q": 1, "scale": 4}.get(kind(path), a))
+        elif quantize:
+            raise ValueError(f"--quantize {quantize!r}: only int8 is implemented (llama.quant)")
+        else:
+            params = sharded_bytes(specs, sizes, lambda p, s: a)
+        cache = jax.ShapeDtypeStruct((cfg.n_layers, batch, seq_len, cfg.n_kv_heads, cfg.head_dim), dtype)
+        kv_spec = rules.fitted_spec(model.CACHE_AXES, cache.shape, sizes)
+        kv = 2 * math.prod(cache.shape) * a / _shard_factor(kv_spec, sizes)
+        acts = b_local * seq_len * activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)
+    return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
+                fsdp_gathered_bytes(cfg, sizes, a, mode, quantize), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
+                6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops)
+
+
+def format_plan(p: Plan) -> str:
+    gb = lambda x: f"{x / 1e9:10.2f} GB"  # noqa: E731
+    mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
+    lines = [f"{p.preset}  {p.mode}  mesh {mesh} ({p.n_devices} devices)  batch {p.batch} x {p.seq_len} tokens"
+             + (f"  remat {p.remat}" if p.mode == "training" else ""),
+             "per device:",
+             f"  parameters      {gb(p.params_bytes)}"]
+    if p.mode == "training":
+        lines += [f"  optimizer state {gb(p.optimizer_bytes)}", f"  gradients       {gb(p.grads_bytes)}"]
+    lines += [f"  activations     {gb(p.activations_bytes)}"]
+    if p.gathered_bytes:
+        lines += [f"  FSDP gathers    {gb(p.gathered_bytes)}"]
+    if p.mode == "inference":
+        lines += [f"  KV cache        {gb(p.kv_cache_bytes)}"]
+    lines += [f"  total           {gb(p.total_bytes)}  of {p.device_memory / 1e9:.1f} GB: "
+              + ("fits" if p.fits else f"does NOT fit (needs {p.total_bytes / p.device_memory:.2f}x)")]
+    if p.mode == "training":
+        lines += [f"training FLOPs: {p.flops_per_token:.4g} per token (6P + 12 L N H T)"]
+        if p.tokens:
+            lines += [f"  x {p.tokens:.4g} tokens = {p.total_flops:.4g} FLOPs "
+                      f"(6P alone: {p.flops_6p_per_token * p.tokens:.4g})"]
+            if p.mfu:
+                hours = p.device_hours
+                lines += [f"  at MFU {p.mfu:.2f} of {p.peak_flops / 1e12:.0f} TFLOP/s: {hours:.4g} device-hours "
+                          f"= {hours / p.n_devices / 24:.1f} days on {p.n_devices} devices "
+                          f"({p.mfu * p.peak_flops / 1e12:.0f} TFLOP/s per device)"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", required=True, help="a llama.config preset, e.g. llama3.1-405b")
+    ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="e.g. data=1,fsdp=8,tensor=2")
+    ap.add_argument("--devices", type=int, default=None, help="device count (default: the mesh's product)")
+    ap.add_argument("--mode", choices=("training", "inference"), default="inference")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                    help="compute dtype (and the stored weights' dtype for inference)")
+    ap.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="training master parameters (llama.train keeps float32)")
+    ap.add_argument("--quantize", choices=("int8",), default=None, help="inference: int8 weights")
+    ap.add_argument("--batch", type=int, default=None, help="global sequences (training: data*fsdp; inference: 1)")
+    ap.add_argument("--seq-len", type=int, default=8192, help="T (training) or the context length (inference)")
+    ap.add_argument("--remat", choices=("none", "full", "save_matmuls"), default=None, help="default: the preset's")
+    ap.add_argument("--device-memory", default="80GB")
+    ap.add_argument("--tokens", type=float, default=0.0, help="training token budget")
+    ap.add_argument("--mfu", type=float, default=0.0, help="model FLOPs utilisation for device-hours")
+    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK / 1e12)
+    ap.add_argument("--attention", choices=("xla", "cudnn"), default=None,
+                    help="xla materialises the float32 scores; cudnn (GPU) does not. Default: the preset's")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    mesh = MeshConfig.parse(args.mesh)
+    fixed = [s for s in (mesh.data, mesh.fsdp, mesh.tensor) if s != -1]
+    n = args.devices or (math.prod(fixed) if -1 not in (mesh.data, mesh.fsdp, mesh.tensor) else None)
+    if n is None:
+        ap.error("--mesh has a -1 axis: give --devices")
+    try:
+        p = plan(preset(args.preset), mesh, n, mode=args.mode, dtype=args.dtype, quantize=args.quantize,
+                 batch=args.batch, seq_len=args.seq_len, remat=args.remat,
+                 device_memory=parse_bytes(args.device_memory), tokens=args.tokens, mfu=args.mfu,
+                 peak_flops=args.peak_tflops * 1e12, param_dtype=args.param_dtype, attention=args.attention)
+    except ShardingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({**asdict(p), "total_bytes": p.total_bytes, "fits": p.fits, "total_flops": p.total_flops,
+                          "device_hours": p.device_hours}, indent=2))
+    else:
+        print(format_plan(p))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
