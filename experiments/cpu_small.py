@@ -28,5 +28,5 @@ CONFIG = TrainConfig(
     data=DataConfig(paths=None, tokenizer=None),
     steps=300, batch_size=8, seq_len=256, micro_batches=1,
     log_every=5, checkpoint_every=100, keep_checkpoints=2,
-    sample_tokens=80, sample_prompt="The for statement",
+    sample_tokens=80, sample_prompt='The "if" statement is used for',
 )

@@ -63,6 +63,9 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 
     tok = G.load_tokenizer_for(a.checkpoint, a.tokenizer)
+    if not hasattr(tok, "eot_id"):
+        raise SystemExit(f"llama.chat needs the Llama 3 tokenizer (the 3.1 chat format's special tokens); got "
+                         f"{tok!r}: pass --tokenizer with a Llama 3 tokenizer.model, or use llama.generate")
     cfg, params, _ = G.load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype)
     # The decode loop streams from one device-resident row; a mesh shards the weights (tensor parallel).
     sampling = SamplingConfig(a.temperature, a.top_p, a.top_k)

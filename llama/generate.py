@@ -419,11 +419,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     stops = tuple(sorted(set(cfg.eos_ids) | set(tok.stop_ids)))
     res = generate(params, prompts, cfg=cfg, max_new_tokens=a.max_new_tokens, seed=a.seed, stop_ids=stops,
                    sampling=SamplingConfig(a.temperature, a.top_p, a.top_k), mesh=mesh, truncate=a.truncate)
-    for text, ids, why in zip(texts, res.tokens, res.stop_reason):
+    for text, prompt, ids, why in zip(texts, prompts, res.tokens, res.stop_reason):
         if a.json_ids:
             print(json.dumps({"prompt": text, "ids": ids, "stop_reason": why}))
-        else:
-            print(text + tok.decode([t for t in ids if t not in stops]))
+        else:  # decode prompt and reply together: SentencePiece drops a leading space at the start of a decode
+            print(tok.decode(prompt[1:] + [t for t in ids if t not in stops]))
             print(f"[{len(ids)} tokens, {why}]")
     print(f"prefill: {res.prompt_tokens} tokens in {res.prefill_s:.3f}s = {res.prefill_tokens_per_s:.1f} tokens/s; "
           f"decode: {res.decode_tokens} tokens in {res.decode_s:.3f}s = {res.decode_tokens_per_s:.1f} tokens/s "

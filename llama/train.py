@@ -26,7 +26,7 @@ import argparse
 import ast
 import dataclasses
 import functools
-import glob as globlib
+import glob
 import importlib.util
 import json
 import math
@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -400,7 +400,7 @@ def sample_text(params, cfg: TrainConfig, tok, rng) -> str:
     seed = int(np.asarray(jax.device_get(rng))[0])
     out = generate(params, [prompt], cfg=cfg.model, max_new_tokens=cfg.sample_tokens, sampling=SamplingConfig(),
                    seed=seed, stop_ids=tok.stop_ids)
-    return cfg.sample_prompt + tok.decode(out.tokens[0])
+    return tok.decode(prompt[1:] + out.tokens[0])  # decoded together, so the first new piece keeps its space
 
 
 # --------------------------------------------------------------------------------------------------- main
@@ -455,11 +455,17 @@ def main(argv=None) -> int:
         data.set_state(data_state)
         print(f"resuming {out} from step {start}")
     start = start or 0
+    from llama import manifest
+
+    manifest.write_manifest(out, config=cfg, mesh=mesh, seeds={"init": cfg.seed, "data": cfg.seed},
+                            data_files=sorted(glob.glob(source.paths[0], recursive=True))[:1000],
+                            extra={"command": sys.argv if argv is None else ["python", "-m", "llama.train", *argv],
+                                   "resumed_from_step": start, "tokenizer": str(tok.path)})
 
     # The loop: metrics every log_every steps, async checkpoints every checkpoint_every.
     from tqdm import tqdm
 
-    writer = MetricsWriter(out)
+    writer = llama_metrics.MetricsWriter(out)
     flops_per_step = llama_metrics.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len
     peak = llama_metrics.peak_flops(override=cfg.peak_flops)
     last_saved, status = start, 0
@@ -505,7 +511,8 @@ def main(argv=None) -> int:
     plot = llama_metrics.plot_loss(writer.jsonl_path, os.path.join(out, "loss.png"), f"{cfg.model.name}: loss")
     lines = [f"run directory:  {out}", f"checkpoint:     {mngr.directory}/{last_saved}  (params, opt_state, "
              "config, data, meta)", f"tokenizer:      {tok.path}", f"metrics:        {writer.jsonl_path}, "
-             f"{out}/tensorboard", f"loss plot:      {plot}"]
+             f"{out}/tensorboard", f"loss plot:      {plot}",
+             f"generate more:  python -m llama.generate --checkpoint {out} --prompt 'The'"]
     if cfg.sample_tokens:
         text = sample_text(state.params, cfg, tok, state.rng)
         with open(os.path.join(out, "sample.txt"), "w") as f:
@@ -514,8 +521,6 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     return 0
 
-
-MetricsWriter = llama_metrics.MetricsWriter
 
 if __name__ == "__main__":
     # Run the imported module's main, so experiment files and this code share one TrainConfig class.

@@ -29,11 +29,12 @@ Plus, in every policy, one layer's "none" set as the backward pass's working set
 differentiated, recomputed if need be, and its gradients' temporaries) and the float32 logits and their gradient.
 This is an estimate; `tests/test_plan.py` compares it with XLA's `compiled.memory_analysis()` (docs/sharding.md).
 
-Training FLOPs (PaLM, Chowdhery et al. 2022, appendix B): per token 6*P + 12*L*(N*H)*T, where P counts the
+Training FLOPs (PaLM, Chowdhery et al. 2022, appendix B; `llama.metrics`, which the trainer's MFU uses too):
+per token 6*P + 12*L*(N*H)*T, where P counts the
 weights that take part in matmuls (every parameter but the embedding gather and the norm gains, plus the output
 projection) and the second term is attention's QK^T and AV (forward 4*L*N*H*T, times 3 with the backward),
 counted over the full T x T square as the xla path computes it. The Llama 3 paper's 3.8e25 for 405B on 15.6T
-tokens is 6*P*D alone (3.80e25); the attention term adds 8% at T = 8192. Device-hours = FLOPs / (MFU * peak *
+tokens is 6*P*D alone (3.78e25); the attention term adds 8% at T = 8192. Device-hours = FLOPs / (MFU * peak *
 3600), peak = dense bf16 (H100 SXM: 989 TFLOP/s).
 """
 
@@ -51,10 +52,12 @@ import jax
 
 from llama import model
 from llama.config import ModelConfig, preset
+from llama.metrics import matmul_params  # noqa: F401  (one FLOPs formula for MFU logging and the planner)
+from llama.metrics import train_flops_per_token as training_flops_per_token
 from sharding import rules
 from sharding.mesh import MeshConfig, ShardingError
 
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, NVIDIA H100 SXM datasheet (1979 TFLOP/s is with 2:4 sparsity)
+H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s, NVIDIA H100 SXM datasheet (1979 TFLOP/s is with 2:4 sparsity)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
 
@@ -95,6 +98,43 @@ class Plan:
 
     @property
     def device_hours(self) -> float:
+        return device_hours(self.total_flops, self.mfu, self.peak_flops) if self.mfu else float("nan")
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB' -> 80e9, '80GiB' -> 80 * 2**30, '1.5TB', plain numbers are bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B)?\s*", str(text))
+    if not m:
+        raise ValueError(f"--device-memory {text!r}: expected e.g. 80GB or 80GiB")
+    unit = m.group(2) or "B"
+    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+             "TiB": 2**40}[unit]
+    return float(m.group(1)) * scale
+
+
+def _shard_factor(spec, sizes: Mapping[str, int]) -> int:
+    return math.prod(math.prod(sizes[a] for a in (ax if isinstance(ax, tuple) else (ax,))) for ax in spec if ax)
+
+
+class _SizesMesh:
+    """Just enough of a Mesh (`.shape`) for `rules.check_divisible`, without devices."""
+
+    def __init__(self, sizes):
+        self.shape = dict(sizes)
+
+
+def sharded_bytes(specs, sizes: Mapping[str, int], dtype_of) -> float:
+    """Per-device bytes of a pytree of ParamSpecs under the strict rules. dtype_of(path, spec) -> bytes/element."""
+    total = 0.0
+    for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=model.is_spec)[0]:
+        name = jax.tree_util.keystr(path)
+        pspec = rules.logical_to_spec(spec.logical_axes)
+        rules.check_divisible(name, spec.shape, pspec, _SizesMesh(sizes))
+        total += math.prod(spec.shape) / _shard_factor(pspec, sizes) * dtype_of(path, spec)
+    return total
+
+
+def device_hours(self) -> float:
         return device_hours(self.total_flops, self.mfu, self.peak_flops) if self.mfu else float("nan")
 
 
