@@ -223,7 +223,6 @@ def _logged(out) -> int:
     return sum(1 for _ in open(path)) if os.path.exists(path) else 0
 
 
-@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(tmp_path):
     exp = write_experiment(tmp_path, steps=100000, checkpoint_every=1000)
     out = str(tmp_path / "term")

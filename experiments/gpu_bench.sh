@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One short run on a lent GPU (H100 / H200), installing nothing: correctness on the GPU first, then the
+# figures the issues name. Designed to finish in ~6 minutes of device time, so it can be rerun once.
+#
+#   bash experiments/gpu_bench.sh [OUT_DIR]      (through the device tool: OUT is set; logs land under it)
+#
+# 1. correctness: model parity with transformers (float32) and cuDNN attention vs the XLA path, on the GPU
+# 2. training:    MFU of a Llama 3.2 1B-shape bfloat16 train step                (issue 6; target >= 50%)
+# 3. decoding:    batch-1 decode of the 8B shapes, bf16 and int8, vs the HBM bound (issue 7; >= 85%, int8 >= 1.7x)
+# 4. comparison:  the same probe on CPU and GPU of one checkpoint, then `llama.compare diff`     (issue 8)
+# Record the printed table in docs/benchmarks.md with the date and the card.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-${1:-/tmp/gpu_bench}}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+status=0
+step() { echo; echo "=== $1"; shift; "$@" 2>&1 | tee -a "$OUT/gpu_bench.log"; local rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "FAILED ($rc): $*"; status=1; }; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import jax; print('jax', jax.__version__, jax.devices())"
+
+step "1. correctness on the GPU" env JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -q -p no:cacheprovider \
+  tests/test_model.py tests/test_config.py -k "not gqa_never"
+step "2. train step MFU (Llama 3.2 1B shapes, bf16)" timeout 180 $PY -m experiments.bench_train --gpu \
+  --json "$OUT/train_mfu.json"
+step "3. decode, 8B shapes, bf16 and int8" timeout 180 $PY -m experiments.bench_decode --gpu \
+  --json "$OUT/decode_8b.json"
+P=$OUT/probe
+step "4a. probe on the CPU" env JAX_PLATFORMS=cpu timeout 120 $PY -m llama.compare run --init tiny --out "$P/cpu_f32"
+step "4b. probe on the GPU (float32, highest matmul precision)" timeout 120 $PY -m llama.compare run --init tiny \
+  --out "$P/gpu_f32" --matmul-precision highest
+step "4c. probe on the GPU (default precision: TF32 matmuls)" timeout 120 $PY -m llama.compare run --init tiny \
+  --out "$P/gpu_f32_default"
+step "4d. diff CPU vs GPU" $PY -m llama.compare diff "$P/cpu_f32" "$P/gpu_f32" --out "$P/diff_cpu_gpu_f32"
+step "4e. diff CPU vs GPU (TF32)" $PY -m llama.compare diff "$P/cpu_f32" "$P/gpu_f32_default" --out "$P/diff_cpu_gpu_tf32"
+echo; echo "=== summary"; cat "$OUT"/*.json 2>/dev/null; cat "$P"/diff_*/diff.md 2>/dev/null
+exit $status
