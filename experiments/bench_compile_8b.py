@@ -73,6 +73,9 @@ def main() -> None:
     print(f"  planner per device: params + AdamW {gb(r['plan_state_bytes'])}, grads {gb(r['plan_grads_bytes'])}, "
           f"activations {gb(r['plan_activations_bytes'])}, FSDP gathers {gb(r['plan_gathered_bytes'])} "
           f"(XLA's temp holds the last three)")
+    from llama import manifest
+
+    print("results + manifest:", manifest.write_benchmark("compile-8b", r, config=vars(args)))
 
 
 if __name__ == "__main__":

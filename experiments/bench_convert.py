@@ -86,7 +86,7 @@ def main() -> None:
         largest_param = max(int(np.prod(torch_shape(t, cfg))) * (cfg.n_layers if "{}" in t.hf else 1)
                             for t in table(cfg)) * 2
         mib = lambda b: round(b / 2**20, 1)  # noqa: E731
-        print(json.dumps({
+        results = {
             "machine": f"{os.cpu_count()}-core {platform.machine()}, {mib(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')) / 1024:.0f} GiB",
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model_params": cfg.param_count(),
             "model_MiB": mib(size), "largest_tensor_MiB": mib(largest_tensor),
@@ -95,7 +95,11 @@ def main() -> None:
             "hf_to_orbax_peak_rss_MiB": mib(h2o_rss), "hf_to_orbax_s": round(h2o_s, 1),
             "orbax_to_hf_peak_rss_MiB": mib(o2h_rss), "orbax_to_hf_s": round(o2h_s, 1),
             "naive_whole_model_hf_to_orbax_peak_rss_MiB": mib(naive_rss), "naive_s": round(naive_s, 1),
-        }, indent=2))
+        }
+        print(json.dumps(results, indent=2))
+        from llama import manifest
+
+        print("results + manifest:", manifest.write_benchmark("convert", results, config=vars(args)))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

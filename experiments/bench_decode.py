@@ -204,6 +204,9 @@ def main() -> None:
     res = gpu() if a.gpu else cpu(a.rounds)
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(json.dumps(res, indent=2))
+    from llama import manifest
+
+    print("results + manifest:", manifest.write_benchmark("decode-gpu" if a.gpu else "decode-cpu", res))
     if a.json:
         tmp = a.json + ".tmp"
         with open(tmp, "w") as f:

@@ -54,6 +54,7 @@ def main() -> None:
     machine = f"{os.cpu_count()}-core {platform.machine()} CPU"
     src = Source(args.corpus, separator="<|endoftext|>", drop_unterminated=True)
     common = {"seq_len": args.seq_len, "batch": args.batch, "seconds": args.seconds, "threads": args.threads}
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         index = prepare_corpus(src, tok, os.path.join(tmp, "prepared"), num_threads=args.threads, progress=False)
@@ -77,6 +78,11 @@ def main() -> None:
                                                                    num_threads=args.threads))]:
             r = tokens_per_second(cfg, tok, **common)
             print(json.dumps({"what": what, "machine": machine, **common, **r}))
+            results[what] = r
+        from llama import manifest
+
+        print("results + manifest:", manifest.write_benchmark("pipeline", results, config=vars(args),
+                                                             data_files=[src.paths[0]]))
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ def jax_step(model_cfg, batch: int, seq: int, micro_batches: int = 1, mesh_devic
     toks = rng.integers(0, model_cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
     b = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
          "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)), "loss_mask": np.ones((batch, seq), np.float32)}
-    from input_pipeline import to_global_batch
+    from sharding.distributed import global_batch  # not input_pipeline: the GPU image has no grain
 
-    b = to_global_batch(b, mesh)
+    b = global_batch(b, mesh)
 
     def run():
         holder["state"], m = step(holder["state"], b)
@@ -164,6 +164,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     out = gpu_bench(a.steps, a.batch, a.seq, a.micro_batches, a.remat, a.peak_flops) if a.gpu else cpu_bench(a.rounds, a.steps)
     print(json.dumps(out, indent=2))
+    from llama import manifest
+
+    print("results + manifest:", manifest.write_benchmark("train-gpu" if a.gpu else "train-cpu", out, config=vars(a)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Llama 3.1 405B pre-training at the paper's scale: 16,384 GPUs as data 16 x fsdp 128 x tensor 8.
 
-    python -m llama.train --config experiments/llama31_405b.py --data 'gs://.../*.array_record' --out RUN_DIR
+    python -m llama.train --config experiments/llama31_405b.py --data '/data/corpus/*.array_record' --out RUN_DIR
 
 The Llama 3 paper (arXiv 2407.21783) section 3.3.2 trains 405B on 16K H100s with tensor parallel 8 inside a
 node and pipeline/context/data parallelism across; this project has no pipeline stages, so fsdp (ZeRO-3)

@@ -1,7 +1,7 @@
 """Llama 3.1 70B pre-training on a GPU pod: 256 GPUs (32 nodes x 8), tensor parallel 8 within a node, fsdp 32
 across nodes.
 
-    python -m llama.train --config experiments/llama31_70b.py --data 'gs://.../*.array_record' --out RUN_DIR
+    python -m llama.train --config experiments/llama31_70b.py --data '/data/corpus/*.array_record' --out RUN_DIR
 
 Batch: 512 rows x 8192 tokens = 4.2M tokens per step, 16 micro-batches of one row per fsdp shard. bf16
 compute, f32 master weights and AdamW state (70B x 16 B / 256 = 4.4 GB per GPU), full remat.

@@ -1,6 +1,6 @@
 """Llama 3.1 8B pre-training on a GPU pod: 64 GPUs (8 nodes x 8), ZeRO-3 (fsdp) over all of them.
 
-    python -m llama.train --config experiments/llama31_8b.py --data 'gs://.../*.array_record' --out RUN_DIR
+    python -m llama.train --config experiments/llama31_8b.py --data '/data/corpus/*.array_record' --out RUN_DIR
 
 Batch: 512 rows x 8192 tokens = 4.2M tokens per step (the Llama 3 paper's initial 405B batch, section 3.4.1;
 Meta has not published the 8B's), 8 micro-batches of one row per GPU. bf16 compute, f32 master weights and

@@ -86,9 +86,14 @@ def prepare_corpus(source: Source, tokenizer: Tokenizer, out_dir: str, *, utf8_e
         index["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         with open(os.path.join(tmp, "index.json"), "w") as fh:
             json.dump(index, fh, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        if os.path.exists(out_dir):  # --overwrite: move the old one aside first, delete it only once replaced
+            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
+            os.rename(out_dir, os.path.join(old, "prev"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

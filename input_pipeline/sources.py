@@ -421,5 +421,5 @@ def open_documents(src: Source, utf8_errors: str = "replace") -> Documents:
               "array_record": open_array_record, "hf": open_hf}.get(src.format)
     if opener is None:
         raise DataError(f"format {src.format!r} holds token ids, not text; open it with "
-                        f"input_pipeline.prepare.open_prepared")
+                        f"input_pipeline.open_prepared")
     return opener(src, utf8_errors)

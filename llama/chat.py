@@ -95,4 +95,8 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # CheckpointError, TokenizerError, ConfigError, ShardingError...: they name the input
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -78,13 +78,24 @@ def _describe(cfg: ModelConfig) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- save
-def save_model(directory: str, cfg: ModelConfig, params, *, overwrite: bool = False) -> str:
-    """Writes D/config.json and D/params/ atomically (staged beside D, then renamed). Returns D."""
+def _write_config_and_manifest(tmp: str, cfg: ModelConfig, provenance: dict | None) -> None:
+    """D/config.json, and D/manifest.json (llama.manifest: versions, git state, devices; `provenance` says
+    where the weights came from, e.g. the conversion's source files)."""
+    from llama import manifest
+
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    provenance = dict(provenance or {})
+    manifest.write_manifest(tmp, config=cfg, data_files=provenance.pop("source_files", None), extra=provenance)
+
+
+def save_model(directory: str, cfg: ModelConfig, params, *, overwrite: bool = False,
+               provenance: dict | None = None) -> str:
+    """Writes D/config.json, D/manifest.json and D/params/ atomically (staged beside D, then renamed). Returns D."""
     check_params(params, cfg)
     tmp = staging_dir(directory, overwrite)
     try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        _write_config_and_manifest(tmp, cfg, provenance)
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
         commit_dir(tmp, directory)
@@ -95,7 +106,7 @@ def save_model(directory: str, cfg: ModelConfig, params, *, overwrite: bool = Fa
 
 
 def save_model_streaming(directory: str, cfg: ModelConfig, arrays: Iterable[tuple[tuple[str, ...], np.ndarray]],
-                         *, overwrite: bool = False, on_write=None) -> str:
+                         *, overwrite: bool = False, on_write=None, provenance: dict | None = None) -> str:
     """Like save_model, but takes (path, array) pairs one at a time and writes each before the next is
     made, with Orbax partial saves, so host memory holds one parameter at once (HF -> Orbax conversion)."""
     from orbax.checkpoint.experimental.v1 import partial
@@ -104,8 +115,7 @@ def save_model_streaming(directory: str, cfg: ModelConfig, arrays: Iterable[tupl
             for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
     tmp = staging_dir(directory, overwrite)
     try:
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        _write_config_and_manifest(tmp, cfg, provenance)
         target = os.path.join(tmp, "partial")
         seen = set()
         for path, x in arrays:

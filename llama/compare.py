@@ -487,11 +487,7 @@ def _cmd_run(args) -> int:
     if args.mesh:
         from sharding.rules import MeshConfig, make_mesh
 
-        try:
-            sizes = {k.strip(): int(v) for k, v in (kv.split("=") for kv in args.mesh.split(","))}
-        except ValueError:
-            raise CompareError(f"--mesh {args.mesh!r}: expected e.g. data=1,fsdp=-1,tensor=1") from None
-        mesh = make_mesh(MeshConfig(**sizes), jax.devices())
+        mesh = make_mesh(MeshConfig.parse(args.mesh), jax.devices())  # axes left out are 1, as everywhere
     if args.checkpoint:
         cfg, params = checkpoint.load_model(args.checkpoint, mesh=mesh)
         source = os.path.abspath(args.checkpoint)

@@ -79,6 +79,11 @@ class ModelConfig:
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
 
     def replace(self, **changes) -> "ModelConfig":
+        """dataclasses.replace, except that a head_dim derived from dim // n_heads is derived again when dim or
+        n_heads changes (otherwise `--set model.dim=512` would silently keep the old head width)."""
+        if ({"dim", "n_heads"} & set(changes) and "head_dim" not in changes
+                and self.head_dim == self.dim // self.n_heads):
+            changes["head_dim"] = 0
         return dataclasses.replace(self, **changes)
 
     @property

@@ -586,7 +586,7 @@ def _dtype_of(state: Mapping[str, np.ndarray], dtype: str | None) -> str:
 
 
 def write_orbax(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, where: str,
-                overwrite: bool = False, progress: bool = True) -> ModelConfig:
+                overwrite: bool = False, progress: bool = True, provenance: dict | None = None) -> ModelConfig:
     from tqdm import tqdm
 
     from llama.checkpoint import save_model_streaming
@@ -594,7 +594,8 @@ def write_orbax(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, 
     check_names(state, cfg, where)
     with tqdm(total=len(table(cfg)), desc=f"-> {dst}", unit="param", disable=not progress) as bar:
         save_model_streaming(dst, cfg, iter_params(state, cfg, cfg.param_dtype, where), overwrite=overwrite,
-                             on_write=lambda path, x: (bar.set_postfix_str("/".join(path)), bar.update()))
+                             on_write=lambda path, x: (bar.set_postfix_str("/".join(path)), bar.update()),
+                             provenance=provenance)
     return cfg
 
 
@@ -643,8 +644,11 @@ def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, sha
         raise ConvertError(f"--dtype {out_dtype!r}: expected float32, bfloat16 or float16")
     cfg = cfg.replace(param_dtype=out_dtype, compute_dtype=out_dtype)
     if parts[1] == "orbax":
-        write_orbax(dst, cfg, state, where=src, overwrite=overwrite, progress=progress)
-        files = ["config.json", "params/"]
+        src_files = sorted(os.path.join(src, f) for f in os.listdir(src)) if os.path.isdir(src) else [src]
+        write_orbax(dst, cfg, state, where=src, overwrite=overwrite, progress=progress,
+                    provenance={"converted_from": direction, "source": os.path.abspath(src),
+                                "source_files": [f for f in src_files if os.path.isfile(f)][:64]})
+        files = ["config.json", "manifest.json", "params/"]
     else:
         files = write_hf(dst, cfg, state, where=src, shard_bytes=shard_bytes, overwrite=overwrite, progress=progress)
         files += ["config.json", "generation_config.json"] + (["model.safetensors.index.json"] if len(files) > 1 else [])

@@ -341,17 +341,8 @@ def stream(params, prompt: Sequence[int], *, cfg: ModelConfig, max_new_tokens: i
 
 # ------------------------------------------------------------------------------------------------- CLI
 def parse_mesh(text: str | None):
-    """'data=1,fsdp=1,tensor=8' -> sharding.rules.MeshConfig (unnamed axes are 1)."""
-    if not text:
-        return None
-    sizes = {}
-    for part in text.split(","):
-        name, _, value = part.partition("=")
-        if name.strip() not in sharding_rules.MESH_AXES or not value.strip().lstrip("-").isdigit():
-            raise SystemExit(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in "
-                             f"{sharding_rules.MESH_AXES}, e.g. data=1,fsdp=1,tensor=8")
-        sizes[name.strip()] = int(value)
-    return sharding_rules.MeshConfig(**{"data": 1, "fsdp": 1, "tensor": 1, **sizes})
+    """'data=1,fsdp=1,tensor=8' -> sharding.rules.MeshConfig (unnamed axes are 1), or None."""
+    return sharding_rules.MeshConfig.parse(text) if text else None
 
 
 def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantize: str | None = None,
@@ -404,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     ap.add_argument("--truncate", action="store_true", help="cut generation at the context limit, not error")
     ap.add_argument("--json-ids", action="store_true", help="print generated ids as JSON, one line per prompt")
+    ap.add_argument("--report", metavar="DIR", help="also write DIR/generations.json (ids, text, timings) and "
+                    "DIR/manifest.json (config, versions, devices, seed, checkpoint fingerprint)")
     a = ap.parse_args(argv)
 
     if a.prompt is not None:
@@ -428,7 +421,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"prefill: {res.prompt_tokens} tokens in {res.prefill_s:.3f}s = {res.prefill_tokens_per_s:.1f} tokens/s; "
           f"decode: {res.decode_tokens} tokens in {res.decode_s:.3f}s = {res.decode_tokens_per_s:.1f} tokens/s "
           f"(batch {len(prompts)}; compile {res.compile_s:.1f}s)", file=sys.stderr)
+    if a.report:
+        from llama import manifest
+
+        rows = [{"prompt": t, "prompt_ids": p, "ids": ids, "text": tok.decode([i for i in ids if i not in stops]),
+                 "stop_reason": why} for t, p, ids, why in zip(texts, prompts, res.tokens, res.stop_reason)]
+        timing = {"prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s,
+                  "prefill_s": res.prefill_s, "decode_s": res.decode_s, "compile_s": res.compile_s}
+        os.makedirs(a.report, exist_ok=True)
+        manifest.atomic_write_text(os.path.join(a.report, "generations.json"),
+                                   json.dumps({"generations": rows, "timing": timing}, indent=1))
+        manifest.write_manifest(a.report, config={"model": cfg, "args": vars(a)}, mesh=mesh, seeds={"sampling": a.seed},
+                                data_files=[os.path.join(a.checkpoint, "config.json"), str(tok.path)])
+        print(f"report: {a.report}/generations.json, {a.report}/manifest.json", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # CheckpointError, TokenizerError, ConfigError, ShardingError...: they name the input
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

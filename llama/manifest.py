@@ -16,6 +16,8 @@ API
     data_files: paths (files or directories); each gets a fingerprint (see data_fingerprint).
     extra: any JSON-able mapping, stored under "extra" (command line, step, checkpoint path...).
 - write_manifest(out_dir, *, filename="manifest.json", **same keywords) -> path of the written file.
+- write_benchmark(name, results, *, config=None, data_files=None, out_root="runs/benchmarks") -> directory:
+    a benchmark's results.json beside its manifest.json, in out_root/<name>-<UTC time>/.
 - read_manifest(path_or_dir) -> dict.
 - data_fingerprint(paths, head_bytes=HEAD_BYTES) -> list of {"path", "kind", "size", "sha256_head", ...}.
 - git_state(path=None) -> {"commit", "dirty", "root"} or {"commit": None, "error": ...} without git.
@@ -50,7 +52,8 @@ HEAD_BYTES = 1 << 20
 MAX_DIR_FILES = 256
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "ml_dtypes",
-            "jax-cuda12-plugin", "jax-cuda12-pjrt", "libtpu", "transformers", "torch")
+            "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "libtpu", "transformers",
+            "torch")
 # Environment variables that change numerics, placement or determinism.
 ENV_PREFIXES = ("JAX_", "XLA_", "TPU_", "LIBTPU_", "NCCL_", "CUDA_", "CUDNN_", "NVIDIA_TF32", "TF_CPP_", "OMP_",
                 "MKL_", "PYTHONHASHSEED")
@@ -263,3 +266,14 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no manifest here (expected a manifest.json written by "
                                 "llama.manifest.write_manifest)") from None
+
+
+def write_benchmark(name: str, results: Mapping[str, Any], *, config: Any = None, data_files=None,
+                    out_root: str | os.PathLike = os.path.join("runs", "benchmarks")) -> str:
+    """Every benchmark's figures land beside the manifest that says what produced them."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = os.path.join(os.fspath(out_root), f"{name}-{stamp}")
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(to_jsonable(dict(results)), indent=2, sort_keys=True))
+    write_manifest(out, config=config, data_files=data_files, extra={"benchmark": name, "command": sys.argv})
+    return out

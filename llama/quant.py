@@ -54,7 +54,7 @@ def _map_linear(tree: dict, fn) -> dict:
 
 def quantize_params(params: model.Params) -> model.Params:
     """The param pytree with every linear weight an int8 QuantizedWeight. Jit it with `out_shardings=
-    quantized_shardings(...)` to quantize already-sharded parameters in place on the devices."""
+    llama.generate.param_shardings(cfg, mesh, quantized=True)` to quantize already-sharded parameters in place on the devices."""
     return _map_linear(params, lambda name, w: quantize(w, CONTRACTED[name]))
 
 

@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ from llama import model as llama_model
 from llama import metrics as llama_metrics
 from llama import optim
 from llama.config import ConfigError, ModelConfig, RopeScaling
+from sharding import distributed
 from sharding.rules import MeshConfig, batch_sharding, make_mesh, param_shardings, replicated
 
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
@@ -62,6 +64,9 @@ class DataConfig:
     # A tokenizer file; "llama3" = the Llama 3 tokenizer from `llama-models`; None = train a SentencePiece
     # BPE with model.vocab_size pieces on the training text (OUT/tokenizer.model).
     tokenizer: str | None = None
+    # Llama 3 masks attention between documents packed in one row (paper section 3.2). False is the ablation:
+    # plain causal attention over the whole row with positions 0..T-1, as GPT-style packing does.
+    document_mask: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,9 @@ def load_experiment(path: str) -> TrainConfig:
     return cfg
 
 
-def _parse_value(text: str, current: Any, where: str) -> Any:
+def _parse_value(text: str, current: Any, where: str, hint: Any = None) -> Any:
+    """`hint` is the field's type annotation: a dict for an Optional[dataclass] field that is None now (e.g.
+    model.rope_scaling={'factor': 8.0, ...}) becomes that dataclass."""
     if isinstance(current, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ConfigError(f"--set {where}={text}: expected true or false")
@@ -151,8 +158,10 @@ def _parse_value(text: str, current: Any, where: str) -> Any:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             return text  # a bare string for an Optional[str] field
-        if isinstance(current, RopeScaling) and isinstance(value, dict):
-            return RopeScaling(**value)
+        if isinstance(value, dict):
+            kinds = [t for t in (type(current), *typing.get_args(hint)) if dataclasses.is_dataclass(t)]
+            if kinds:
+                return kinds[0](**value)
         return tuple(value) if isinstance(current, tuple) else value
     raise ConfigError(f"--set {where}: cannot set a field of type {type(current).__name__} from the command line")
 
@@ -170,12 +179,13 @@ def apply_overrides(cfg, overrides: list[str]):
                 raise ConfigError(f"--set {dotted}: {type(obj).__name__} has no field {parts[0]!r}; fields: {names}")
             current = getattr(obj, parts[0])
             if len(parts) == 1:
-                new = _parse_value(text, current, dotted)
+                new = _parse_value(text, current, dotted, typing.get_type_hints(type(obj)).get(parts[0]))
             elif dataclasses.is_dataclass(current):
                 new = set_path(current, parts[1:])
             else:
                 raise ConfigError(f"--set {dotted}: {parts[0]!r} is not a config section")
-            return dataclasses.replace(obj, **{parts[0]: new})
+            replace = getattr(obj, "replace", None) or functools.partial(dataclasses.replace, obj)
+            return replace(**{parts[0]: new})  # ModelConfig.replace re-derives head_dim
 
         cfg = set_path(cfg, dotted.strip().split("."))
     return cfg
@@ -191,11 +201,12 @@ class TrainState:
     rng: jax.Array  # uint32 [2] raw key data; the step needs none (Llama has no dropout), sampling uses it
 
 
-def _objective(params, mb: dict, *, model_cfg: ModelConfig, z_loss: float, n_tokens):
+def _objective(params, mb: dict, *, model_cfg: ModelConfig, z_loss: float, n_tokens, document_mask: bool = True):
     """Summed next-token cross-entropy (and z-loss) over the loss mask of one micro-batch, divided by the
     whole batch's token count so that micro-batch gradients add up to the full-batch gradient.
     Logits, log-softmax and sums are float32 whatever the compute dtype."""
-    logits = llama_model.forward(params, mb["tokens"], mb["positions"], mb["segment_ids"], cfg=model_cfg)
+    positions, segment_ids = (mb["positions"], mb["segment_ids"]) if document_mask else (None, None)
+    logits = llama_model.forward(params, mb["tokens"], positions, segment_ids, cfg=model_cfg)
     logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
     target_logit = jnp.take_along_axis(logits, mb["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
     mask = mb["loss_mask"].astype(jnp.float32)
@@ -220,8 +231,8 @@ def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None):
     k = cfg.micro_batches
     micro = {name: _split_micro(jnp.asarray(batch[name]), k, mesh) for name in BATCH_KEYS}
     n_tokens = jnp.maximum(jnp.sum(jnp.asarray(batch["loss_mask"], jnp.float32)), 1.0)
-    grad_fn = jax.grad(functools.partial(_objective, model_cfg=cfg.model, z_loss=cfg.z_loss, n_tokens=n_tokens),
-                       has_aux=True)
+    grad_fn = jax.grad(functools.partial(_objective, model_cfg=cfg.model, z_loss=cfg.z_loss, n_tokens=n_tokens,
+                                         document_mask=cfg.data.document_mask), has_aux=True)
 
     def one(carry, mb):
         grads, nll, z = carry
@@ -288,10 +299,14 @@ def make_train_step(cfg: TrainConfig, mesh):
         params = llama_model.init_params(cfg.model, params_key)
         return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(rng_key))
 
+    def step(state, batch):
+        # Traced under the mesh, so the model's layer-boundary constraints (sharding.rules.constrain) apply.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(state, batch, cfg=cfg, tx=tx, mesh=mesh)
+
     batch_sh = {name: batch_sharding(mesh, 2) for name in BATCH_KEYS}
     init_fn = jax.jit(init, out_shardings=sh)
-    step_fn = jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, mesh=mesh), in_shardings=(sh, batch_sh),
-                      out_shardings=(sh, replicated(mesh)), donate_argnums=0)
+    step_fn = jax.jit(step, in_shardings=(sh, batch_sh), out_shardings=(sh, replicated(mesh)), donate_argnums=0)
     return init_fn, step_fn
 
 
@@ -359,10 +374,13 @@ def default_corpus(out_dir: str) -> str:
 
     path = os.path.join(out_dir, "corpus", "pydoc_topics.txt")
     if not os.path.exists(path):
+        # Every process writes its own temp file and renames it: the bytes are identical, so this is safe on
+        # a shared filesystem and also works where each host has its own disk.
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(f"\n{CORPUS_SEPARATOR}\n".join(topics[k].strip() for k in sorted(topics)))
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return path
 
 
@@ -383,10 +401,16 @@ def tokenizer_for(cfg: TrainConfig, source, out_dir: str):
 
     if cfg.data.tokenizer == "llama3":
         return load_tokenizer(None, vocab_size=cfg.model.vocab_size)
+    if cfg.data.tokenizer is None and cfg.data.format == "prepared":
+        raise ConfigError("data.format=prepared holds token ids: give the tokenizer it was prepared with, "
+                          "data.tokenizer=PATH or data.tokenizer=llama3 (its index.json names it)")
     path = cfg.data.tokenizer or os.path.join(out_dir, "tokenizer.model")
     if cfg.data.tokenizer is None and not os.path.exists(path):
+        # Each process trains the same tokenizer (deterministic: one thread) into a temp file and renames it,
+        # so identical bytes land whether hosts share a filesystem or not.
         docs = open_documents(source)
-        print(f"training a {cfg.model.vocab_size}-piece SentencePiece tokenizer on {len(docs)} documents ...")
+        if distributed.is_primary():
+            print(f"training a {cfg.model.vocab_size}-piece SentencePiece tokenizer on {len(docs)} documents ...")
         train_sentencepiece((docs[i] for i in range(len(docs))), cfg.model.vocab_size, path)
     return load_tokenizer(path, vocab_size=cfg.model.vocab_size)
 
@@ -422,11 +446,15 @@ def parse_args(argv):
                    help="override config fields, e.g. optimizer.peak_lr=3e-4 steps=200 model.n_layers=2")
     p.add_argument("--data", help="glob of your own text files (one document per file) instead of the default corpus")
     p.add_argument("--out", help="run directory (default runs/<experiment name>); rerun to resume")
+    distributed.add_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    distributed.initialize_from_args(args)  # multi-host: before anything touches devices; one process: no-op
+    primary = distributed.is_primary()  # only process 0 prints, writes metrics, plots and the manifest
+    say = print if primary else (lambda *a, **k: None)
     cfg = apply_overrides(load_experiment(args.config), args.set)
     if args.data:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, paths=args.data))
@@ -439,6 +467,13 @@ def main(argv=None) -> int:
 
     source = data_source(cfg, out)
     tok = tokenizer_for(cfg, source, out)
+    own = os.path.join(out, "tokenizer.model")
+    if os.path.abspath(tok.path) != own and not os.path.exists(own):
+        # The run directory carries its tokenizer, so `llama.generate --checkpoint OUT` needs nothing else.
+        import shutil
+
+        shutil.copyfile(tok.path, f"{own}.{os.getpid()}.tmp")
+        os.replace(f"{own}.{os.getpid()}.tmp", own)
     data = input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,)), tok, seq_len=cfg.seq_len,
                                        global_batch_size=cfg.batch_size, seed=cfg.seed)
 
@@ -449,27 +484,29 @@ def main(argv=None) -> int:
     start = mngr.latest_step()
     if start is None:
         state = init_fn(cfg.seed)
-        print(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}")
+        say(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+            f"{jax.process_count()} process(es)")
     else:
         state, data_state, _ = restore_checkpoint(mngr, start, cfg, mesh)
         data.set_state(data_state)
-        print(f"resuming {out} from step {start}")
+        say(f"resuming {out} from step {start}")
     start = start or 0
     from llama import manifest
 
-    manifest.write_manifest(out, config=cfg, mesh=mesh, seeds={"init": cfg.seed, "data": cfg.seed},
-                            data_files=sorted(glob.glob(source.paths[0], recursive=True))[:1000],
-                            extra={"command": sys.argv if argv is None else ["python", "-m", "llama.train", *argv],
-                                   "resumed_from_step": start, "tokenizer": str(tok.path)})
+    if primary:
+        manifest.write_manifest(out, config=cfg, mesh=mesh, seeds={"init": cfg.seed, "data": cfg.seed},
+                                data_files=sorted(glob.glob(source.paths[0], recursive=True))[:1000] + [str(tok.path)],
+                                extra={"command": sys.argv if argv is None else ["python", "-m", "llama.train", *argv],
+                                       "resumed_from_step": start, "tokenizer": str(tok.path)})
 
     # The loop: metrics every log_every steps, async checkpoints every checkpoint_every.
     from tqdm import tqdm
 
-    writer = llama_metrics.MetricsWriter(out)
+    writer = llama_metrics.MetricsWriter(out) if primary else None
     flops_per_step = llama_metrics.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len
     peak = llama_metrics.peak_flops(override=cfg.peak_flops)
-    last_saved, status = start, 0
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    last_saved, status, stop = start, 0, False
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not primary)
     t_prev = time.perf_counter()
     for step in range(start, cfg.steps):
         batch = input_pipeline.to_global_batch(next(data), mesh)
@@ -480,9 +517,11 @@ def main(argv=None) -> int:
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             mngr.wait_until_finished()
             bar.close()
-            print(f"\nstopping: non-finite loss at step {step + 1} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-                  f"nothing saved after it; the last good checkpoint is step {mngr.latest_step()} in "
-                  f"{mngr.directory}", file=sys.stderr)
+            good = mngr.latest_step()
+            say(f"\nstopping: non-finite loss at step {step + 1} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+                "nothing saved after it; " + (f"the last good checkpoint is step {good} in {mngr.directory}"
+                                              if good is not None else "no checkpoint was saved before it"),
+                file=sys.stderr)
             status = 1
             break
         done = step + 1
@@ -492,20 +531,32 @@ def main(argv=None) -> int:
             scalars = dict(m, step_time_s=dt, tokens_per_s=cfg.batch_size * cfg.seq_len / dt,
                            mfu=flops_per_step / dt / (peak * mesh.size) if peak else None,
                            memory_bytes=llama_metrics.memory_in_use(), first_step=float(step == start))
-            writer.write(done, scalars)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or preempted.flag:
+            if writer:
+                writer.write(done, scalars)
+        stop = preempted.flag
+        if jax.process_count() > 1:  # all processes agree, or some would enter the collective save alone
+            from jax.experimental import multihost_utils
+
+            stop = bool(multihost_utils.process_allgather(np.int32(stop)).any())
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
             last_saved = save_checkpoint(mngr, state, cfg, data.get_state())
-        if preempted.flag:
+        if stop:
             bar.close()
-            print(f"\nSIGTERM: saved step {done}; rerun the same command to resume", file=sys.stderr)
+            say(f"\nSIGTERM: saved step {done}; rerun the same command to resume", file=sys.stderr)
             break
     bar.close()
     mngr.wait_until_finished()
     mngr.close()
-    writer.close()
     data.close()
-    if status or preempted.flag:
+    if status or stop:
+        if writer:
+            writer.close()
         return status
+    if not primary:
+        if cfg.sample_tokens:
+            sample_text(state.params, cfg, tok, state.rng)  # a collective computation: every process takes part
+        return 0
+    writer.close()
 
     # Outputs: the loss plot and a sample from the trained model.
     plot = llama_metrics.plot_loss(writer.jsonl_path, os.path.join(out, "loss.png"), f"{cfg.model.name}: loss")
@@ -526,4 +577,8 @@ if __name__ == "__main__":
     # Run the imported module's main, so experiment files and this code share one TrainConfig class.
     from llama import train
 
-    sys.exit(train.main())
+    try:
+        sys.exit(train.main())
+    except ValueError as e:  # ConfigError, DataError, ShardingError, CheckpointError, TokenizerError: they name the input
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

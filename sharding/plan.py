@@ -134,56 +134,6 @@ def sharded_bytes(specs, sizes: Mapping[str, int], dtype_of) -> float:
     return total
 
 
-def device_hours(self) -> float:
-        return device_hours(self.total_flops, self.mfu, self.peak_flops) if self.mfu else float("nan")
-
-
-def parse_bytes(text: str) -> float:
-    """'80GB' -> 80e9, '80GiB' -> 80 * 2**30, '1.5TB', plain numbers are bytes."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B)?\s*", str(text))
-    if not m:
-        raise ValueError(f"--device-memory {text!r}: expected e.g. 80GB or 80GiB")
-    unit = m.group(2) or "B"
-    scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
-             "TiB": 2**40}[unit]
-    return float(m.group(1)) * scale
-
-
-def _shard_factor(spec, sizes: Mapping[str, int]) -> int:
-    return math.prod(math.prod(sizes[a] for a in (ax if isinstance(ax, tuple) else (ax,))) for ax in spec if ax)
-
-
-class _SizesMesh:
-    """Just enough of a Mesh (`.shape`) for `rules.check_divisible`, without devices."""
-
-    def __init__(self, sizes):
-        self.shape = dict(sizes)
-
-
-def sharded_bytes(specs, sizes: Mapping[str, int], dtype_of) -> float:
-    """Per-device bytes of a pytree of ParamSpecs under the strict rules. dtype_of(path, spec) -> bytes/element."""
-    total = 0.0
-    for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=model.is_spec)[0]:
-        name = jax.tree_util.keystr(path)
-        pspec = rules.logical_to_spec(spec.logical_axes)
-        rules.check_divisible(name, spec.shape, pspec, _SizesMesh(sizes))
-        total += math.prod(spec.shape) / _shard_factor(pspec, sizes) * dtype_of(path, spec)
-    return total
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """P of the 6P rule: the weights that enter matmuls (not the embedding gather, not the norm gains);
-    the output projection counts once whether or not it is tied to the embedding."""
-    d, hd = cfg.dim, cfg.head_dim
-    per_layer = d * cfg.n_heads * hd * 2 + 2 * d * cfg.n_kv_heads * hd + 3 * d * cfg.ffn_dim
-    return cfg.n_layers * per_layer + cfg.vocab_size * d
-
-
-def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6P + 12 L (N H) T (PaLM appendix B; module docstring)."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-
 def device_hours(flops: float, mfu: float, peak_flops: float = H100_BF16_PEAK) -> float:
     return flops / (mfu * peak_flops * 3600.0)
 

@@ -124,28 +124,6 @@ def param_shardings(specs, mesh: Mesh, rules: Mapping[str, Any] = RULES):
     return jax.tree_util.tree_map_with_path(one, specs, is_leaf=lambda x: hasattr(x, "logical_axes"))
 
 
-def state_shardings(state, specs, mesh: Mesh, rules: Mapping[str, Any] = RULES):
-    """Shardings for an optimizer state (any pytree, e.g. optax's): a leaf whose key path ends with a
-    parameter's key path and has that parameter's shape (Adam's mu and nu, momentum, ...) takes the
-    parameter's sharding; everything else (step counts, scalars, factored statistics) is replicated.
-    `state` may hold arrays or jax.ShapeDtypeStruct (from `jax.eval_shape(opt.init, params)`)."""
-    is_spec = lambda x: hasattr(x, "logical_axes")  # noqa: E731
-    flat_specs = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]
-    by_path = {tuple(path): spec for path, spec in flat_specs}
-    shardings = param_shardings(specs, mesh, rules)
-    flat_shardings = dict(zip(by_path, jax.tree.leaves(shardings)))
-
-    def one(path, leaf):
-        path = tuple(path)
-        for n in range(len(path), 0, -1):
-            spec = by_path.get(path[-n:])
-            if spec is not None and tuple(leaf.shape) == tuple(spec.shape):
-                return flat_shardings[path[-n:]]
-        return NamedSharding(mesh, P())
-
-    return jax.tree_util.tree_map_with_path(one, state)
-
-
 def cache_shardings(mesh: Mesh, cache, rules: Mapping[str, Any] = RULES):
     """KV cache {"k", "v"}: [L, B, S, K, H] (arrays or shape structs) -> fitted shardings from
     `llama.model.CACHE_AXES`: batch over (data, fsdp) and KV heads over tensor where they divide, else
@@ -173,12 +151,3 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: Mapping[s
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
     return jax.lax.with_sharding_constraint(x, fitted_spec(logical_axes, x.shape, dict(mesh.shape), rules))
-
-
-def init_params_sharded(cfg, mesh: Mesh, key: jax.Array, rules: Mapping[str, Any] = RULES):
-    """Random parameters created already sharded: abstract shapes -> shardings -> jit(init, out_shardings).
-    The full model never exists on one device or the host."""
-    from llama import model
-
-    shardings = param_shardings(model.param_specs(cfg), mesh, rules)
-    return jax.jit(lambda k: model.init_params(cfg, k), out_shardings=shardings)(key)

@@ -158,3 +158,10 @@ def test_model_config_validation():
     with pytest.raises(C.ConfigError, match="preset"):
         C.preset("llama9")
     assert C.ModelConfig.from_dict(C.LLAMA31_8B.to_dict()) == C.LLAMA31_8B
+
+
+def test_replace_rederives_a_derived_head_dim_but_keeps_an_explicit_one():
+    assert C.TINY.replace(n_heads=8).head_dim == 8  # 64 / 8
+    assert C.TINY.replace(dim=128).head_dim == 32
+    explicit = C.TINY.replace(head_dim=24)
+    assert explicit.replace(dim=128).head_dim == 24

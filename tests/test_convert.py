@@ -218,6 +218,10 @@ def test_stories260k_to_orbax_to_hf_same_logits_and_low_loss(tmp_path):
     convert("llama2c-to-orbax", str(src), str(tmp_path / "o"), progress=False)
     convert("orbax-to-hf", str(tmp_path / "o"), str(tmp_path / "hf"), progress=False)
     cfg, params = load_model(str(tmp_path / "o"))
+    # the checkpoint carries its manifest: where the weights came from, fingerprinted
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["extra"]["converted_from"] == "llama2c-to-orbax" and m["config"]["dim"] == 64
+    assert [d["path"] for d in m["data"]] == [str(src)] and m["data"][0]["size"] == 1_056_540
     ours = our_logits(cfg, params, tokens)
     theirs = hf_logits(load_hf(tmp_path / "hf"), tokens)
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)

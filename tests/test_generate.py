@@ -187,9 +187,13 @@ def test_cli_json_ids_match_the_api_plain_and_int8_on_a_mesh(stories, tmp_path, 
     tok = str(require_shared("assets", "llama2c_stories260K", "tok512.model"))
     base = ["--checkpoint", ckpt, "--tokenizer", tok, "--prompt", "Once upon a time", "--temperature", "0",
             "--max-new-tokens", "30", "--json-ids"]
-    G.main(base)
+    G.main(base + ["--report", str(tmp_path / "report")])
     captured = capsys.readouterr()
     row = json.loads(captured.out.strip().splitlines()[0])
+    report = json.loads((tmp_path / "report" / "generations.json").read_text())
+    assert report["generations"][0]["ids"] == row["ids"] and report["timing"]["decode_tokens_per_s"] > 0
+    m = json.loads((tmp_path / "report" / "manifest.json").read_text())
+    assert m["seeds"] == {"sampling": 0} and m["config"]["model"]["dim"] == cfg.dim
     from llama.tokenizer import load_tokenizer
 
     prompt = load_tokenizer(tok).encode("Once upon a time", bos=True)

@@ -6,8 +6,6 @@ that reorder costs ~1e-6, so 1e-5 leaves a 10x margin while any real mistake (a 
 wrong GQA grouping, a missing norm) moves logits by >1e-2.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +53,7 @@ def hf_logits(model, tokens, **kw):
 
 
 def _tiny(**kw) -> ModelConfig:
-    return dataclasses.replace(TINY, **kw)
+    return TINY.replace(**kw)
 
 
 # GQA groups 1/2/4, tied and untied, llama3 scaling on/off/factor 32, head_dim != dim/n_heads, odd vocab.
@@ -136,19 +134,30 @@ def test_packed_rows_equal_documents_alone():
 
 def test_bfloat16_compute_within_bound_of_float32():
     """bf16 compute (f32 params) vs f32: bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 2e-3 per
-    op); through 2 layers the logit error stays within 5% of the logits' scale (max |logit|) and the
-    top-1 prediction agrees almost everywhere. A wrong cast (e.g. softmax or RMSNorm in bf16 across a
-    long row) is still inside this, so the test also checks the dtype contract of the outputs."""
+    op); through 2 layers the logit error stays within 5% of the logits' scale (max |logit|), and the
+    top-1 prediction agrees wherever float32's margin is larger than that error. A wrong cast (e.g. softmax or RMSNorm in bf16 across a
+    long row) would still be inside this bound, so the test also reads the program: every exp and rsqrt
+    runs in float32."""
     cfg = PARITY_CONFIGS["gqa4-untied-unscaled"]
     params = to_params(hf_model(cfg), cfg)
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 128))
     f32 = np.asarray(M.forward(params, tokens, cfg=cfg))
     bf16 = np.asarray(M.forward(params, tokens, cfg=cfg.replace(compute_dtype="bfloat16")))
     assert bf16.dtype == np.float32
+    # The dtype contract the bound alone cannot see: softmax (exp) and RMSNorm (rsqrt) run in float32.
+    import re
+
+    text = str(jax.make_jaxpr(lambda p, t: M.forward(p, t, cfg=cfg.replace(compute_dtype="bfloat16")))(params, tokens))
+    ops = re.findall(r":(\w+)\[[^\]]*\] = (exp|rsqrt) ", text)
+    assert {op for _, op in ops} == {"exp", "rsqrt"} and all(dt == "f32" for dt, _ in ops), ops
+    assert "bf16[" in text  # and the matmuls really are bf16
     scale = np.abs(f32).max()
     err = np.abs(bf16 - f32).max() / scale
     assert 0 < err < 0.05, err
-    assert (bf16.argmax(-1) == f32.argmax(-1)).mean() > 0.95
+    # Wherever float32's top-2 gap exceeds twice the measured error, bf16 must pick the same token.
+    top2 = np.sort(f32, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > 2 * np.abs(bf16 - f32).max()
+    assert clear.mean() > 0.3 and (bf16.argmax(-1) == f32.argmax(-1))[clear].all()
 
 
 @pytest.mark.parametrize("remat", ["full", "save_matmuls"])
@@ -176,8 +185,9 @@ def test_gqa_never_materialises_repeated_kv():
     jaxpr = jax.make_jaxpr(lambda p, c: M.forward_cached(p, jnp.zeros((1, 1), jnp.int32),
                                                          jnp.zeros((1, 1), jnp.int32), c, cfg=cfg))(params, cache)
     text = str(jaxpr)  # includes the scanned layer body and every nested jaxpr
-    assert "f32[1,48,2,16]" in text  # the cache's own K/V heads are there ...
-    assert "f32[1,48,8,16]" not in text and "f32[1,48,2,4,16]" not in text  # ... never repeated to 8 heads
+    H = cfg.head_dim
+    assert f"f32[1,48,2,{H}]" in text  # the cache's own K/V heads are there ...
+    assert f"f32[1,48,8,{H}]" not in text and f"f32[1,48,2,4,{H}]" not in text  # ... never repeated to 8 heads
 
 
 def test_kv_cache_decode_matches_full_forward():

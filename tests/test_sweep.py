@@ -5,6 +5,7 @@ import json
 import math
 import os
 
+import jax
 import pytest
 
 from llama import sweep
@@ -36,7 +37,9 @@ def test_bad_field_fails_before_anything_runs(tmp_path):
 
 def test_two_variant_sweep_writes_table_plot_and_manifests(tmp_path, capsys, monkeypatch):
     # The trainer subprocesses get one CPU device (conftest forces 8 for this process only), so a
-    # 2-row batch fits the base's all-devices mesh.
+    # 2-row batch fits the base's all-devices mesh. This process's backend starts first, with its 8 devices,
+    # so clearing the flag cannot shrink it for the tests that run after this one.
+    assert len(jax.devices()) == 8
     monkeypatch.setenv("XLA_FLAGS", "")
     tok = require_shared("assets", "llama2c_stories260K", "tok512.model")
     text = require_shared("assets", "text", "tinystories", "tinystories_v2_train_sample_cs336.txt")
@@ -59,7 +62,9 @@ def test_two_variant_sweep_writes_table_plot_and_manifests(tmp_path, capsys, mon
         assert math.isfinite(float(r["final_loss"])) and float(r["final_loss"]) < 7.0  # ~ln(512)=6.24 at init
         m = json.loads((out / r["manifest"]).read_text())
         assert m["config"]["model"]["remat"] == r["model.remat"] and m["config"]["steps"] == 3
-        assert m["extra"]["overrides"] == [f"model.remat={r['model.remat']}"] and m["extra"]["returncode"] == 0
+        assert r["manifest"].endswith("/manifest.json")  # the trainer's own manifest, linked from the table
+        sm = json.loads((out / r["manifest"]).with_name("sweep_manifest.json").read_text())
+        assert sm["extra"]["overrides"] == [f"model.remat={r['model.remat']}"] and sm["extra"]["returncode"] == 0
         assert m["git"]["commit"] and m["environment"]["packages"]["jax"]
         assert {d["kind"] for d in m["data"]} == {"file"} and len(m["data"]) == 2  # text + tokenizer
     # Remat recomputes the same operations, so the losses agree to float32 rounding (XLA may fuse the
