@@ -335,7 +335,9 @@ def save_checkpoint(mngr, state: TrainState, cfg: TrainConfig, data_state: dict)
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
         config=ocp.args.JsonSave({"model": cfg.model.to_dict(), "train": cfg.to_dict()}),
-        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=True)
+        # every process's own iterator position (process 0 writes the JSON item for all)
+        data=ocp.args.JsonSave({"processes": distributed.allgather_json(data_state)}),
+        meta=ocp.args.JsonSave(meta)), force=True)
     return step
 
 
@@ -359,7 +361,12 @@ def restore_checkpoint(mngr, step: int, cfg: TrainConfig, mesh) -> tuple[TrainSt
     rng = jax.device_put(np.asarray(meta["rng"], np.uint32), target.rng.sharding)
     state = TrainState(jax.device_put(np.int32(meta["step"]), target.step.sharding), got["params"],
                        got["opt_state"], rng)
-    return state, got["data"], saved
+    data = got["data"]["processes"]
+    if len(data) != jax.process_count():
+        raise ConfigError(f"{mngr.directory}/{step}: saved by {len(data)} process(es), resumed with "
+                          f"{jax.process_count()}: the input iterator positions are per process; resume with "
+                          f"{len(data)} processes")
+    return state, data[jax.process_index()], saved
 
 
 # ---------------------------------------------------------------------------------------- data, tokenizer

@@ -154,6 +154,20 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def allgather_json(obj: Any) -> list:
+    """Every process's JSON-able `obj`, in process order ([obj] for one process). For small per-process
+    state that process 0 writes for all, e.g. each process's input-iterator position in a checkpoint."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = int(np.max(multihost_utils.process_allgather(np.int32(raw.size))))
+    buf = np.zeros(n, np.uint8)
+    buf[:raw.size] = raw
+    return [json.loads(bytes(row).rstrip(b"\0")) for row in np.asarray(multihost_utils.process_allgather(buf))]
+
+
 def write_primary(path: str, data: bytes | str) -> None:
     """Process 0 writes `path` atomically (temp file + rename); every process then waits for it. For small
     files (configs, metrics, manifests). Orbax checkpoints are different: every process must call save,
