@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -233,22 +232,16 @@ def run_probe(cfg, params, probe: ProbeConfig = ProbeConfig(), *, mesh=None) -> 
 
 def write_report(out: str, report: dict, arrays: dict[str, np.ndarray], **manifest_kwargs) -> str:
     """Writes REPORT/{report.json, probe.npz, manifest.json} via a temp dir + rename; replaces `out`."""
+    from llama.checkpoint import commit_dir, staging_dir
+
     out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out) + ".")
+    tmp = staging_dir(out, overwrite=True)
     try:
         with open(os.path.join(tmp, REPORT_JSON), "w") as f:
             json.dump(report, f, indent=1, sort_keys=True)
         np.savez_compressed(os.path.join(tmp, REPORT_NPZ), **arrays)
         manifest.write_manifest(tmp, **manifest_kwargs)
-        old = None
-        if os.path.exists(out):  # moved aside, deleted once the new report is in place
-            old = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out) + ".old-")
-            os.rename(out, os.path.join(old, "report"))
-        os.replace(tmp, out)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        commit_dir(tmp, out)  # an existing report is moved aside and deleted only once this one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

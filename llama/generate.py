@@ -12,7 +12,7 @@ Design (compare Meta's `Llama3.generate`, facts sheet section 6):
   few [B] updates; it stops when every row has hit a stop token or its own max_new_tokens.
 - The cache is sharded by `sharding.rules.RULES` through `model.CACHE_AXES` (batch over data x fsdp, KV heads
   over tensor), fitted: an axis whose size does not divide its mesh axes is replicated for the cache. Params
-  follow the strict rules unless the model does not divide the mesh (`fitted_rules`, with a note).
+  follow the strict rules unless the model does not divide the mesh (then fitted too, with a note).
 
 CLI: `python -m llama.generate --checkpoint DIR --prompt "Once upon a time"` (see docs/inference.md).
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -136,22 +135,6 @@ def _compiled(fn, args: tuple, static: dict):
 
 
 # -------------------------------------------------------------------------------------------- sharding
-def fitted_rules(cfg: ModelConfig, mesh) -> dict:
-    """RULES with each parameter axis whose size does not divide its mesh axes replicated instead. Parameters
-    are strict in sharding/rules.py (a surprise replication could run a large model out of memory); serving
-    replicates only when asked to run on a mesh the model does not divide (e.g. 4 KV heads on tensor=8)."""
-    sizes = {"vocab": cfg.vocab_size, "embed": cfg.dim, "q_heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads,
-             "ffn": cfg.ffn_dim}
-    out = dict(sharding_rules.RULES)
-    for name, size in sizes.items():
-        axes = out.get(name)
-        if axes is None:
-            continue
-        if size % math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)):
-            out[name] = None
-    return out
-
-
 def cache_sharding(cfg: ModelConfig, mesh, batch: int, cache_len: int = 1):
     """NamedSharding of the KV cache [L, B, S, K, H] (model.CACHE_AXES), fitted by sharding/rules.py: batch over
     data x fsdp and KV heads over tensor where they divide, replicated on that axis otherwise."""
@@ -160,18 +143,18 @@ def cache_sharding(cfg: ModelConfig, mesh, batch: int, cache_len: int = 1):
 
 
 def param_shardings(cfg: ModelConfig, mesh, quantized: bool = False):
-    """Shardings of the (plain or int8) params by the rules table; where the model does not divide the mesh,
-    those axes are replicated (`fitted_rules`) with a note on stderr."""
+    """Shardings of the (plain or int8) params by the rules table. Parameters are strict in sharding/rules.py
+    (a surprise replication could run a large model out of memory); serving a model the mesh does not divide
+    (e.g. 4 KV heads on tensor=8) fits each parameter instead, as the cache is fitted, with a note on stderr."""
     from llama import quant
 
     specs = quant.quantized_specs(cfg) if quantized else model.param_specs(cfg)
     try:
         return sharding_rules.param_shardings(specs, mesh)
     except sharding_rules.ShardingError as e:
-        rules = fitted_rules(cfg, mesh)
-        dropped = sorted(k for k in rules if rules[k] != sharding_rules.RULES[k])
-        print(f"note: {e}; replicating the {dropped} axes of the parameters instead", file=sys.stderr)
-        return sharding_rules.param_shardings(specs, mesh, rules)
+        print(f"note: {e}; replicating the parameter axes that the mesh does not divide", file=sys.stderr)
+        return jax.tree.map(lambda spec: sharding_rules.fitted_sharding(mesh, spec.logical_axes, spec.shape), specs,
+                            is_leaf=lambda x: hasattr(x, "logical_axes"))
 
 
 def shard_params(params, cfg: ModelConfig, mesh):
@@ -340,11 +323,6 @@ def stream(params, prompt: Sequence[int], *, cfg: ModelConfig, max_new_tokens: i
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def parse_mesh(text: str | None):
-    """'data=1,fsdp=1,tensor=8' -> sharding.rules.MeshConfig (unnamed axes are 1), or None."""
-    return sharding_rules.MeshConfig.parse(text) if text else None
-
-
 def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantize: str | None = None,
                        dtype: str | None = None):
     """(cfg, params, mesh) from a model checkpoint directory: restored, optionally cast, placed on the mesh
@@ -352,7 +330,7 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
     from llama import quant
     from llama.checkpoint import load_model
 
-    mesh_cfg = parse_mesh(mesh_text)
+    mesh_cfg = sharding_rules.MeshConfig.parse(mesh_text) if mesh_text else None
     mesh = sharding_rules.make_mesh(mesh_cfg) if mesh_cfg is not None else None
     try:  # restore straight onto the mesh when the plain rules fit this model
         cfg, params = load_model(checkpoint, mesh=mesh, dtype=dtype)

@@ -46,7 +46,7 @@ import optax
 from llama import model as llama_model
 from llama import metrics as llama_metrics
 from llama import optim
-from llama.config import ConfigError, ModelConfig, RopeScaling
+from llama.config import ConfigError, ModelConfig
 from sharding import distributed
 from sharding.rules import MeshConfig, batch_sharding, make_mesh, param_shardings, replicated
 
