@@ -70,10 +70,13 @@ def _timed(fn) -> float:
 
 
 def bytes_per_token(params) -> int:
-    """Weight bytes one decode step reads: everything but the embedding table, plus one embedding row."""
+    """Weight bytes one decode step reads: everything but the embedding table, plus one embedding row; a tied
+    table (no lm_head) is the output projection too, so it is read whole."""
     from llama import quant
 
     emb = params["embed"]
+    if "lm_head" not in params:
+        return quant.param_bytes(params)
     return quant.param_bytes(params) - quant.param_bytes(emb) + emb.shape[1] * emb.dtype.itemsize
 
 

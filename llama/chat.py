@@ -22,7 +22,7 @@ from llama.tokenizer import encode_dialog
 
 
 def reply(params, cfg, tok, messages: Sequence[dict], *, sampling: SamplingConfig, seed: int = 0,
-          max_new_tokens: int = 1024, write: Callable[[str], object] = sys.stdout.write) -> dict:
+          max_new_tokens: int = 1024, write: Callable[[str], object] = sys.stdout.write, cache_dtype=None) -> dict:
     """Generates the assistant's next message for `messages`, writing its text to `write` as it arrives
     (whole UTF-8 characters only). Returns the message {"role": "assistant", "content", "eom"?} and, under
     "ids", the generated ids (stop token included)."""
@@ -32,7 +32,7 @@ def reply(params, cfg, tok, messages: Sequence[dict], *, sampling: SamplingConfi
     ids: list[int] = []
     sent = 0  # bytes of the reply already written
     for chunk in G.stream(params, prompt, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                          stop_ids=stops, truncate=True):
+                          stop_ids=stops, truncate=True, cache_dtype=cache_dtype):
         ids += chunk
         # Decode the whole reply each time: token bytes concatenate, so the new bytes are a suffix.
         data = tok.decode_bytes([t for t in ids if t not in stops])
@@ -59,6 +59,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
     ap.add_argument("--quantize", choices=["int8"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8")
+    ap.add_argument("--cache-dtype", choices=["float32", "bfloat16", "int8"], help="KV cache dtype (default: compute)")
     a = ap.parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
         messages.append({"role": "user", "content": line.rstrip("\n")})
         try:
             out = reply(params, cfg, tok, messages, sampling=sampling, seed=a.seed + turn,
-                        max_new_tokens=a.max_new_tokens, write=lambda s: (stdout.write(s), stdout.flush()))
+                        max_new_tokens=a.max_new_tokens, write=lambda s: (stdout.write(s), stdout.flush()),
+                        cache_dtype=a.cache_dtype)
         except G.ContextLimitError as e:
             stdout.write(f"[context full: {e}; /reset to start over]\n")
             messages.pop()

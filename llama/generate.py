@@ -370,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quantize", choices=["int8"], help="weight-only int8 for the linear layers")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params and compute")
+    ap.add_argument("--cache-dtype", choices=["float32", "bfloat16", "int8"],
+                    help="KV cache dtype (default: the compute dtype); int8: one float32 scale per token and KV head")
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     ap.add_argument("--truncate", action="store_true", help="cut generation at the context limit, not error")
     ap.add_argument("--json-ids", action="store_true", help="print generated ids as JSON, one line per prompt")
@@ -389,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts = [tok.encode(t, bos=True) for t in texts]
     stops = tuple(sorted(set(cfg.eos_ids) | set(tok.stop_ids)))
     res = generate(params, prompts, cfg=cfg, max_new_tokens=a.max_new_tokens, seed=a.seed, stop_ids=stops,
-                   sampling=SamplingConfig(a.temperature, a.top_p, a.top_k), mesh=mesh, truncate=a.truncate)
+                   sampling=SamplingConfig(a.temperature, a.top_p, a.top_k), mesh=mesh, truncate=a.truncate,
+                   cache_dtype=a.cache_dtype)
     for text, prompt, ids, why in zip(texts, prompts, res.tokens, res.stop_reason):
         if a.json_ids:
             print(json.dumps({"prompt": text, "ids": ids, "stop_reason": why}))

@@ -209,11 +209,28 @@ def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Arra
 
 
 def _write_cache(cache: dict, k: jax.Array, v: jax.Array, positions: jax.Array):
-    """Scatter this step's K/V [B, T, K, H] into the cache at each row's positions [B, T]."""
+    """Scatter this step's K/V [B, T, K, H] into the cache at each row's positions [B, T]; returns the whole
+    cache's K and V in the activation dtype, and the new cache. An int8 cache (`init_cache(dtype="int8")`)
+    stores each token's head vector as int8 with one float32 scale (its absmax / 127) and is read back
+    dequantised: a quarter of the float32 bytes (half of bf16) plus 4 bytes per H-vector for the scale."""
     rows = jnp.arange(k.shape[0])[:, None]
-    new = {"k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"),
-           "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop")}
-    return new["k"].astype(k.dtype), new["v"].astype(v.dtype), new
+    new = {}
+    for name, x in (("k", k), ("v", v)):
+        if name + "_scale" in cache:
+            amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+            scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+            q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
+            new[name] = cache[name].at[rows, positions].set(q, mode="drop")
+            new[name + "_scale"] = cache[name + "_scale"].at[rows, positions].set(scale, mode="drop")
+        else:
+            new[name] = cache[name].at[rows, positions].set(x.astype(cache[name].dtype), mode="drop")
+    return _read_cache(new, "k", k.dtype), _read_cache(new, "v", v.dtype), new
+
+
+def _read_cache(cache: dict, name: str, dtype) -> jax.Array:
+    if name + "_scale" in cache:
+        return (cache[name].astype(jnp.float32) * cache[name + "_scale"]).astype(dtype)
+    return cache[name].astype(dtype)
 
 
 _REMAT: dict[str, Callable | None] = {
@@ -227,15 +244,19 @@ _REMAT: dict[str, Callable | None] = {
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     # Gather from a table whose D is whole (FSDP all-gathers it, as it does every weight), so the rows land
     # batch-sharded instead of the partitioner replicating the [B, T, D] result (sharding/rules.py).
-    table = constrain(params["embed"].astype(cfg.compute_dtype), ("vocab", "act_embed"))
-    return table[tokens]
+    table = params["embed"]
+    if isinstance(table, QuantizedWeight):  # int8 tied table (llama/quant.py): gather int8 rows, then scale
+        q = constrain(table.q, ("vocab", "act_embed"))
+        return (q[tokens].astype(jnp.float32) * table.scale[tokens]).astype(cfg.compute_dtype)
+    return constrain(table.astype(cfg.compute_dtype), ("vocab", "act_embed"))[tokens]
 
 
 def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and the output projection (the embedding, transposed, when tied). -> float32 logits [B, T, V]"""
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    w = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return linear("BTD,DV->BTV", x, w).astype(jnp.float32)
+    if cfg.tie_embeddings:
+        return linear("BTD,VD->BTV", x, params["embed"]).astype(jnp.float32)
+    return linear("BTD,DV->BTV", x, params["lm_head"]).astype(jnp.float32)
 
 
 def _layers(params: Params, x, cfg: ModelConfig, positions, mask, cache):
@@ -270,10 +291,16 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = Non
 # ---------------------------------------------------------------------------------------------- KV cache
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """Preallocated cache, one row per sequence: K (after RoPE) and V for the K KV heads only.
-    {"k", "v"}: [L, B, S, K, H]. The slot of a token is its position."""
+    {"k", "v"}: [L, B, S, K, H]. The slot of a token is its position. dtype: default the compute dtype;
+    "int8" adds {"k_scale", "v_scale"}: [L, B, S, K, 1] float32, one scale per token and KV head (_write_cache)."""
     shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-    dtype = dtype or cfg.compute_dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    dtype = jnp.dtype(dtype or cfg.compute_dtype)
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if dtype == jnp.int8:
+        cache.update(k_scale=jnp.ones(shape[:-1] + (1,), jnp.float32), v_scale=jnp.ones(shape[:-1] + (1,), jnp.float32))
+    elif not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"KV cache dtype {dtype}: expected a float dtype or int8")
+    return cache
 
 
 CACHE_AXES = ("layers", "batch", "cache_sequence", "kv_heads", "head_dim")

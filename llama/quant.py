@@ -6,8 +6,9 @@ result is a `model.QuantizedWeight(q, scale)` whose scale keeps the weight's sha
 reduced to 1 (the convention `model.linear` reads): the model's matmuls then read the int8 tensor and
 scale the much smaller output, so no full-precision copy of the model is ever made.
 
-The token embedding is a gather, not a matmul, and stays in its dtype; when the output projection is tied
-to it (Llama 3.2 1B/3B, stories260K) the vocab matmul stays unquantised too.
+The token embedding is a gather, not a matmul, and stays in its dtype, unless the output projection is tied to
+it (Llama 3.2 1B/3B, stories260K): then the table is the vocab matmul's weight (a fifth of Llama 3.2 1B) and is
+quantized like the others, one scale per vocab row, which is also the row that `model.embed` gathers and scales.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CONTRACTED: dict[str, tuple[int, ...]] = {
     "w_gate": (1,), "w_up": (1,),  # [L, D, F]
     "w_down": (1,),  # [L, F, D]
     "lm_head": (0,),  # [D, V]
+    "embed": (1,),  # [V, D], quantized only when tied (no lm_head): it is then the output projection
 }
 
 
@@ -46,8 +48,8 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 def _map_linear(tree: dict, fn) -> dict:
     """Applies fn(name, leaf) to the linear weights, leaving everything else as is."""
     out = {k: v for k, v in tree.items() if k != "layers"}
-    if "lm_head" in tree:
-        out["lm_head"] = fn("lm_head", tree["lm_head"])
+    head = "lm_head" if "lm_head" in tree else "embed"  # a tied model has no lm_head: its embedding is the head
+    out[head] = fn(head, tree[head])
     out["layers"] = {k: fn(k, v) if k in CONTRACTED else v for k, v in tree["layers"].items()}
     return out
 

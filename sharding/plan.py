@@ -14,8 +14,9 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
 - activations: what the backward pass keeps, per layer and token, for the remat policy (below), times
   L x local batch x T, plus one layer's working set and the float32 logits; inference: one layer's working set
   of a prefill of T tokens (the xla attention path materialises the float32 [T, S] scores);
-- KV cache (inference): [L, B, S, K, H] in --dtype, with the cache's fitted sharding (KV heads over tensor only
-  where they divide, batch over data x fsdp only where it divides);
+- KV cache (inference): [L, B, S, K, H] in --dtype (or --cache-dtype; int8: 1 + 4/H bytes per element), with
+  the cache's fitted sharding (KV heads over tensor only where they divide, batch over data x fsdp only where it
+  divides);
 - FSDP gathers (fsdp > 1): the embedding table and one layer's weights made whole along D for use, and in
   training their float32 gradients before the reduce-scatter.
 
@@ -170,9 +171,11 @@ def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode
 def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype: str = "bfloat16",
          quantize: str | None = None, batch: int | None = None, seq_len: int = 8192, remat: str | None = None,
          device_memory: float = 80e9, tokens: float = 0.0, mfu: float = 0.0,
-         peak_flops: float = H100_BF16_PEAK, param_dtype: str = "float32", attention: str | None = None) -> Plan:
+         peak_flops: float = H100_BF16_PEAK, param_dtype: str = "float32", attention: str | None = None,
+         cache_dtype: str | None = None) -> Plan:
     """Per-device memory and training FLOPs (module docstring). attention: "xla" (materialised float32
-    scores) or "cudnn" (fused, none); default the config's."""
+    scores) or "cudnn" (fused, none); default the config's. cache_dtype: the KV cache's (default `dtype`;
+    int8 adds a float32 scale per H-vector, `model.init_cache`)."""
     if mode not in ("training", "inference"):
         raise ValueError(f"--mode {mode!r}: expected training or inference")
     cfg = cfg.replace(attention_impl=attention or cfg.attention_impl)
@@ -208,7 +211,8 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
             params = sharded_bytes(specs, sizes, lambda p, s: a)
         cache = jax.ShapeDtypeStruct((cfg.n_layers, batch, seq_len, cfg.n_kv_heads, cfg.head_dim), dtype)
         kv_spec = rules.fitted_spec(model.CACHE_AXES, cache.shape, sizes)
-        kv = 2 * math.prod(cache.shape) * a / _shard_factor(kv_spec, sizes)
+        kv_bytes = 1 + 4 / cfg.head_dim if cache_dtype == "int8" else _BYTES[cache_dtype or dtype]
+        kv = 2 * math.prod(cache.shape) * kv_bytes / _shard_factor(kv_spec, sizes)
         acts = b_local * seq_len * activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
                 fsdp_gathered_bytes(cfg, sizes, a, mode, quantize), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
@@ -255,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="training master parameters (llama.train keeps float32)")
     ap.add_argument("--quantize", choices=("int8",), default=None, help="inference: int8 weights")
+    ap.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32", "int8"), default=None,
+                    help="inference: KV cache dtype (default --dtype)")
     ap.add_argument("--batch", type=int, default=None, help="global sequences (training: data*fsdp; inference: 1)")
     ap.add_argument("--seq-len", type=int, default=8192, help="T (training) or the context length (inference)")
     ap.add_argument("--remat", choices=("none", "full", "save_matmuls"), default=None, help="default: the preset's")
@@ -275,7 +281,8 @@ def main(argv=None) -> int:
         p = plan(preset(args.preset), mesh, n, mode=args.mode, dtype=args.dtype, quantize=args.quantize,
                  batch=args.batch, seq_len=args.seq_len, remat=args.remat,
                  device_memory=parse_bytes(args.device_memory), tokens=args.tokens, mfu=args.mfu,
-                 peak_flops=args.peak_tflops * 1e12, param_dtype=args.param_dtype, attention=args.attention)
+                 peak_flops=args.peak_tflops * 1e12, param_dtype=args.param_dtype, attention=args.attention,
+                 cache_dtype=args.cache_dtype)
     except ShardingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

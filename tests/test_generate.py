@@ -205,6 +205,9 @@ def test_cli_json_ids_match_the_api_plain_and_int8_on_a_mesh(stories, tmp_path, 
     from llama.quant import quantize_params
 
     assert q == G.generate(quantize_params(params), [prompt], cfg=cfg, max_new_tokens=30).tokens[0]
+    G.main(base + ["--cache-dtype", "int8"])
+    c8 = json.loads(capsys.readouterr().out.strip().splitlines()[0])["ids"]
+    assert c8 == G.generate(params, [prompt], cfg=cfg, max_new_tokens=30, cache_dtype="int8").tokens[0]
 
 
 def test_chat_streams_the_same_ids_as_generate_and_the_repl_runs(tmp_path):

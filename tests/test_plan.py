@@ -31,6 +31,9 @@ def test_405b_inference_needs_two_nodes_in_bf16_and_fits_one_in_int8():
     assert serve(LLAMA31_405B, "data=1,fsdp=8,tensor=2").fits
     int8 = serve(LLAMA31_405B, "data=1,fsdp=1,tensor=8", quantize="int8")
     assert int8.fits and int8.params_bytes < 0.51 * one_node.params_bytes  # int8 + f32 scales + bf16 embedding
+    # An int8 KV cache: 1 byte per element plus a float32 scale per 128-element head vector, vs 2 bytes in bf16.
+    kv8 = serve(LLAMA31_405B, "data=1,fsdp=1,tensor=8", quantize="int8", cache_dtype="int8")
+    assert kv8.kv_cache_bytes == pytest.approx(int8.kv_cache_bytes * (1 + 4 / 128) / 2, rel=1e-9)
 
 
 def test_405b_pretraining_flops_and_gpu_hours():
