@@ -30,6 +30,7 @@ class CheckpointError(ValueError):
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+INT8_NOTE = "int8 weight-only, symmetric, one float32 scale per output channel (llama/quant.py)"
 
 
 # ----------------------------------------------------------------------------------------- atomic writes
@@ -59,11 +60,34 @@ def commit_dir(tmp: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def expected_params(cfg: ModelConfig, quantized: bool = False):
+    """The abstract param tree a checkpoint of `cfg` stores: the model's parameters or, for an int8 checkpoint
+    (llama/quant.py), {"q": int8, "scale": float32} in place of each linear weight."""
+    if not quantized:
+        return abstract_params(cfg)
+    from llama import quant
+
+    return quant.to_dicts(jax.eval_shape(quant.quantize_params, abstract_params(cfg)))
+
+
+def _quantized(tree) -> bool:
+    from llama import quant
+
+    try:
+        return quant.is_quantized(tree)
+    except (KeyError, TypeError):  # not even a model's tree: check_params names what is missing
+        return False
+
+
 def check_params(params, cfg: ModelConfig, where: str = "params") -> None:
-    """The pytree has exactly the config's parameters with the config's shapes; errors name each mismatch."""
+    """The pytree has exactly the config's parameters (plain or int8) with the config's shapes; errors name
+    each mismatch."""
+    from llama import quant
+
     want = {jax.tree_util.keystr(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
-    have = {jax.tree_util.keystr(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+            for p, x in jax.tree_util.tree_flatten_with_path(expected_params(cfg, _quantized(params)))[0]}
+    have = {jax.tree_util.keystr(p): tuple(np.shape(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(quant.to_dicts(params))[0]}
     problems = [f"{k}: missing (config needs {want[k]})" for k in sorted(set(want) - set(have))]
     problems += [f"{k}: not in the config's model (shape {have[k]})" for k in sorted(set(have) - set(want))]
     problems += [f"{k}: shape {have[k]}, config needs {want[k]}" for k in sorted(set(want) & set(have))
@@ -92,12 +116,16 @@ def _write_config_and_manifest(tmp: str, cfg: ModelConfig, provenance: dict | No
 def save_model(directory: str, cfg: ModelConfig, params, *, overwrite: bool = False,
                provenance: dict | None = None) -> str:
     """Writes D/config.json, D/manifest.json and D/params/ atomically (staged beside D, then renamed). Returns D."""
+    from llama import quant
+
     check_params(params, cfg)
+    if quant.is_quantized(params):
+        provenance = {**(provenance or {}), "weights": INT8_NOTE}
     tmp = staging_dir(directory, overwrite)
     try:
         _write_config_and_manifest(tmp, cfg, provenance)
         with ocp.PyTreeCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+            ckptr.save(os.path.join(tmp, PARAMS_DIR), quant.to_dicts(params))
         commit_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,13 +134,17 @@ def save_model(directory: str, cfg: ModelConfig, params, *, overwrite: bool = Fa
 
 
 def save_model_streaming(directory: str, cfg: ModelConfig, arrays: Iterable[tuple[tuple[str, ...], np.ndarray]],
-                         *, overwrite: bool = False, on_write=None, provenance: dict | None = None) -> str:
+                         *, overwrite: bool = False, on_write=None, provenance: dict | None = None,
+                         quantized: bool = False) -> str:
     """Like save_model, but takes (path, array) pairs one at a time and writes each before the next is
-    made, with Orbax partial saves, so host memory holds one parameter at once (HF -> Orbax conversion)."""
+    made, with Orbax partial saves, so host memory holds one parameter at once (HF -> Orbax conversion).
+    quantized: the pairs are an int8 checkpoint's (("layers", "wq", "q"), ...; `expected_params`)."""
     from orbax.checkpoint.experimental.v1 import partial
 
     want = {tuple(str(k.key) for k in p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
+            for p, x in jax.tree_util.tree_flatten_with_path(expected_params(cfg, quantized))[0]}
+    if quantized:
+        provenance = {**(provenance or {}), "weights": INT8_NOTE}
     tmp = staging_dir(directory, overwrite)
     try:
         _write_config_and_manifest(tmp, cfg, provenance)
@@ -191,28 +223,45 @@ def resolve(directory: str) -> tuple[dict, str]:
 def load_model(directory: str, mesh: Mesh | None = None, dtype: str | None = None) -> tuple[ModelConfig, Any]:
     """(cfg, params). With a mesh, each array is restored directly with its sharding from
     `sharding.rules.param_shardings`; without, onto the first device. `dtype` casts while reading
-    (and sets cfg.param_dtype)."""
+    (and sets cfg.param_dtype). An int8 checkpoint comes back as int8 `QuantizedWeight`s (dtype casts
+    only the rest: norms, an untied embedding)."""
+    from llama import quant
+
     cfg_dict, params_dir = resolve(directory)
     cfg = ModelConfig.from_dict(cfg_dict)
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_dir)
-        meta = getattr(meta, "item_metadata", meta)
-        meta = getattr(meta, "tree", meta)
+        meta = _metadata_tree(ckptr, params_dir)
         check_params(meta, cfg, where=params_dir)
+        quantized = _quantized(meta)
         # Without a requested dtype, keep what is stored (the config's param_dtype follows the arrays).
-        cfg = cfg.replace(param_dtype=dtype or str(np.dtype(jax.tree.leaves(meta)[0].dtype)))
+        cfg = cfg.replace(param_dtype=dtype or str(np.dtype(meta["final_norm"].dtype)))
+        abstract = expected_params(cfg, quantized)  # int8 q and float32 scales keep their dtypes
         if mesh is not None:
             from sharding.rules import param_shardings
 
-            shardings = param_shardings(param_specs(cfg), mesh)
+            specs = quant.quantized_specs(cfg) if quantized else param_specs(cfg)
+            shardings = quant.to_dicts(param_shardings(specs, mesh))
         else:
-            shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract_params(cfg))
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, np.dtype(cfg.param_dtype), sharding=s),
-                              abstract_params(cfg), shardings)
+            shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), abstract)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape),
                             target)
         params = ckptr.restore(params_dir, item=target, restore_args=args)
-    return cfg, params
+    return cfg, quant.from_dicts(params)
+
+
+def is_int8(directory: str) -> bool:
+    """Whether a model checkpoint (or train run) holds int8 weights, from its metadata alone."""
+    _, params_dir = resolve(directory)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return _quantized(_metadata_tree(ckptr, params_dir))
+
+
+def _metadata_tree(ckptr, params_dir: str):
+    """The params checkpoint's tree of array metadata (shapes, dtypes), read without the arrays."""
+    meta = ckptr.metadata(params_dir)
+    meta = getattr(meta, "item_metadata", meta)
+    return getattr(meta, "tree", meta)
 
 
 def read_param(params_dir: str, path: tuple[str, ...], dtype=None) -> np.ndarray:

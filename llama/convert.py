@@ -7,6 +7,7 @@ parameter at a time. Meta and llama2.c rotate interleaved pairs, HF rotate-half,
 permuted once on the way in (facts sheet 4.1-4.2). Everything here is numpy on the host: no GPU, no torch.
 
     python -m llama.convert {hf,meta,llama2c,orbax}-to-{orbax,hf} SRC DST [--dtype bfloat16] [--shard-size 5GB]
+                            [--quantize int8]   (to orbax: an int8 checkpoint, served as it is)
     e.g. hf-to-orbax HF_DIR CKPT; orbax-to-hf CKPT_OR_RUN HF_DIR; meta-to-orbax META_DIR CKPT;
     llama2c-to-hf stories260K.bin HF_DIR. See docs/checkpoints.md.
 """
@@ -566,9 +567,11 @@ def open_source(kind: str, src: str, **cfg_overrides) -> tuple[ModelConfig, Mapp
         cfg, state = read_llama2c(src)
         return cfg.replace(**cfg_overrides), state
     if kind == "orbax":
-        from llama.checkpoint import read_param, resolve
+        from llama.checkpoint import is_int8, read_param, resolve
 
         cfg_dict, params_dir = resolve(src)
+        if is_int8(src):
+            raise ConvertError(f"{src}: an int8 checkpoint; convert from the float checkpoint it was made from")
         cfg = ModelConfig.from_dict(cfg_dict).replace(**cfg_overrides)
         # An Orbax source is already in param layout; expose it as HF tensors one stacked param at a time.
         return cfg, ParamsAsHF(cfg, lambda path: read_param(params_dir, path))
@@ -586,17 +589,42 @@ def _dtype_of(state: Mapping[str, np.ndarray], dtype: str | None) -> str:
 
 
 def write_orbax(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, where: str,
-                overwrite: bool = False, progress: bool = True, provenance: dict | None = None) -> ModelConfig:
+                overwrite: bool = False, progress: bool = True, provenance: dict | None = None,
+                quantize: str | None = None) -> ModelConfig:
+    """An Orbax model checkpoint, one parameter at a time; quantize="int8" stores the linear weights as
+    int8 + float32 scales (llama/quant.py), quantized one layer at a time on the host."""
     from tqdm import tqdm
 
     from llama.checkpoint import save_model_streaming
 
     check_names(state, cfg, where)
+    arrays = iter_params(state, cfg, cfg.param_dtype, where)
+    if quantize == "int8":
+        arrays = _int8_arrays(arrays, cfg)
+    elif quantize is not None:
+        raise ConvertError(f"--quantize {quantize!r}: only int8 is supported")
+    done = lambda path, x: path[-1] != "q" and bar.update()  # noqa: E731  (q and its scale: one parameter)
     with tqdm(total=len(table(cfg)), desc=f"-> {dst}", unit="param", disable=not progress) as bar:
-        save_model_streaming(dst, cfg, iter_params(state, cfg, cfg.param_dtype, where), overwrite=overwrite,
-                             on_write=lambda path, x: (bar.set_postfix_str("/".join(path)), bar.update()),
-                             provenance=provenance)
+        save_model_streaming(dst, cfg, arrays, overwrite=overwrite, provenance=provenance,
+                             on_write=lambda path, x: (bar.set_postfix_str("/".join(path)), done(path, x)),
+                             quantized=quantize == "int8")
     return cfg
+
+
+def _int8_arrays(arrays, cfg: ModelConfig):
+    """(path, array) pairs with each linear weight replaced by its int8 (path + ("q",)) and scale pairs."""
+    from llama import quant
+
+    head = "embed" if cfg.tie_embeddings else "lm_head"
+    for path, x in arrays:
+        name = path[-1]
+        if name in quant.CONTRACTED and (name not in ("embed", "lm_head") or name == head):
+            q, scale = quant.quantize_host(x, quant.CONTRACTED[name], stacked=path[0] == "layers")
+            del x
+            yield path + ("q",), q
+            yield path + ("scale",), scale
+        else:
+            yield path, x
 
 
 def write_hf(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, where: str,
@@ -629,14 +657,17 @@ def write_hf(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, whe
 
 
 def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, shard_bytes: int = 5 * 2**30,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+            overwrite: bool = False, progress: bool = True, quantize: str | None = None) -> dict[str, Any]:
     """One conversion, e.g. convert("hf-to-orbax", "Llama-3.1-8B", "ckpt/8b", dtype="bfloat16"). Returns a
-    summary. Nothing is written to `dst` unless the whole conversion succeeds."""
+    summary. Nothing is written to `dst` unless the whole conversion succeeds. quantize="int8" (to orbax
+    only): an int8 checkpoint (`llama.generate` serves it as it is)."""
     kinds = {"hf", "meta", "llama2c", "orbax"}
     parts = direction.split("-to-")
     if len(parts) != 2 or parts[0] not in kinds or parts[1] not in ("hf", "orbax"):
         raise ConvertError(f"unknown conversion {direction!r}; expected one of "
                            f"{', '.join(f'{a}-to-{b}' for a in sorted(kinds) for b in ('hf', 'orbax'))}")
+    if quantize and parts[1] != "orbax":
+        raise ConvertError(f"--quantize {quantize}: int8 checkpoints are Orbax checkpoints; use {parts[0]}-to-orbax")
     start = time.time()
     cfg, state = open_source(parts[0], src)
     out_dtype = _dtype_of(state, dtype)
@@ -647,15 +678,25 @@ def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, sha
         src_files = sorted(os.path.join(src, f) for f in os.listdir(src)) if os.path.isdir(src) else [src]
         write_orbax(dst, cfg, state, where=src, overwrite=overwrite, progress=progress,
                     provenance={"converted_from": direction, "source": os.path.abspath(src),
-                                "source_files": [f for f in src_files if os.path.isfile(f)][:64]})
+                                "source_files": [f for f in src_files if os.path.isfile(f)][:64]},
+                    quantize=quantize)
         files = ["config.json", "manifest.json", "params/"]
     else:
         files = write_hf(dst, cfg, state, where=src, shard_bytes=shard_bytes, overwrite=overwrite, progress=progress)
         files += ["config.json", "generation_config.json"] + (["model.safetensors.index.json"] if len(files) > 1 else [])
     n = cfg.param_count()
     return {"direction": direction, "src": src, "dst": os.path.abspath(dst), "dtype": out_dtype, "params": n,
-            "bytes": n * np.dtype(out_dtype).itemsize, "files": files, "seconds": round(time.time() - start, 2),
+            "quantize": quantize, "bytes": _stored_bytes(cfg, quantize), "files": files, "seconds": round(time.time() - start, 2),
             "config": {k: v for k, v in cfg.to_dict().items() if k not in ("remat", "attention_impl")}}
+
+
+def _stored_bytes(cfg: ModelConfig, quantize: str | None) -> int:
+    import jax
+
+    from llama import quant
+    from llama.checkpoint import expected_params
+
+    return quant.param_bytes(jax.tree.leaves(expected_params(cfg, quantize == "int8")))
 
 
 def _parse_size(s: str) -> int:
@@ -674,15 +715,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's dtype")
     ap.add_argument("--shard-size", default="5GB", help="largest safetensors shard for *-to-hf (default 5GB)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once done)")
+    ap.add_argument("--quantize", choices=("int8",), help="*-to-orbax: store int8 linear weights (llama/quant.py)")
     args = ap.parse_args(argv)
     try:
         summary = convert(args.direction, args.src, args.dst, dtype=args.dtype, shard_bytes=_parse_size(args.shard_size),
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, quantize=args.quantize)
     except ValueError as e:  # ConvertError, ConfigError, CheckpointError: messages name the file and tensor
         print(f"error: {e}", file=sys.stderr)
         return 2
     c = summary["config"]
-    print(f"wrote {summary['dst']} ({summary['direction']}, {summary['dtype']}): {summary['params']:,} parameters, "
+    kind = summary["dtype"] + (", int8 linear weights" if summary["quantize"] else "")
+    print(f"wrote {summary['dst']} ({summary['direction']}, {kind}): {summary['params']:,} parameters, "
           f"{summary['bytes'] / 2**20:,.1f} MiB in {summary['seconds']} s\n"
           f"  model: vocab {c['vocab_size']}, dim {c['dim']}, {c['n_layers']} layers, {c['n_heads']} heads "
           f"({c['n_kv_heads']} kv), ffn {c['ffn_dim']}, tied={c['tie_embeddings']}\n  files: {', '.join(summary['files'])}")

@@ -326,7 +326,8 @@ def stream(params, prompt: Sequence[int], *, cfg: ModelConfig, max_new_tokens: i
 def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantize: str | None = None,
                        dtype: str | None = None):
     """(cfg, params, mesh) from a model checkpoint directory: restored, optionally cast, placed on the mesh
-    and int8-quantized there (the quantizer runs jitted on the devices, donating the full-precision copy)."""
+    and int8-quantized there (the quantizer runs jitted on the devices, donating the full-precision copy).
+    An int8 checkpoint (`python -m llama.convert ... --quantize int8`) loads as int8 whatever `quantize` says."""
     from llama import quant
     from llama.checkpoint import load_model
 
@@ -339,11 +340,11 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
         params = shard_params(params, cfg, mesh)
     if dtype:
         cfg = cfg.replace(param_dtype=dtype, compute_dtype=dtype)
-    if quantize == "int8":
+    if quantize not in (None, "int8"):
+        raise SystemExit(f"--quantize {quantize!r}: only 'int8' is supported")
+    if quantize == "int8" and not quant.is_quantized(params):  # an int8 checkpoint is served as it is
         out_sh = param_shardings(cfg, mesh, quantized=True) if mesh is not None else None
         params = jax.jit(quant.quantize_params, out_shardings=out_sh, donate_argnums=0)(params)
-    elif quantize is not None:
-        raise SystemExit(f"--quantize {quantize!r}: only 'int8' is supported")
     return cfg, params, mesh
 
 

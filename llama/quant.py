@@ -48,7 +48,7 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
 def _map_linear(tree: dict, fn) -> dict:
     """Applies fn(name, leaf) to the linear weights, leaving everything else as is."""
     out = {k: v for k, v in tree.items() if k != "layers"}
-    head = "lm_head" if "lm_head" in tree else "embed"  # a tied model has no lm_head: its embedding is the head
+    head = head_name(tree)  # a tied model has no lm_head: its embedding is the output projection
     out[head] = fn(head, tree[head])
     out["layers"] = {k: fn(k, v) if k in CONTRACTED else v for k, v in tree["layers"].items()}
     return out
@@ -72,9 +72,50 @@ def quantized_specs(cfg: ModelConfig) -> dict:
     return _map_linear(model.param_specs(cfg), one)
 
 
+def quantize_host(w: np.ndarray, contracted: tuple[int, ...], stacked: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize` for a host array, one layer at a time when `stacked` ([L, ...]: the converter holds one
+    stacked parameter, and this adds only its int8 copy, not a float32 one). -> (q, scale) numpy arrays."""
+    if not stacked:
+        out = quantize(jnp.asarray(w), contracted)
+        return np.asarray(out.q), np.asarray(out.scale)
+    q = np.empty(w.shape, np.int8)
+    scale = np.empty(tuple(1 if i in contracted else n for i, n in enumerate(w.shape)), np.float32)
+    for i in range(w.shape[0]):
+        out = quantize(jnp.asarray(w[i]), tuple(a - 1 for a in contracted))
+        q[i], scale[i] = np.asarray(out.q), np.asarray(out.scale)
+    return q, scale
+
+
+def head_name(tree) -> str:
+    """The output projection's name: lm_head, or the embedding when tied (no lm_head)."""
+    return "lm_head" if "lm_head" in tree else "embed"
+
+
+def is_quantized(tree) -> bool:
+    """Whether a param pytree (QuantizedWeight leaves, or their saved {"q", "scale"} form) is int8."""
+    wq = tree["layers"]["wq"]
+    return isinstance(wq, QuantizedWeight) or (isinstance(wq, dict) and set(wq) == {"q", "scale"})
+
+
+def to_dicts(tree):
+    """QuantizedWeight -> {"q", "scale"}: the form checkpoints store (plain nested dicts for Orbax)."""
+    return jax.tree.map(lambda w: {"q": w.q, "scale": w.scale} if isinstance(w, QuantizedWeight) else w, tree,
+                        is_leaf=lambda w: isinstance(w, QuantizedWeight))
+
+
+def from_dicts(tree):
+    """The inverse of `to_dicts`."""
+    if isinstance(tree, dict) and set(tree) == {"q", "scale"}:
+        return QuantizedWeight(q=tree["q"], scale=tree["scale"])
+    if isinstance(tree, dict):
+        return {k: from_dicts(v) for k, v in tree.items()}
+    return tree
+
+
 def param_bytes(params) -> int:
     """Bytes of every array in a param pytree (int8 weights and their scales included)."""
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
 
 
-__all__ = ["CONTRACTED", "quantize", "dequantize", "quantize_params", "quantized_specs", "param_bytes"]
+__all__ = ["CONTRACTED", "quantize", "dequantize", "quantize_params", "quantized_specs", "quantize_host",
+           "head_name", "is_quantized", "to_dicts", "from_dicts", "param_bytes"]

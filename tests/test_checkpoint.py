@@ -148,3 +148,39 @@ def test_train_run_converts_to_hf(tmp_path):
     assert sorted(got) == sorted(want)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
+
+
+# ------------------------------------------------------------------------------------------ int8 checkpoints
+@pytest.mark.parametrize("cfg", [TINY, TINY_TIED.replace(param_dtype="bfloat16")], ids=["f32", "tied-bf16"])
+def test_int8_save_load_round_trip_onto_a_mesh(tmp_path, cfg):
+    """An int8 model saves as {"q", "scale"} per linear weight and loads back as the same QuantizedWeights,
+    whole or straight onto a mesh with the int8 shardings."""
+    from llama import quant
+    from llama.checkpoint import is_int8
+
+    q = quant.quantize_params(params_for(cfg))
+    save_model(str(tmp_path / "q"), cfg, q)
+    assert is_int8(str(tmp_path / "q"))
+    m = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert m["extra"]["weights"].startswith("int8")
+    cfg2, q2 = load_model(str(tmp_path / "q"))
+    assert cfg2 == cfg and quant.is_quantized(q2)
+    assert jax.tree.structure(q2) == jax.tree.structure(q)
+    assert_same(q, q2)
+    assert q2["layers"]["wq"].q.dtype == jnp.int8 and q2["layers"]["wq"].scale.dtype == jnp.float32
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), jax.devices()[:4])
+    _, on_mesh = load_model(str(tmp_path / "q"), mesh=mesh)
+    want = param_shardings(quant.quantized_specs(cfg), mesh)
+    for got, w in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(want)):
+        assert got.sharding.is_equivalent_to(w, got.ndim)
+    assert_same(q, on_mesh)
+
+
+def test_int8_checkpoint_shapes_are_checked(tmp_path):
+    from llama import quant
+
+    q = quant.quantize_params(params_for(TINY))
+    q["layers"]["wq"] = quant.QuantizedWeight(q["layers"]["wq"].q, q["layers"]["wq"].scale[:, :, :1])
+    with pytest.raises(CheckpointError, match=r"\['layers'\]\['wq'\]\['scale'\]: shape"):
+        save_model(str(tmp_path / "bad"), TINY, q)
+    assert not (tmp_path / "bad").exists()

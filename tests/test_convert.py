@@ -358,3 +358,30 @@ def test_cli_summary_and_error(tmp_path, capsys, tiny_state):
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     assert main(["hf-to-orbax", str(tmp_path / "nowhere"), str(tmp_path / "o2")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_stories260k_to_int8_orbax_equals_load_time_quantization(tmp_path, capsys):
+    """`--quantize int8` writes the int8 checkpoint that load-time quantization would make, bit for bit (same
+    formula, one layer at a time on the host), smaller on disk; it serves as it is; HF output is refused."""
+    from llama import generate as G
+    from llama import quant
+
+    src = require_shared("assets", "llama2c_stories260K", "stories260K.bin")
+    assert main(["llama2c-to-orbax", str(src), str(tmp_path / "q"), "--quantize", "int8"]) == 0
+    assert "int8 linear weights" in capsys.readouterr().out
+    convert("llama2c-to-orbax", str(src), str(tmp_path / "f"), progress=False)
+    cfg, q = load_model(str(tmp_path / "q"))
+    _, f = load_model(str(tmp_path / "f"))
+    want = quant.quantize_params(f)
+    assert jax.tree.structure(q) == jax.tree.structure(want) and isinstance(q["embed"], model.QuantizedWeight)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), q, want)
+    size = lambda d: sum(p.stat().st_size for p in (tmp_path / d / "params").rglob("*") if p.is_file())  # noqa: E731
+    print(f"stories260K on disk: float32 {size('f')} bytes, int8 {size('q')} bytes")
+    assert size("q") < 0.4 * size("f")
+    cfg_l, served, _ = G.load_for_inference(str(tmp_path / "q"), quantize="int8")
+    assert G.generate(served, [[1, 403, 407]], cfg=cfg_l, max_new_tokens=20).tokens == \
+        G.generate(want, [[1, 403, 407]], cfg=cfg, max_new_tokens=20).tokens
+    with pytest.raises(ConvertError, match="int8 checkpoints are Orbax checkpoints"):
+        convert("llama2c-to-hf", str(src), str(tmp_path / "h"), quantize="int8", progress=False)
+    with pytest.raises(ConvertError, match="an int8 checkpoint; convert from the float checkpoint"):
+        convert("orbax-to-hf", str(tmp_path / "q"), str(tmp_path / "h"), progress=False)

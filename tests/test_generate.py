@@ -205,6 +205,12 @@ def test_cli_json_ids_match_the_api_plain_and_int8_on_a_mesh(stories, tmp_path, 
     from llama.quant import quantize_params
 
     assert q == G.generate(quantize_params(params), [prompt], cfg=cfg, max_new_tokens=30).tokens[0]
+    # A saved int8 checkpoint serves the same ids, loaded onto the same mesh as it is.
+    from llama.convert import convert
+
+    convert("orbax-to-orbax", ckpt, str(tmp_path / "int8"), quantize="int8", progress=False)
+    G.main([a if a != ckpt else str(tmp_path / "int8") for a in base] + ["--mesh", "data=1,fsdp=1,tensor=8"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[0])["ids"] == q
     G.main(base + ["--cache-dtype", "int8"])
     c8 = json.loads(capsys.readouterr().out.strip().splitlines()[0])["ids"]
     assert c8 == G.generate(params, [prompt], cfg=cfg, max_new_tokens=30, cache_dtype="int8").tokens[0]
