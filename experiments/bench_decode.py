@@ -2,7 +2,8 @@
 
     python -m experiments.bench_decode          # CPU: hidden 256, 4 layers, 8/2 heads, FFN 768, vocab 32000,
                                                 # float32; decode tokens/s at batch 1 and 8, prefill tokens/s,
-                                                # both sides on the same weights, next to the memory-bandwidth bound
+                                                # both sides on the same weights, next to the memory-bandwidth bound;
+                                                # and ours at batch 1 with int8 weights and with an int8 KV cache
     python -m experiments.bench_decode --gpu    # one GPU: Llama 3.1 8B shapes (random weights, initialised on the
                                                 # device), batch-1 decode tokens/s in bfloat16 and int8 next to
                                                 # the bound (weight bytes per token / measured read bandwidth)
@@ -80,11 +81,11 @@ def bytes_per_token(params) -> int:
     return quant.param_bytes(params) - quant.param_bytes(emb) + emb.shape[1] * emb.dtype.itemsize
 
 
-def ours(params, cfg, batch: int, prompt_len: int, new: int):
+def ours(params, cfg, batch: int, prompt_len: int, new: int, cache_dtype=None):
     from llama import generate as G
 
     prompts = [list(range(1, prompt_len + 1)) for _ in range(batch)]
-    return G.generate(params, prompts, cfg=cfg, max_new_tokens=new, stop_ids=[])
+    return G.generate(params, prompts, cfg=cfg, max_new_tokens=new, stop_ids=[], cache_dtype=cache_dtype)
 
 
 def hf_model(params, cfg):
@@ -123,15 +124,23 @@ def cpu(rounds: int) -> dict:
     from llama import model as M
     from llama.config import ModelConfig
 
+    from llama import quant
+
     cfg = ModelConfig(**SHAPE, max_seq_len=8192, bos_id=1, eos_ids=(2,), name="bench-decode")
     params = M.init_params(cfg, jax.random.key(0))
     hf = hf_model(params, cfg)
     bpt = bytes_per_token(params)
+    # This project's int8 variants at batch 1 (no peer: transformers has no CPU int8 path to compare).
+    variants = {"int8_weights": (quant.quantize_params(params), None), "int8_kv_cache": (params, "int8")}
+    var_tps: dict = {k: [] for k in variants}
     res: dict = {"machine": "CPU", "devices": str(jax.devices()), "shape": SHAPE, "dtype": "float32",
                  "prompt": PROMPT, "new_tokens": NEW, "prefill_len": PREFILL, "bytes_per_token": bpt}
     bws, fractions = [], []
     for b in (1, 8):
         ours(params, cfg, b, PROMPT, NEW)  # compile
+        if b == 1:
+            for p, c in variants.values():
+                ours(p, cfg, b, PROMPT, NEW, c)
         mine, peer = [], []
         for _ in range(rounds):
             if b == 1:  # the machine's load varies: measure the bound next to each run, best and sustained
@@ -142,6 +151,9 @@ def cpu(rounds: int) -> dict:
             mine.append(r.decode_tokens / r.decode_s)
             if b == 1:
                 fractions.append(mine[-1] / (max(sustained.values()) * 1e9 / bpt))
+                for k, (p, c) in variants.items():
+                    r = ours(p, cfg, b, PROMPT, NEW, c)
+                    var_tps[k].append(r.decode_tokens / r.decode_s)
             _, dec = hf_run(hf, b, PROMPT, NEW)
             peer.append(b * (NEW - 1) / dec)
         if b == 1:
@@ -164,6 +176,13 @@ def cpu(rounds: int) -> dict:
     # Like with like on a loaded machine: best decode vs best read, and the median of per-round ratios.
     res["fraction_of_bound_b1"] = res["decode_b1_best"] / res["bound_tokens_per_s_b1"]
     res["fraction_of_sustained_bound_b1_median_per_round"] = statistics.median(fractions)
+    bpt8 = bytes_per_token(variants["int8_weights"][0])
+    res["int8_b1"] = {"weights_int8_tokens_per_s": statistics.median(var_tps["int8_weights"]),
+                      "weights_int8_bytes_per_token": bpt8,
+                      "weights_int8_fraction_of_bound_best": max(var_tps["int8_weights"]) / (
+                          max(max(bw.values()) for bw in bws) * 1e9 / bpt8),
+                      "kv_cache_int8_tokens_per_s": statistics.median(var_tps["int8_kv_cache"]),
+                      "float32_tokens_per_s": res["decode_b1"]["ours"]}
     return res
 
 
