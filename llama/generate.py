@@ -34,7 +34,6 @@ import numpy as np
 
 from llama import model
 from llama.config import ModelConfig
-from llama.model import QuantizedWeight
 from llama.sampling import GREEDY, SamplingConfig, sample
 from sharding import rules as sharding_rules
 
@@ -159,8 +158,9 @@ def param_shardings(cfg: ModelConfig, mesh, quantized: bool = False):
 
 def shard_params(params, cfg: ModelConfig, mesh):
     """Places params (plain or int8) on the mesh (`param_shardings`)."""
-    quantized = isinstance(params["layers"]["wq"], QuantizedWeight)
-    return jax.device_put(params, param_shardings(cfg, mesh, quantized))
+    from llama import quant
+
+    return jax.device_put(params, param_shardings(cfg, mesh, quant.is_quantized(params)))
 
 
 # ---------------------------------------------------------------------------------------------- host API

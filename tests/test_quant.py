@@ -97,7 +97,9 @@ def test_quantized_specs_shard_and_generate_like_one_device():
     assert many.tokens == one
 
 
-def test_stories260k_int8_top1_agreement_and_kl():
+@pytest.fixture(scope="module")
+def stories():
+    """The real stories260K model and 4 x 512 tokens of real TinyStories text."""
     from llama.convert import load_llama2c
     from llama.tokenizer import load_tokenizer
 
@@ -106,14 +108,22 @@ def test_stories260k_int8_top1_agreement_and_kl():
     text = require_shared("assets", "text", "tinystories", "tinystories_v1_valid_head.txt").read_text()
     ids = tok.encode(text[:20000], bos=True)
     T = cfg.max_seq_len
-    rows = np.asarray([ids[i * T:(i + 1) * T] for i in range(4)], np.int32)  # 4 x 512 tokens of real stories
+    return cfg, params, np.asarray([ids[i * T:(i + 1) * T] for i in range(4)], np.int32)
+
+
+def _agreement_and_kl(ref, out) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(ref || out) in nats of two float32 logit arrays [..., V]."""
+    agree = float(jnp.mean(jnp.argmax(ref, -1) == jnp.argmax(out, -1)))
+    logp, logq = jax.nn.log_softmax(ref), jax.nn.log_softmax(out)
+    return agree, float(jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1)))
+
+
+def test_stories260k_int8_top1_agreement_and_kl(stories):
+    cfg, params, rows = stories
     fwd = jax.jit(M.forward, static_argnames="cfg")
     ref = fwd(params, rows, cfg=cfg)
     q = quant.quantize_params(params)
-    out = fwd(q, rows, cfg=cfg)
-    agree = float(jnp.mean(jnp.argmax(ref, -1) == jnp.argmax(out, -1)))
-    logp, logq = jax.nn.log_softmax(ref), jax.nn.log_softmax(out)
-    kl = float(jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1)))
+    agree, kl = _agreement_and_kl(ref, fwd(q, rows, cfg=cfg))
     bf16 = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
     ratio = quant.param_bytes(jax.tree.map(jnp.asarray, quant.quantize_params(bf16))) / quant.param_bytes(bf16)
     print(f"stories260K int8: top-1 agreement {agree:.4f}, mean KL {kl:.2e} nats over {rows.size} tokens; "
@@ -146,27 +156,18 @@ def test_int8_cache_reads_back_within_half_a_step_and_its_bytes():
     assert ratio == pytest.approx((1 + 4 / cfg.head_dim) / 4)
 
 
-def test_stories260k_int8_cache_top1_agreement_and_kl():
+def test_stories260k_int8_cache_top1_agreement_and_kl(stories):
     """Teacher-forced over 4 x 512 tokens of real TinyStories: one forward_cached pass writes every token into
     an int8 cache and every attention reads it back, against the float32 model (same 97% bar as the weights)."""
-    from llama.convert import load_llama2c
-    from llama.tokenizer import load_tokenizer
-
-    cfg, params = load_llama2c(str(require_shared("assets", "llama2c_stories260K", "stories260K.bin")))
-    tok = load_tokenizer(require_shared("assets", "llama2c_stories260K", "tok512.model"))
-    text = require_shared("assets", "text", "tinystories", "tinystories_v1_valid_head.txt").read_text()
-    ids = tok.encode(text[:20000], bos=True)
-    T = cfg.max_seq_len
-    rows = jnp.asarray([ids[i * T:(i + 1) * T] for i in range(4)], jnp.int32)
+    cfg, params, rows = stories
+    T = rows.shape[1]
     pos = jnp.broadcast_to(jnp.arange(T), rows.shape)
     ref = jax.jit(M.forward, static_argnames="cfg")(params, rows, cfg=cfg)
     run = jax.jit(M.forward_cached, static_argnames="cfg")
     out, cache = run(params, rows, pos, M.init_cache(cfg, 4, T, "int8"), cfg=cfg)
     same, _ = run(params, rows, pos, M.init_cache(cfg, 4, T, "float32"), cfg=cfg)
     np.testing.assert_allclose(same, ref, atol=1e-4, rtol=0)  # the float cache is the model itself
-    agree = float(jnp.mean(jnp.argmax(ref, -1) == jnp.argmax(out, -1)))
-    logp, logq = jax.nn.log_softmax(ref), jax.nn.log_softmax(out)
-    kl = float(jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1)))
+    agree, kl = _agreement_and_kl(ref, out)
     print(f"stories260K int8 KV cache: top-1 agreement {agree:.4f}, mean KL {kl:.2e} nats over {rows.size} tokens")
     assert agree >= 0.97
 
