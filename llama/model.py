@@ -101,6 +101,15 @@ class QuantizedWeight:
     scale: jax.Array  # float32
 
 
+def int8_symmetric(x: jax.Array, axes: tuple[int, ...]) -> QuantizedWeight:
+    """The one int8 rounding rule (weights, llama/quant.py, and the int8 KV cache): scale = absmax over `axes`
+    / 127 in float32 (1 where the absmax is 0, so q = 0), q = round(x / scale) clipped to [-127, 127]."""
+    x32 = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x32), axis=axes, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    return QuantizedWeight(q=jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale=scale)
+
+
 def linear(eqn: str, x: jax.Array, w) -> jax.Array:
     """Every projection goes through here, so int8 weights need no second code path. For int8 the
     matmul reads the int8 tensor and converts it inside the fused dot; the per-channel scale is applied to
@@ -217,11 +226,9 @@ def _write_cache(cache: dict, k: jax.Array, v: jax.Array, positions: jax.Array):
     new = {}
     for name, x in (("k", k), ("v", v)):
         if name + "_scale" in cache:
-            amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
-            scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-            q = jnp.clip(jnp.round(x.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
-            new[name] = cache[name].at[rows, positions].set(q, mode="drop")
-            new[name + "_scale"] = cache[name + "_scale"].at[rows, positions].set(scale, mode="drop")
+            x8 = int8_symmetric(x, (-1,))
+            new[name] = cache[name].at[rows, positions].set(x8.q, mode="drop")
+            new[name + "_scale"] = cache[name + "_scale"].at[rows, positions].set(x8.scale, mode="drop")
         else:
             new[name] = cache[name].at[rows, positions].set(x.astype(cache[name].dtype), mode="drop")
     return _read_cache(new, "k", k.dtype), _read_cache(new, "v", v.dtype), new

@@ -33,12 +33,9 @@ CONTRACTED: dict[str, tuple[int, ...]] = {
 
 
 def quantize(w: jax.Array, contracted: tuple[int, ...]) -> QuantizedWeight:
-    """Symmetric int8 with one float32 scale per output channel. An all-zero channel gets scale 1 (q = 0)."""
-    w32 = w.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(w32), axis=contracted, keepdims=True)
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(w32 / scale), -127, 127).astype(jnp.int8)
-    return QuantizedWeight(q=q, scale=scale)
+    """Symmetric int8 with one float32 scale per output channel (`model.int8_symmetric` over the contracted
+    axes). An all-zero channel gets scale 1 (q = 0)."""
+    return model.int8_symmetric(w, contracted)
 
 
 def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
