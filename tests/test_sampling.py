@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama.sampling import GREEDY, SamplingConfig, candidates, sample
+from llama.sampling import GREEDY, SamplingConfig, argmax, candidates, sample
 
 # A known distribution over 8 ids, deliberately not in id order.
 PROBS = np.array([0.06, 0.40, 0.02, 0.15, 0.25, 0.04, 0.05, 0.03])
@@ -39,6 +39,19 @@ def check_frequencies(ids: np.ndarray, allowed: set[int], probs: np.ndarray):
 def test_greedy_is_argmax():
     logits = jax.random.normal(jax.random.key(1), (16, 300))
     np.testing.assert_array_equal(sample(logits, jax.random.key(0), GREEDY), np.argmax(logits, -1))
+
+
+def test_argmax_is_jnp_argmax_ties_nans_and_infinities_included():
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((6, 32000)).astype(np.float32)
+    rows[1, [7, 9000, 31999]] = 50.0  # ties: the first maximum wins
+    rows[2, [5, 17]] = np.nan  # NaN: the first NaN, as jnp.argmax
+    rows[3] = -np.inf
+    rows[4, 123] = np.inf
+    rows[5] = 1.0  # all equal: index 0
+    for x in (rows, rows.astype(jnp.bfloat16), rows[:, :5]):
+        np.testing.assert_array_equal(jax.jit(argmax)(x), jnp.argmax(x, axis=-1))
+    assert argmax(rows).dtype == jnp.int32
 
 
 def test_defaults_are_metas():
