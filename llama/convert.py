@@ -600,7 +600,9 @@ def write_orbax(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, 
     check_names(state, cfg, where)
     arrays = iter_params(state, cfg, cfg.param_dtype, where)
     if quantize == "int8":
-        arrays = _int8_arrays(arrays, cfg)
+        from llama import quant
+
+        arrays = quant.quantize_arrays(arrays, head="embed" if cfg.tie_embeddings else "lm_head")
     elif quantize is not None:
         raise ConvertError(f"--quantize {quantize!r}: only int8 is supported")
     done = lambda path, x: path[-1] != "q" and bar.update()  # noqa: E731  (q and its scale: one parameter)
@@ -609,22 +611,6 @@ def write_orbax(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, 
                              on_write=lambda path, x: (bar.set_postfix_str("/".join(path)), done(path, x)),
                              quantized=quantize == "int8")
     return cfg
-
-
-def _int8_arrays(arrays, cfg: ModelConfig):
-    """(path, array) pairs with each linear weight replaced by its int8 (path + ("q",)) and scale pairs."""
-    from llama import quant
-
-    head = "embed" if cfg.tie_embeddings else "lm_head"
-    for path, x in arrays:
-        name = path[-1]
-        if name in quant.CONTRACTED and (name not in ("embed", "lm_head") or name == head):
-            q, scale = quant.quantize_host(x, quant.CONTRACTED[name], stacked=path[0] == "layers")
-            del x
-            yield path + ("q",), q
-            yield path + ("scale",), scale
-        else:
-            yield path, x
 
 
 def write_hf(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, where: str,

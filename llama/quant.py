@@ -42,12 +42,17 @@ def dequantize(w: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
     return (w.q.astype(jnp.float32) * w.scale).astype(dtype)
 
 
+def is_linear(path: tuple[str, ...], head: str) -> bool:
+    """Whether the parameter at `path` (e.g. ("layers", "wq")) is quantized: a layer projection, or the output
+    projection `head` (`head_name`: lm_head, or the embedding of a tied model)."""
+    return path[-1] in CONTRACTED and (path[0] == "layers" or path[-1] == head)
+
+
 def _map_linear(tree: dict, fn) -> dict:
     """Applies fn(name, leaf) to the linear weights, leaving everything else as is."""
-    out = {k: v for k, v in tree.items() if k != "layers"}
-    head = head_name(tree)  # a tied model has no lm_head: its embedding is the output projection
-    out[head] = fn(head, tree[head])
-    out["layers"] = {k: fn(k, v) if k in CONTRACTED else v for k, v in tree["layers"].items()}
+    head = head_name(tree)
+    out = {k: fn(k, v) if is_linear((k,), head) else v for k, v in tree.items() if k != "layers"}
+    out["layers"] = {k: fn(k, v) if is_linear(("layers", k), head) else v for k, v in tree["layers"].items()}
     return out
 
 
@@ -83,6 +88,19 @@ def quantize_host(w: np.ndarray, contracted: tuple[int, ...], stacked: bool) -> 
     return q, scale
 
 
+def quantize_arrays(arrays, head: str):
+    """(path, host array) pairs, one parameter at a time, with each linear weight (`is_linear`) replaced by
+    its (path + ("q",), int8) and (path + ("scale",), float32) pairs: an int8 checkpoint's stream."""
+    for path, x in arrays:
+        if is_linear(path, head):
+            q, scale = quantize_host(x, CONTRACTED[path[-1]], stacked=path[0] == "layers")
+            del x
+            yield path + ("q",), q
+            yield path + ("scale",), scale
+        else:
+            yield path, x
+
+
 def head_name(tree) -> str:
     """The output projection's name: lm_head, or the embedding when tied (no lm_head)."""
     return "lm_head" if "lm_head" in tree else "embed"
@@ -115,4 +133,4 @@ def param_bytes(params) -> int:
 
 
 __all__ = ["CONTRACTED", "quantize", "dequantize", "quantize_params", "quantized_specs", "quantize_host",
-           "head_name", "is_quantized", "to_dicts", "from_dicts", "param_bytes"]
+           "quantize_arrays", "is_linear", "head_name", "is_quantized", "to_dicts", "from_dicts", "param_bytes"]

@@ -9,7 +9,7 @@ import pytest
 from llama import generate as G
 from llama import model as M
 from llama import quant
-from llama.config import LLAMA31_8B, TINY
+from llama.config import TINY
 from sharding.rules import MeshConfig, make_mesh, param_shardings
 from tests.conftest import require_shared
 
@@ -64,25 +64,18 @@ def test_linear_on_int8_equals_the_dequantised_matmul(eqn, name):
     np.testing.assert_allclose(M.linear(eqn, x, qw), jnp.einsum(eqn, x, quant.dequantize(qw)), rtol=1e-5, atol=1e-6)
 
 
-def test_parameter_bytes_about_half_of_bfloat16():
-    """8B shapes (no memory, eval_shape): the token embedding (a gather) stays bf16, everything else int8."""
-    bf16 = M.abstract_params(LLAMA31_8B)
+@pytest.mark.parametrize("name,low,high", [("llama3.1-8b", 0.5, 0.54), ("llama3.2-1b", 0.5, 0.51)])
+def test_parameter_bytes_about_half_of_bfloat16(name, low, high):
+    """Shapes only (eval_shape). 8B: the token embedding (a gather) stays bf16, everything else int8. Llama 3.2
+    1B ties its 128256 x 2048 embedding (a fifth of the model) to the output projection: that table is int8
+    too, so the whole model is about half of bfloat16 (it would be 0.6 with the table left in bf16)."""
+    from llama.config import preset
+
+    bf16 = M.abstract_params(preset(name))
     int8 = jax.eval_shape(quant.quantize_params, bf16)
     ratio = quant.param_bytes(int8) / quant.param_bytes(bf16)
-    print(f"8B int8 / bf16 parameter bytes: {ratio:.4f}")
-    assert 0.5 < ratio < 0.54
-
-
-def test_tied_llama32_1b_parameter_bytes_about_half_of_bfloat16():
-    """Llama 3.2 1B ties its 128256 x 2048 embedding (a fifth of the model) to the output projection: that table
-    is int8 too, so the whole model is about half of bfloat16 (it would be 0.6 with the table left in bf16)."""
-    from llama.config import LLAMA32_1B
-
-    bf16 = M.abstract_params(LLAMA32_1B)
-    int8 = jax.eval_shape(quant.quantize_params, bf16)
-    ratio = quant.param_bytes(int8) / quant.param_bytes(bf16)
-    print(f"3.2 1B int8 / bf16 parameter bytes: {ratio:.4f}")
-    assert 0.5 < ratio < 0.51
+    print(f"{name} int8 / bf16 parameter bytes: {ratio:.4f}")
+    assert low < ratio < high
 
 
 def test_quantized_specs_shard_and_generate_like_one_device():
