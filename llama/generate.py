@@ -51,7 +51,7 @@ class ContextLimitError(ValueError):
 class DecodeState:
     """Everything the decode loop carries, all on device. B rows, M = max new tokens, E = stop ids per row."""
 
-    cache: dict  # {"k", "v"}: [L, B, S, K, H]
+    cache: dict  # {"k", "v"}: [L, B, K, S, H] (model.init_cache)
     token: jax.Array  # [B] the last sampled token, not yet written to the cache
     position: jax.Array  # [B] its position, which is also the cache slot it will be written to
     out: jax.Array  # [B, M] generated ids; -1 after a row has stopped
@@ -135,9 +135,9 @@ def _compiled(fn, args: tuple, static: dict):
 
 # -------------------------------------------------------------------------------------------- sharding
 def cache_sharding(cfg: ModelConfig, mesh, batch: int, cache_len: int = 1):
-    """NamedSharding of the KV cache [L, B, S, K, H] (model.CACHE_AXES), fitted by sharding/rules.py: batch over
+    """NamedSharding of the KV cache [L, B, K, S, H] (model.CACHE_AXES), fitted by sharding/rules.py: batch over
     data x fsdp and KV heads over tensor where they divide, replicated on that axis otherwise."""
-    shape = jax.ShapeDtypeStruct((cfg.n_layers, batch, cache_len, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+    shape = jax.ShapeDtypeStruct(model.cache_shape(cfg, batch, cache_len), jnp.float32)
     return sharding_rules.cache_shardings(mesh, {"k": shape})["k"]
 
 

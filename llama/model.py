@@ -201,40 +201,48 @@ def mlp(x: jax.Array, p: Params) -> jax.Array:
 
 
 def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, mask: jax.Array,
-                  inv_freq: jax.Array, cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+                  inv_freq: jax.Array, cache: dict | None = None,
+                  layer: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
     """One pre-norm block. x: [B, T, D]; p: this layer's slice of params["layers"].
-    With a cache ({"k", "v"}: [B, S, K, H]) the new keys (after RoPE) and values are written at their
-    positions and attention reads the whole cache; the mask says which slots are visible."""
+    With a cache (the whole stack, `init_cache`) and this layer's index, the new keys (after RoPE) and values
+    are written at their positions and attention reads all of this layer's slots; the mask says which are
+    visible."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
     q = apply_rope(linear("BTD,DNH->BTNH", h, p["wq"]), positions, inv_freq)
     k = apply_rope(linear("BTD,DKH->BTKH", h, p["wk"]), positions, inv_freq)
     v = linear("BTD,DKH->BTKH", h, p["wv"])
     if cache is not None:
-        k, v, cache = _write_cache(cache, k, v, positions)
+        k, v, cache = _write_cache(cache, layer, k, v, positions)
     o = attention(q, k, v, mask, cfg.attention_impl)
     x = x + linear("BTNH,NHD->BTD", o, p["wo"])
     x = x + mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
     return x, cache
 
 
-def _write_cache(cache: dict, k: jax.Array, v: jax.Array, positions: jax.Array):
-    """Scatter this step's K/V [B, T, K, H] into the cache at each row's positions [B, T]; returns the whole
-    cache's K and V in the activation dtype, and the new cache. An int8 cache (`init_cache(dtype="int8")`)
-    stores each token's head vector as int8 with one float32 scale (its absmax / 127) and is read back
-    dequantised: a quarter of the float32 bytes (half of bf16) plus 4 bytes per H-vector for the scale."""
+def _write_cache(cache: dict, layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array):
+    """Scatter this step's K/V [B, T, K, H] into layer `layer` of the cache, in place, at each row's positions
+    [B, T]; returns that layer's K and V as attention takes them ([B, S, K, H], activation dtype) and the new
+    cache. An int8 cache (`init_cache(dtype="int8")`) stores each token's head vector as int8 with one float32
+    scale (its absmax / 127) and is read back dequantised: a quarter of the float32 bytes (half of bf16) plus 4
+    bytes per H-vector for the scale."""
     rows = jnp.arange(k.shape[0])[:, None]
-    new = {}
+    new = dict(cache)
     for name, x in (("k", k), ("v", v)):
+        # [layer, rows, :, positions] selects [B, T, K, H] slots of the [L, B, K, S, H] cache
         if name + "_scale" in cache:
             x8 = int8_symmetric(x, (-1,))
-            new[name] = cache[name].at[rows, positions].set(x8.q, mode="drop")
-            new[name + "_scale"] = cache[name + "_scale"].at[rows, positions].set(x8.scale, mode="drop")
+            new[name] = cache[name].at[layer, rows, :, positions].set(x8.q, mode="drop")
+            new[name + "_scale"] = cache[name + "_scale"].at[layer, rows, :, positions].set(x8.scale, mode="drop")
         else:
-            new[name] = cache[name].at[rows, positions].set(x.astype(cache[name].dtype), mode="drop")
-    return _read_cache(new, "k", k.dtype), _read_cache(new, "v", v.dtype), new
+            new[name] = cache[name].at[layer, rows, :, positions].set(x.astype(cache[name].dtype), mode="drop")
+    this_layer = {name: a[layer] for name, a in new.items()}
+    # [B, K, S, H] -> [B, S, K, H]: a transpose that XLA folds into attention's dots (no copy)
+    read = lambda name, dtype: _read_cache(this_layer, name, dtype).transpose(0, 2, 1, 3)  # noqa: E731
+    return read("k", k.dtype), read("v", v.dtype), new
 
 
 def _read_cache(cache: dict, name: str, dtype) -> jax.Array:
+    """cache[name] ("k" or "v", any leading slice of it) in `dtype`, dequantised where the cache is int8."""
     if name + "_scale" in cache:
         return (cache[name].astype(jnp.float32) * cache[name + "_scale"]).astype(dtype)
     return cache[name].astype(dtype)
@@ -267,16 +275,22 @@ def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def _layers(params: Params, x, cfg: ModelConfig, positions, mask, cache):
+    """Scan the stacked layers. A KV cache rides in the carry and each layer writes its own slots in place: as a
+    scanned input and output it would be sliced out and stacked back, two copies of the whole cache per decode
+    step (at 4096 slots that made CPU decode 1.7x slower; docs/benchmarks.md)."""
     inv_freq = rope_frequencies(cfg)
 
-    def body(x, layer):
-        p, c = layer
-        x, c = decoder_layer(x, p, cfg, positions, mask, inv_freq, c)
-        return constrain(x, ACTIVATION_AXES), c  # layer boundary: sharding/rules.py (no-op without a mesh)
+    def body(carry, layer):
+        x, cache = carry
+        p, i = layer
+        x, cache = decoder_layer(x, p, cfg, positions, mask, inv_freq, cache, i)
+        return (constrain(x, ACTIVATION_AXES), cache), None  # layer boundary: sharding/rules.py (no-op without a mesh)
 
     if _REMAT[cfg.remat] is not None:
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-    return jax.lax.scan(body, constrain(x, ACTIVATION_AXES), (params["layers"], cache))
+    layers = (params["layers"], jnp.arange(cfg.n_layers, dtype=jnp.int32))
+    (x, cache), _ = jax.lax.scan(body, (constrain(x, ACTIVATION_AXES), cache), layers)
+    return x, cache
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = None,
@@ -296,11 +310,20 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = Non
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
+def cache_shape(cfg: ModelConfig, batch: int, max_len: int) -> tuple[int, ...]:
+    """[L, B, K, S, H] (`CACHE_AXES`): each KV head's S x H slots are contiguous, so attention's two dots read a
+    layer's cache as it lies, with no per-step transpose."""
+    return (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+
+
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_sequence", "head_dim")
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """Preallocated cache, one row per sequence: K (after RoPE) and V for the K KV heads only.
-    {"k", "v"}: [L, B, S, K, H]. The slot of a token is its position. dtype: default the compute dtype;
-    "int8" adds {"k_scale", "v_scale"}: [L, B, S, K, 1] float32, one scale per token and KV head (_write_cache)."""
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    {"k", "v"}: `cache_shape`. The slot of a token is its position. dtype: default the compute dtype; "int8"
+    adds {"k_scale", "v_scale"}: [L, B, K, S, 1] float32, one scale per token and KV head (_write_cache)."""
+    shape = cache_shape(cfg, batch, max_len)
     dtype = jnp.dtype(dtype or cfg.compute_dtype)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     if dtype == jnp.int8:
@@ -308,9 +331,6 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     elif not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"KV cache dtype {dtype}: expected a float dtype or int8")
     return cache
-
-
-CACHE_AXES = ("layers", "batch", "cache_sequence", "kv_heads", "head_dim")
 
 
 def forward_cached(params: Params, tokens: jax.Array, positions: jax.Array, cache: dict, *,
@@ -321,7 +341,7 @@ def forward_cached(params: Params, tokens: jax.Array, positions: jax.Array, cach
     logits_at: optional [B] index into T; then only that token's logits are computed ([B, 1, V]): a prefill
     needs just each prompt's last token, and the vocab projection would otherwise dominate its cost."""
     B = tokens.shape[0]
-    S = cache["k"].shape[2]
+    S = cache["k"].shape[3]
     k_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     mask = attention_mask(positions, k_index, None, None)
     x, cache = _layers(params, embed(params, tokens, cfg), cfg, positions, mask, cache)

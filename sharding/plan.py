@@ -14,7 +14,7 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
 - activations: what the backward pass keeps, per layer and token, for the remat policy (below), times
   L x local batch x T, plus one layer's working set and the float32 logits; inference: one layer's working set
   of a prefill of T tokens (the xla attention path materialises the float32 [T, S] scores);
-- KV cache (inference): [L, B, S, K, H] in --dtype (or --cache-dtype; int8: 1 + 4/H bytes per element), with
+- KV cache (inference): [L, B, K, S, H] in --dtype (or --cache-dtype; int8: 1 + 4/H bytes per element), with
   the cache's fitted sharding (KV heads over tensor only where they divide, batch over data x fsdp only where it
   divides);
 - FSDP gathers (fsdp > 1): the embedding table and one layer's weights made whole along D for use, and in
@@ -209,7 +209,7 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
             raise ValueError(f"--quantize {quantize!r}: only int8 is implemented (llama.quant)")
         else:
             params = sharded_bytes(specs, sizes, lambda p, s: a)
-        cache = jax.ShapeDtypeStruct((cfg.n_layers, batch, seq_len, cfg.n_kv_heads, cfg.head_dim), dtype)
+        cache = jax.ShapeDtypeStruct(model.cache_shape(cfg, batch, seq_len), dtype)
         kv_spec = rules.fitted_spec(model.CACHE_AXES, cache.shape, sizes)
         kv_bytes = 1 + 4 / cfg.head_dim if cache_dtype == "int8" else _BYTES[cache_dtype or dtype]
         kv = 2 * math.prod(cache.shape) * kv_bytes / _shard_factor(kv_spec, sizes)

@@ -125,7 +125,7 @@ def param_shardings(specs, mesh: Mesh, rules: Mapping[str, Any] = RULES):
 
 
 def cache_shardings(mesh: Mesh, cache, rules: Mapping[str, Any] = RULES):
-    """KV cache {"k", "v"}: [L, B, S, K, H] (arrays or shape structs) -> fitted shardings from
+    """KV cache {"k", "v"}: [L, B, K, S, H] (arrays or shape structs) -> fitted shardings from
     `llama.model.CACHE_AXES`: batch over (data, fsdp) and KV heads over tensor where they divide, else
     replicated on that axis (GQA models have only 8 KV heads; tensor=16 still works)."""
     from llama.model import CACHE_AXES

@@ -134,8 +134,8 @@ def test_greedy_identical_on_one_and_eight_devices(mesh_cfg, kv_spec):
     mesh = make_mesh(mesh_cfg)
     sharded = G.shard_params(params, cfg, mesh)
     assert sharded["layers"]["wq"].sharding.spec[2] == "tensor"
-    spec = G.cache_sharding(cfg, mesh, len(prompts)).spec  # [L, B, S, K, H]: batch over data x fsdp
-    assert tuple(spec) == (None, ("data", "fsdp"), None, kv_spec, None), spec
+    spec = G.cache_sharding(cfg, mesh, len(prompts)).spec  # [L, B, K, S, H]: batch over data x fsdp
+    assert tuple(spec) == (None, ("data", "fsdp"), kv_spec, None, None), spec
     multi = G.generate(sharded, prompts, cfg=cfg, max_new_tokens=24, stop_ids=[], mesh=mesh)
     assert multi.tokens == single.tokens
 

@@ -95,10 +95,10 @@ def test_parameter_that_does_not_divide_names_itself_and_sizes():
 def test_kv_cache_falls_back_to_replication_where_heads_do_not_divide():
     mesh = mesh_of("data=2,fsdp=2,tensor=2")
     cache = jax.eval_shape(lambda: model.init_cache(CFG, 4, 32))
-    assert rules.cache_shardings(mesh, cache)["k"].spec == P(None, ("data", "fsdp"), None, "tensor", None)
+    assert rules.cache_shardings(mesh, cache)["k"].spec == P(None, ("data", "fsdp"), "tensor", None, None)
     few_heads = jax.eval_shape(lambda: model.init_cache(CFG.replace(n_kv_heads=2), 1, 32))
     # 2 KV heads on tensor=8, a batch of 1 on data=8: replicated, for the cache only (params stay strict, above).
-    assert rules.cache_shardings(mesh_of("tensor=8"), few_heads)["v"].spec[3] is None
+    assert rules.cache_shardings(mesh_of("tensor=8"), few_heads)["v"].spec[2] is None
     assert rules.cache_shardings(mesh_of("data=8"), few_heads)["v"].spec[1] in (None, "fsdp")  # fsdp has size 1
     # batch 2 on data=2 x fsdp=2: keeps data, drops fsdp
     assert rules.fitted_spec(("batch",), (2,), dict(mesh.shape)) == P("data")
