@@ -361,7 +361,8 @@ def restore_checkpoint(mngr, step: int, cfg: TrainConfig, mesh) -> tuple[TrainSt
     rng = jax.device_put(np.asarray(meta["rng"], np.uint32), target.rng.sharding)
     state = TrainState(jax.device_put(np.int32(meta["step"]), target.step.sharding), got["params"],
                        got["opt_state"], rng)
-    data = got["data"]["processes"]
+    # Checkpoints written before the per-process positions (one process) hold that process's state itself.
+    data = got["data"]["processes"] if "processes" in got["data"] else [got["data"]]
     if len(data) != jax.process_count():
         raise ConfigError(f"{mngr.directory}/{step}: saved by {len(data)} process(es), resumed with "
                           f"{jax.process_count()}: the input iterator positions are per process; resume with "
