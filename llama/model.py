@@ -236,7 +236,8 @@ def _write_cache(cache: dict, layer: jax.Array, k: jax.Array, v: jax.Array, posi
         else:
             new[name] = cache[name].at[layer, rows, :, positions].set(x.astype(cache[name].dtype), mode="drop")
     this_layer = {name: a[layer] for name, a in new.items()}
-    # [B, K, S, H] -> [B, S, K, H]: a transpose that XLA folds into attention's dots (no copy)
+    # [B, K, S, H] -> attention's [B, S, K, H]: XLA folds the transpose into the dots, or into the copy that
+    # slicing the layer out makes anyway (on CPU a dynamic slice does not fuse into a dot)
     read = lambda name, dtype: _read_cache(this_layer, name, dtype).transpose(0, 2, 1, 3)  # noqa: E731
     return read("k", k.dtype), read("v", v.dtype), new
 
@@ -277,7 +278,8 @@ def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 def _layers(params: Params, x, cfg: ModelConfig, positions, mask, cache):
     """Scan the stacked layers. A KV cache rides in the carry and each layer writes its own slots in place: as a
     scanned input and output it would be sliced out and stacked back, two copies of the whole cache per decode
-    step (at 4096 slots that made CPU decode 1.7x slower; docs/benchmarks.md)."""
+    step (with them, and the old [L, B, S, K, H] layout, CPU decode at 4080 slots ran at half today's speed;
+    docs/benchmarks.md)."""
     inv_freq = rope_frequencies(cfg)
 
     def body(carry, layer):
