@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from llama.config import TINY, ModelConfig, to_hf_config
-from llama.convert import torch_shape, hf_names, table, write_safetensors_shards
+from llama.convert import hf_names, table, torch_shape
+from llama.tensor_files import write_safetensors_shards
 
 # The naive peer: read every tensor, build the whole param pytree in memory, then one Orbax save.
 _NAIVE = ("import resource, sys\nfrom llama.convert import open_source, hf_to_params\n"

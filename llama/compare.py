@@ -460,8 +460,8 @@ def plot(m: dict, path: str) -> str:
 def write_diff(out: str, m: dict, a_path: str, b_path: str, violations: list[str] | None = None) -> str:
     os.makedirs(out, exist_ok=True)
     md = markdown(m, a_path, b_path, violations)
-    manifest.atomic_write_text(os.path.join(out, "diff.md"), md)
-    manifest.atomic_write_text(os.path.join(out, "diff.json"), json.dumps(
+    manifest.atomic_write(os.path.join(out, "diff.md"), md)
+    manifest.atomic_write(os.path.join(out, "diff.json"), json.dumps(
         {"a": a_path, "b": b_path, "metrics": m, "violations": violations}, indent=1, sort_keys=True) + "\n")
     plot(m, os.path.join(out, "diff.png"))
     return md

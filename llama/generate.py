@@ -411,8 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         timing = {"prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s,
                   "prefill_s": res.prefill_s, "decode_s": res.decode_s, "compile_s": res.compile_s}
         os.makedirs(a.report, exist_ok=True)
-        manifest.atomic_write_text(os.path.join(a.report, "generations.json"),
-                                   json.dumps({"generations": rows, "timing": timing}, indent=1))
+        manifest.atomic_write(os.path.join(a.report, "generations.json"),
+                              json.dumps({"generations": rows, "timing": timing}, indent=1))
         manifest.write_manifest(a.report, config={"model": cfg, "args": vars(a)}, mesh=mesh, seeds={"sampling": a.seed},
                                 data_files=[os.path.join(a.checkpoint, "config.json"), str(tok.path)])
         print(f"report: {a.report}/generations.json, {a.report}/manifest.json", file=sys.stderr)

@@ -232,16 +232,18 @@ def build_manifest(*, config: Any = None, mesh: Any = None, seeds: Mapping[str, 
     })
 
 
-def atomic_write_text(path: str, text: str) -> str:
-    """Write to a temp file in the same directory, fsync, then rename: readers never see half a file."""
+def atomic_write(path: str, data: str | bytes) -> str:
+    """Write `data` (text as UTF-8) to a temp file of its own in the same directory, fsync, then rename: readers
+    never see half a file, and processes writing the same file at once each rename a whole one."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private (0600); a result file is readable like any other
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -253,7 +255,7 @@ def atomic_write_text(path: str, text: str) -> str:
 def write_manifest(out_dir: str | os.PathLike, *, filename: str = "manifest.json", **kwargs) -> str:
     """build_manifest(**kwargs) written atomically to out_dir/filename; returns the path."""
     m = build_manifest(**kwargs)
-    return atomic_write_text(os.path.join(os.fspath(out_dir), filename), json.dumps(m, indent=1, sort_keys=True) + "\n")
+    return atomic_write(os.path.join(os.fspath(out_dir), filename), json.dumps(m, indent=1, sort_keys=True) + "\n")
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -274,6 +276,6 @@ def write_benchmark(name: str, results: Mapping[str, Any], *, config: Any = None
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = os.path.join(os.fspath(out_root), f"{name}-{stamp}")
     os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, "results.json"), json.dumps(to_jsonable(dict(results)), indent=2, sort_keys=True))
+    atomic_write(os.path.join(out, "results.json"), json.dumps(to_jsonable(dict(results)), indent=2, sort_keys=True))
     write_manifest(out, config=config, data_files=data_files, extra={"benchmark": name, "command": sys.argv})
     return out

@@ -191,13 +191,13 @@ def write_tables(out: str, rows: list[dict], title: str) -> None:
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    manifest.atomic_write_text(os.path.join(out, "results.csv"), buf.getvalue())
+    manifest.atomic_write(os.path.join(out, "results.csv"), buf.getvalue())
     md = [f"# {title}\n", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [f"[{r[c]}]({r[c]})" if c == "manifest" else _fmt(r[c]) for c in cols]
         md.append("| " + " | ".join(cells) + " |")
     md.append("\n![loss curves](loss.png)\n")
-    manifest.atomic_write_text(os.path.join(out, "results.md"), "\n".join(md))
+    manifest.atomic_write(os.path.join(out, "results.md"), "\n".join(md))
 
 
 def plot_losses(out: str, vs: list[Variant]) -> str:
@@ -297,8 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "print":
         lines = [shlex.join(command(args.base, args.set, v, os.path.join(out, "variants", v.name), "python"))
                  for v in vs]
-        manifest.atomic_write_text(os.path.join(out, "commands.sh"), "#!/bin/sh\n# one job per line\n"
-                                   + "\n".join(lines) + "\n")
+        manifest.atomic_write(os.path.join(out, "commands.sh"), "#!/bin/sh\n# one job per line\n"
+                              + "\n".join(lines) + "\n")
         print("\n".join(lines))
         print(f"then: python -m llama.sweep --base {args.base} {' '.join('--grid ' + shlex.quote(g) for g in args.grid)}"
               f" --out {args.out} --mode collect")

@@ -382,13 +382,11 @@ def default_corpus(out_dir: str) -> str:
 
     path = os.path.join(out_dir, "corpus", "pydoc_topics.txt")
     if not os.path.exists(path):
-        # Every process writes its own temp file and renames it: the bytes are identical, so this is safe on
-        # a shared filesystem and also works where each host has its own disk.
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(f"\n{CORPUS_SEPARATOR}\n".join(topics[k].strip() for k in sorted(topics)))
-        os.replace(tmp, path)
+        # Every process writes and renames its own temp file: the bytes are identical, so this is safe on a
+        # shared filesystem and also works where each host has its own disk.
+        from llama import manifest
+
+        manifest.atomic_write(path, f"\n{CORPUS_SEPARATOR}\n".join(topics[k].strip() for k in sorted(topics)))
     return path
 
 
@@ -475,13 +473,13 @@ def main(argv=None) -> int:
 
     source = data_source(cfg, out)
     tok = tokenizer_for(cfg, source, out)
-    own = os.path.join(out, "tokenizer.model")
+    own = os.path.abspath(os.path.join(out, "tokenizer.model"))
     if os.path.abspath(tok.path) != own and not os.path.exists(own):
         # The run directory carries its tokenizer, so `llama.generate --checkpoint OUT` needs nothing else.
-        import shutil
+        from llama import manifest
 
-        shutil.copyfile(tok.path, f"{own}.{os.getpid()}.tmp")
-        os.replace(f"{own}.{os.getpid()}.tmp", own)
+        with open(tok.path, "rb") as f:
+            manifest.atomic_write(own, f.read())
     data = input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,)), tok, seq_len=cfg.seq_len,
                                        global_batch_size=cfg.batch_size, seed=cfg.seed)
 
