@@ -295,6 +295,18 @@ def _layers(params: Params, x, cfg: ModelConfig, positions, mask, cache):
     return x, cache
 
 
+def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array | None = None,
+                  segment_ids: jax.Array | None = None, *, cfg: ModelConfig) -> jax.Array:
+    """The last layer's output, before the final norm: [B, T, D] in the compute dtype. `forward` is
+    `unembed(hidden_states(...))`; a loss that never materialises the whole [B, T, V] logits starts here."""
+    B, T = tokens.shape
+    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    positions = index if positions is None else positions
+    mask = attention_mask(index, index, segment_ids, segment_ids)
+    x, _ = _layers(params, embed(params, tokens, cfg), cfg, positions, mask, None)
+    return x
+
+
 def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, *, cfg: ModelConfig) -> jax.Array:
     """Logits for a batch of (possibly packed) rows.
@@ -303,12 +315,7 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = Non
     packed rows); segment_ids: [B, T] document ids (no attention across documents), or None for one
     document per row. Returns float32 logits [B, T, V].
     """
-    B, T = tokens.shape
-    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    positions = index if positions is None else positions
-    mask = attention_mask(index, index, segment_ids, segment_ids)
-    x, _ = _layers(params, embed(params, tokens, cfg), cfg, positions, mask, None)
-    return unembed(params, x, cfg)
+    return unembed(params, hidden_states(params, tokens, positions, segment_ids, cfg=cfg), cfg)
 
 
 # ---------------------------------------------------------------------------------------------- KV cache
