@@ -6,11 +6,13 @@ What the tensors mean (names, layouts) is llama/convert.py's business.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -144,36 +146,83 @@ class _Storage:
     zip_path: str
     member: str
     dtype: np.dtype
+    numel: int  # elements, from the persistent id
+    nbytes: int | None  # the zip member's size (None: absent); LazyTensor.check compares the two
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor of a torch zip; its bytes are read by `load`."""
+    """A tensor of a torch zip; its bytes are read by `load`. `name` is its state-dict key (for messages)."""
 
     storage: _Storage
     offset: int  # in elements
     shape: tuple[int, ...]
     stride: tuple[int, ...]
+    name: str = "?"
 
     @property
     def dtype(self):
         return self.storage.dtype
 
+    def check(self) -> None:
+        """The view lies inside its storage: offset, shape and strides are non-negative integers, the last
+        element it reaches is inside the storage's numel, and it has no more elements than the storage (no
+        overlapping views, which a checkpoint never needs). Checked before any view is made: `as_strided`
+        trusts its arguments and would otherwise read whatever memory follows the buffer."""
+        where = f"{self.storage.zip_path}: tensor {self.name!r}"
+        st = self.storage
+        if st.nbytes is None:
+            raise TensorFileError(f"{where}: its storage {st.member} is named in the pickle but absent from the "
+                                  "zip: the file is corrupt or truncated")
+        if st.nbytes != st.numel * st.dtype.itemsize:
+            raise TensorFileError(f"{where}: its storage {st.member} holds {st.nbytes} bytes, but the pickle says "
+                                  f"{st.numel} elements of {st.dtype} ({st.numel * st.dtype.itemsize} bytes): the "
+                                  "file is corrupt or truncated")
+        if not (_is_count(self.offset) and all(map(_is_count, self.shape)) and all(map(_is_count, self.stride))
+                and len(self.shape) == len(self.stride)):
+            raise TensorFileError(f"{where}: storage offset {self.offset!r}, shape {self.shape!r} and strides "
+                                  f"{self.stride!r} must be non-negative integers of matching rank")
+        n = int(np.prod(self.shape, dtype=object))
+        if n == 0:
+            return
+        last = self.offset + sum((d - 1) * s for d, s in zip(self.shape, self.stride))
+        if last >= self.storage.numel or n > self.storage.numel:
+            raise TensorFileError(f"{where}: shape {self.shape} with strides {self.stride} at offset {self.offset} "
+                                  f"reaches element {last} of a storage of {self.storage.numel} elements "
+                                  f"({self.storage.member}): the file is corrupt or truncated")
+
     def load(self, zf: zipfile.ZipFile) -> np.ndarray:
-        buf = np.frombuffer(zf.read(self.storage.member), self.storage.dtype)
+        self.check()
+        where = f"{self.storage.zip_path}: tensor {self.name!r}"
+        try:
+            data = zf.read(self.storage.member)
+        except (KeyError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise TensorFileError(f"{where}: cannot read its storage {self.storage.member} ({e})") from None
+        if len(data) != self.storage.numel * self.storage.dtype.itemsize:
+            raise TensorFileError(f"{where}: storage {self.storage.member} holds {len(data)} bytes, but its "
+                                  f"header says {self.storage.numel} x {self.storage.dtype} "
+                                  f"({self.storage.numel * self.storage.dtype.itemsize} bytes)")
+        buf = np.frombuffer(data, self.storage.dtype)
         item = buf.itemsize
         view = np.lib.stride_tricks.as_strided(buf[self.offset:], self.shape, [s * item for s in self.stride])
         return np.array(view)  # own the memory (the storage buffer is released)
 
 
 def _rebuild_tensor(storage, offset, shape, stride, *_):
-    return LazyTensor(storage, int(offset), tuple(shape), tuple(stride))
+    if not isinstance(storage, _Storage) or not isinstance(shape, tuple) or not isinstance(stride, tuple):
+        raise TensorFileError(f"_rebuild_tensor_v2 called with ({type(storage).__name__}, {type(shape).__name__}, "
+                              f"{type(stride).__name__}); expected (storage, offset, shape, stride)")
+    return LazyTensor(storage, offset, shape, stride)
 
 
 class _TorchUnpickler(pickle.Unpickler):
-    def __init__(self, f, zip_path: str, prefix: str):
+    def __init__(self, f, zf: zipfile.ZipFile, zip_path: str, prefix: str):
         super().__init__(f)
-        self.zip_path, self.prefix = zip_path, prefix
+        self.zf, self.zip_path, self.prefix = zf, zip_path, prefix
 
     def find_class(self, module, name):
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
@@ -191,30 +240,49 @@ class _TorchUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         # ("storage", storage_type, key, location, numel); torch >= 2 writes typed legacy storage classes.
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+        # The numel is checked against the zip member's size by LazyTensor.check, which names the tensor.
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise TensorFileError(f"{self.zip_path}: unexpected persistent id {pid!r}")
-        dtype = pid[1] if isinstance(pid[1], np.dtype) else None
-        if dtype is None:
-            raise TensorFileError(f"{self.zip_path}: unsupported storage type {pid[1]!r}")
-        return _Storage(self.zip_path, f"{self.prefix}/data/{pid[2]}", dtype)
+        _, dtype, key, _, numel = pid
+        if not isinstance(dtype, np.dtype):
+            raise TensorFileError(f"{self.zip_path}: unsupported storage type {dtype!r}")
+        if not isinstance(key, str) or not _is_count(numel):
+            raise TensorFileError(f"{self.zip_path}: corrupt storage id {pid!r} (expected a key and an element count)")
+        member = f"{self.prefix}/data/{key}"
+        try:
+            nbytes = self.zf.getinfo(member).file_size
+        except KeyError:
+            nbytes = None
+        return _Storage(self.zip_path, member, dtype, numel, nbytes)
 
 
 def read_torch_zip(path: str) -> tuple[zipfile.ZipFile, dict[str, LazyTensor]]:
-    """The state dict of a torch.save zip file, lazily: tensor bytes are read on `.load`."""
+    """The state dict of a torch.save zip file, lazily: tensor bytes are read on `.load`. Every tensor's
+    extent is checked against its storage here, before anything is read."""
     try:
         zf = zipfile.ZipFile(path)
     except FileNotFoundError:
         raise TensorFileError(f"{path}: file not found") from None
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, EOFError):
         raise TensorFileError(f"{path}: not a torch zip checkpoint (legacy non-zip torch.save files are not "
                            "supported; re-save with torch >= 1.6)") from None
     pkl = [n for n in zf.namelist() if n.endswith("/data.pkl")]
     if len(pkl) != 1:
         raise TensorFileError(f"{path}: expected one */data.pkl in the zip, found {pkl}")
-    with zf.open(pkl[0]) as f:
-        state = _TorchUnpickler(f, path, pkl[0][: -len("/data.pkl")]).load()
+    try:
+        with zf.open(pkl[0]) as f:
+            state = _TorchUnpickler(f, zf, path, pkl[0][: -len("/data.pkl")]).load()
+    except TensorFileError:
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, OSError, ValueError, TypeError,
+            AttributeError, IndexError, KeyError, RecursionError) as e:
+        raise TensorFileError(f"{path}: {pkl[0]} is not a readable state dict ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise TensorFileError(f"{path}: the pickle holds a {type(state).__name__}, not a state dict")
+    state = {k: dataclasses.replace(v, name=str(k)) if isinstance(v, LazyTensor) else v for k, v in state.items()}
+    for v in state.values():
+        if isinstance(v, LazyTensor):
+            v.check()
     return zf, state
 
 
