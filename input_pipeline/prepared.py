@@ -16,13 +16,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 
 from input_pipeline.sources import DataError, Documents, Source, expand_paths, open_documents
 from input_pipeline.tokenize import Tokenizer, encode_document, tokenizer_info
+from llama import manifest  # staged directory writes, shared by every command that writes one
 
 FORMAT_NAME = "llama-jax-prepared-tokens"
 FORMAT_VERSION = 1
@@ -47,19 +47,21 @@ def prepare_corpus(source: Source, tokenizer: Tokenizer, out_dir: str, *, utf8_e
     if source.format == "prepared":
         raise DataError(f"{source.paths} is already prepared")
     out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
+    if os.path.lexists(out_dir) and not overwrite:
         raise DataError(f"{out_dir} exists; pass --overwrite (overwrite=True) to replace it")
-    docs: Documents = open_documents(source, utf8_errors)
     files = expand_paths(source.paths, allow_dirs=True) if source.format != "hf" or any(
         os.path.exists(p) for p in source.paths) else []
+    # Replacing OUT_DIR must never delete an input, nor anything but an earlier prepared corpus.
+    manifest.check_no_overlap(out_dir, {"input": files}, "OUT_DIR")
+    manifest.check_replaceable(out_dir, "OUT_DIR", is_prepared, "a prepared corpus (index.json + tokens-*.array_record)")
+    docs: Documents = open_documents(source, utf8_errors)
     inputs = [_file_digest(f) for f in files if os.path.isfile(f)]
     if num_shards is None:
         num_shards = max(1, min(len(docs), -(-sum(f["bytes"] for f in inputs) // _SHARD_BYTES)))
     if not 1 <= num_shards <= len(docs):
         raise DataError(f"--shards {num_shards}: must be between 1 and the number of documents ({len(docs)})")
 
-    os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=os.path.dirname(out_dir))
+    tmp = manifest.staging_dir(out_dir, overwrite=True)  # cleans staging a killed run left for out_dir
     try:
         names = [f"tokens-{s:05d}-of-{num_shards:05d}.array_record" for s in range(num_shards)]
         bounds = np.linspace(0, len(docs), num_shards + 1).astype(np.int64)  # contiguous, in corpus order
@@ -86,17 +88,10 @@ def prepare_corpus(source: Source, tokenizer: Tokenizer, out_dir: str, *, utf8_e
         index["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         with open(os.path.join(tmp, "index.json"), "w") as fh:
             json.dump(index, fh, indent=1)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        if os.path.exists(out_dir):  # --overwrite: move the old one aside first, delete it only once replaced
-            old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
-            os.rename(out_dir, os.path.join(old, "prev"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
+        manifest.commit_dir(tmp, out_dir)  # an old out_dir is moved aside, deleted only once replaced
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise manifest.naming(e, out_dir)
     return index
 
 
@@ -120,13 +115,30 @@ class PreparedDocuments(Documents):
         return np.frombuffer(self._source[i], dtype="<i4").astype(np.int32, copy=False)
 
 
+def is_prepared(path: str) -> bool:
+    """A directory prepare_corpus wrote: index.json of this format and nothing but its shards beside it."""
+    try:
+        with open(os.path.join(path, "index.json")) as fh:
+            index = json.load(fh)
+        names = set(os.listdir(path))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(index, dict) and index.get("format") == FORMAT_NAME
+            and names <= {"index.json", *index.get("shards", [])})
+
+
 def read_index(path: str) -> dict[str, Any]:
     ix_path = os.path.join(path, "index.json")
     if not os.path.isfile(ix_path):
         raise DataError(f"{path}: not a prepared directory (no index.json); create one with "
                         f"`python -m input_pipeline.prepare {path} INPUT...`")
-    with open(ix_path) as fh:
-        index = json.load(fh)
+    try:
+        with open(ix_path) as fh:
+            index = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{ix_path}: not valid JSON ({e}); prepare the corpus again") from None
+    if not isinstance(index, dict):
+        raise DataError(f"{ix_path}: expected a JSON object")
     if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
         raise DataError(f"{ix_path}: format {index.get('format')!r} v{index.get('version')!r}, expected "
                         f"{FORMAT_NAME!r} v{FORMAT_VERSION}")

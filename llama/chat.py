@@ -11,11 +11,11 @@ Commands: /reset clears the dialog, /exit (or end of input) quits.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import sys
 from typing import Callable, Sequence
 
+from llama import cli
 from llama import generate as G
 from llama.sampling import SamplingConfig
 from llama.tokenizer import encode_dialog
@@ -46,16 +46,13 @@ def reply(params, cfg, tok, messages: Sequence[dict], *, sampling: SamplingConfi
     return {**msg, "ids": ids}
 
 
+@cli.command
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m llama.chat", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="python -m llama.chat", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="model checkpoint directory (an Instruct model)")
     ap.add_argument("--tokenizer", help="Llama 3 tokenizer.model (default: DIR/tokenizer.model, else llama-models')")
     ap.add_argument("--system", help="system prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=1024)
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
+    G.add_sampling_flags(ap, max_new_tokens=1024)
     ap.add_argument("--quantize", choices=["int8"])
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8")
@@ -65,7 +62,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
 
     tok = G.load_tokenizer_for(a.checkpoint, a.tokenizer)
     if not hasattr(tok, "eot_id"):
-        raise SystemExit(f"llama.chat needs the Llama 3 tokenizer (the 3.1 chat format's special tokens); got "
+        raise cli.UsageError(f"--tokenizer: llama.chat needs the Llama 3 tokenizer (the 3.1 chat format's special tokens); got "
                          f"{tok!r}: pass --tokenizer with a Llama 3 tokenizer.model, or use llama.generate")
     cfg, params, _ = G.load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype)
     # The decode loop streams from one device-resident row; a mesh shards the weights (tensor parallel).
@@ -97,8 +94,4 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # CheckpointError, TokenizerError, ConfigError, ShardingError...: they name the input
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())  # expected errors (they name the input): one `error:` line, exit 2 (llama/cli.py)

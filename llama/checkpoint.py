@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Iterable
 
 import jax
@@ -34,30 +33,21 @@ INT8_NOTE = "int8 weight-only, symmetric, one float32 scale per output channel (
 
 
 # ----------------------------------------------------------------------------------------- atomic writes
+# Staged beside the destination, then renamed (one implementation for every command: llama/manifest.py).
+from llama.manifest import OutputError, commit_dir, naming  # noqa: E402
+from llama.manifest import staging_dir as _staging_dir  # noqa: E402
+
+
 def staging_dir(dst: str, overwrite: bool = False) -> str:
-    """A fresh temporary directory beside `dst` (same filesystem, so the final rename is atomic)."""
-    dst = os.path.abspath(dst)
-    if os.path.exists(dst) and not overwrite:
-        raise CheckpointError(f"{dst} already exists; choose another destination or pass overwrite=True")
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    try:
+        return _staging_dir(dst, overwrite)
+    except OutputError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def commit_dir(tmp: str, dst: str) -> None:
-    """Moves a finished staging directory into place. An existing `dst` (overwrite) is moved aside first
-    and deleted only after the new one is in place, so a crash never leaves a half-written `dst`."""
-    dst = os.path.abspath(dst)
-    old = None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets the usual permissions
-    if os.path.exists(dst):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-        os.rename(dst, os.path.join(old, "x"))
-    os.rename(tmp, dst)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+def is_model_checkpoint(directory: str) -> bool:
+    """A model checkpoint (config.json + params/), as save_model writes it; not a training run."""
+    return os.path.isfile(os.path.join(directory, CONFIG_FILE)) and os.path.isdir(os.path.join(directory, PARAMS_DIR))
 
 
 def expected_params(cfg: ModelConfig, quantized: bool = False):
@@ -127,9 +117,9 @@ def save_model(directory: str, cfg: ModelConfig, params, *, overwrite: bool = Fa
         with ocp.PyTreeCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), quant.to_dicts(params))
         commit_dir(tmp, directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise naming(e, directory)
     return os.path.abspath(directory)
 
 
@@ -177,16 +167,52 @@ def save_model_streaming(directory: str, cfg: ModelConfig, arrays: Iterable[tupl
             json.dump(meta, f)
         shutil.rmtree(target)
         commit_dir(tmp, directory)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise naming(e, directory)
     return os.path.abspath(directory)
 
 
 # ------------------------------------------------------------------------------------------------- load
 def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); the checkpoint is damaged or truncated") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_config(directory: str) -> tuple[ModelConfig, str]:
+    """(ModelConfig, Orbax params dir) of a checkpoint or run (`resolve`); a bad config names its file."""
+    from llama.config import ConfigError
+
+    cfg_dict, params_dir = resolve(directory)
+    try:
+        return ModelConfig.from_dict(cfg_dict), params_dir
+    except (ConfigError, TypeError) as e:
+        where = os.path.join(os.path.dirname(params_dir), CONFIG_FILE)
+        raise CheckpointError(f"{where if os.path.isfile(where) else os.path.dirname(params_dir)}: {e}") from None
+
+
+class _Unreadable:
+    """Turns Orbax / TensorStore failures while reading params/ (they raise bare Exceptions, with a hundred
+    lines of trace) into one CheckpointError naming the checkpoint."""
+
+    def __init__(self, params_dir: str):
+        self.params_dir = params_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is None or not issubclass(kind, Exception) or isinstance(e, (CheckpointError, MemoryError)):
+            return False
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". See full TensorStore")[0][:200]
+        raise CheckpointError(f"{self.params_dir}: cannot read the parameters ({first}); the checkpoint is "
+                              "incomplete or damaged (a file under params/ missing or cut short?)") from None
 
 
 def _is_complete_step(path: str) -> bool:
@@ -227,8 +253,7 @@ def load_model(directory: str, mesh: Mesh | None = None, dtype: str | None = Non
     only the rest: norms, an untied embedding)."""
     from llama import quant
 
-    cfg_dict, params_dir = resolve(directory)
-    cfg = ModelConfig.from_dict(cfg_dict)
+    cfg, params_dir = read_config(directory)
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = _metadata_tree(ckptr, params_dir)
         check_params(meta, cfg, where=params_dir)
@@ -246,7 +271,8 @@ def load_model(directory: str, mesh: Mesh | None = None, dtype: str | None = Non
         target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype, global_shape=t.shape),
                             target)
-        params = ckptr.restore(params_dir, item=target, restore_args=args)
+        with _Unreadable(params_dir):
+            params = ckptr.restore(params_dir, item=target, restore_args=args)
     return cfg, quant.from_dicts(params)
 
 
@@ -259,9 +285,14 @@ def is_int8(directory: str) -> bool:
 
 def _metadata_tree(ckptr, params_dir: str):
     """The params checkpoint's tree of array metadata (shapes, dtypes), read without the arrays."""
-    meta = ckptr.metadata(params_dir)
+    with _Unreadable(params_dir):
+        meta = ckptr.metadata(params_dir)
     meta = getattr(meta, "item_metadata", meta)
-    return getattr(meta, "tree", meta)
+    meta = getattr(meta, "tree", meta)
+    if not meta:  # Orbax reads a params/ without its _METADATA / manifest.ocdbt as an empty tree
+        raise CheckpointError(f"{params_dir}: no parameters found (its metadata is missing); the checkpoint is "
+                              "incomplete or damaged (a file under params/ deleted?)")
+    return meta
 
 
 def read_param(params_dir: str, path: tuple[str, ...], dtype=None) -> np.ndarray:
@@ -277,7 +308,7 @@ def read_param(params_dir: str, path: tuple[str, ...], dtype=None) -> np.ndarray
     for k in path[:-1]:
         a = a.setdefault(k, {})
     a[path[-1]] = ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with ocp.PyTreeCheckpointer() as ckptr, _Unreadable(params_dir):
         out = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=node_args,
                                                                     partial_restore=True))
     for k in path:

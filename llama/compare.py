@@ -26,22 +26,24 @@ check_tolerances(metrics, tolerances) -> violations, write_diff(out, metrics, a,
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from llama import manifest
+from llama import cli, manifest
 
 REPORT_JSON, REPORT_NPZ = "report.json", "probe.npz"
+REPORT_FILES = {REPORT_JSON, REPORT_NPZ, "manifest.json"}
 
 
 class CompareError(ValueError):
@@ -230,21 +232,38 @@ def run_probe(cfg, params, probe: ProbeConfig = ProbeConfig(), *, mesh=None) -> 
     return manifest.to_jsonable(report), arrays
 
 
-def write_report(out: str, report: dict, arrays: dict[str, np.ndarray], **manifest_kwargs) -> str:
-    """Writes REPORT/{report.json, probe.npz, manifest.json} via a temp dir + rename; replaces `out`."""
-    from llama.checkpoint import commit_dir, staging_dir
+def is_report(path: str) -> bool:
+    """A directory `write_report` made: report.json and probe.npz, and nothing but the report's files."""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    return {REPORT_JSON, REPORT_NPZ} <= names and names <= REPORT_FILES
 
+
+def check_out(out: str, sources: dict) -> None:
+    """`run --out` may replace only an earlier report (a training run, a checkpoint or any other directory or
+    file there is an error naming it), and never overlaps what the probe reads."""
+    manifest.check_no_overlap(out, sources, "--out")
+    manifest.check_replaceable(out, "--out", is_report, "a comparison report (report.json, probe.npz, "
+                               "manifest.json written by `llama.compare run`)")
+
+
+def write_report(out: str, report: dict, arrays: dict[str, np.ndarray], **manifest_kwargs) -> str:
+    """Writes REPORT/{report.json, probe.npz, manifest.json} via a temp dir + rename; replaces `out` when it
+    is an earlier report (anything else there: manifest.OutputError)."""
     out = os.path.abspath(out)
-    tmp = staging_dir(out, overwrite=True)
+    check_out(out, {})
+    tmp = manifest.staging_dir(out, overwrite=True)
     try:
         with open(os.path.join(tmp, REPORT_JSON), "w") as f:
             json.dump(report, f, indent=1, sort_keys=True)
         np.savez_compressed(os.path.join(tmp, REPORT_NPZ), **arrays)
         manifest.write_manifest(tmp, **manifest_kwargs)
-        commit_dir(tmp, out)  # an existing report is moved aside and deleted only once this one is in place
-    except BaseException:
+        manifest.commit_dir(tmp, out)  # an existing report is moved aside and deleted only once this one is in place
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise manifest.naming(e, out)
     return out
 
 
@@ -252,10 +271,20 @@ def load_report(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     for name in (REPORT_JSON, REPORT_NPZ):
         if not os.path.isfile(os.path.join(path, name)):
             raise CompareError(f"{path}: not a probe report (no {name}; make one with `python -m llama.compare run`)")
-    with open(os.path.join(path, REPORT_JSON)) as f:
-        report = json.load(f)
-    with np.load(os.path.join(path, REPORT_NPZ)) as z:
-        arrays = {k: z[k] for k in z.files}
+    try:
+        with open(os.path.join(path, REPORT_JSON)) as f:
+            report = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompareError(f"{os.path.join(path, REPORT_JSON)}: not valid JSON ({e}); truncated? run the probe "
+                           "again") from None
+    if not isinstance(report, dict) or not {"probe", "model", "losses"} <= set(report):
+        raise CompareError(f"{os.path.join(path, REPORT_JSON)}: not a probe report (expected probe, model, losses)")
+    try:
+        with np.load(os.path.join(path, REPORT_NPZ)) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise CompareError(f"{os.path.join(path, REPORT_NPZ)}: unreadable ({type(e).__name__}: {e}); truncated? "
+                           "run the probe again") from None
     return report, arrays
 
 
@@ -330,8 +359,10 @@ def diff_reports(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict[str, Any]:
         raise CompareError(f"the two reports ran different probes: {ra['probe']} vs {rb['probe']}")
     if not np.array_equal(xa["tokens"], xb["tokens"]):
         raise CompareError("the two reports' token batches differ (different vocab_size/bos_id/seed?)")
-    m: dict[str, Any] = {"a": {k: ra.get(k) for k in ("backend", "device_kind")},
-                         "b": {k: rb.get(k) for k in ("backend", "device_kind")}}
+    m: dict[str, Any] = {"a": {k: ra.get(k) for k in ("backend", "device_kind", "checkpoint")},
+                         "b": {k: rb.get(k) for k in ("backend", "device_kind", "checkpoint")}}
+    # Comparing backends means comparing one checkpoint on both; two checkpoints differ by their weights too.
+    m["same_checkpoint"] = ra.get("checkpoint") == rb.get("checkpoint")
     m["a"]["compute_dtype"], m["b"]["compute_dtype"] = ra["model"]["compute_dtype"], rb["model"]["compute_dtype"]
 
     kl_topk, topk_diffs, match = _kl_topk(xa, xb)
@@ -368,6 +399,9 @@ def diff_reports(a: tuple[dict, dict], b: tuple[dict, dict]) -> dict[str, Any]:
     m["loss"] = float(np.abs(la - lb).max()) if len(la) and len(la) == len(lb) else None
     return m
 
+
+CHECKPOINT_WARNING = ("A and B probed different checkpoints, so the differences below include the weights', "
+                      "not only the backends'")
 
 # Bound direction: "max" bounds must not be exceeded; "min" bounds must be reached.
 TOLERANCES = {"max_abs": "max", "mean_abs": "max", "kl": "max", "loss": "max", "top1": "min", "greedy": "min"}
@@ -408,7 +442,7 @@ def check_tolerances(m: dict, tol: dict[str, float]) -> list[str]:
 
 def markdown(m: dict, a_path: str, b_path: str, violations: list[str] | None = None) -> str:
     def side(s):
-        return f"{s['backend']} ({s['device_kind']}), compute {s['compute_dtype']}"
+        return f"{s['backend']} ({s['device_kind']}), compute {s['compute_dtype']}, checkpoint `{s.get('checkpoint')}`"
 
     rows = [
         ("max abs logit diff", f"{m['max_abs']:.6g}", "over both top-k, the vocab sample and full-logit positions"),
@@ -421,7 +455,8 @@ def markdown(m: dict, a_path: str, b_path: str, violations: list[str] | None = N
          f"of {m['greedy_len']} generated ids; per row {m['greedy_first_divergence_per_row']}"),
         ("train loss max abs diff", "n/a" if m["loss"] is None else f"{m['loss']:.6g}", f"{len(m['losses_a'])} steps"),
     ]
-    lines = [f"# Probe diff\n\nA = `{a_path}`: {side(m['a'])}  \nB = `{b_path}`: {side(m['b'])}\n",
+    warn = [] if m.get("same_checkpoint", True) else [f"**Warning: {CHECKPOINT_WARNING}**\n"]
+    lines = [f"# Probe diff\n\nA = `{a_path}`: {side(m['a'])}  \nB = `{b_path}`: {side(m['b'])}\n", *warn,
              "| metric | value | note |", "|---|---|---|", *[f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]]
     if m["losses_a"]:
         lines += ["\n| step | loss A | loss B | abs diff |", "|---|---|---|---|"]
@@ -458,11 +493,16 @@ def plot(m: dict, path: str) -> str:
 
 
 def write_diff(out: str, m: dict, a_path: str, b_path: str, violations: list[str] | None = None) -> str:
+    manifest.check_no_overlap(out, {"report A": a_path, "report B": b_path}, "--out")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise manifest.OutputError(f"--out {out}: exists and is not a directory (expected a directory for diff.md, "
+                                   "diff.json, diff.png)")
     os.makedirs(out, exist_ok=True)
     md = markdown(m, a_path, b_path, violations)
     manifest.atomic_write(os.path.join(out, "diff.md"), md)
     manifest.atomic_write(os.path.join(out, "diff.json"), json.dumps(
-        {"a": a_path, "b": b_path, "metrics": m, "violations": violations}, indent=1, sort_keys=True) + "\n")
+        {"a": a_path, "b": b_path, "checkpoint_a": m["a"].get("checkpoint"), "checkpoint_b": m["b"].get("checkpoint"),
+         "metrics": m, "violations": violations}, indent=1, sort_keys=True) + "\n")
     plot(m, os.path.join(out, "diff.png"))
     return md
 
@@ -473,6 +513,7 @@ def _cmd_run(args) -> int:
 
     from llama import checkpoint
 
+    check_out(args.out, {"--checkpoint": args.checkpoint})  # before anything is loaded or computed
     if args.matmul_precision:
         jax.config.update("jax_default_matmul_precision", args.matmul_precision)
 
@@ -523,6 +564,8 @@ def random_model(preset_name: str, seed: int, mesh=None):
 def _cmd_diff(args) -> int:
     tol = parse_tolerances(args.tolerances)
     m = diff_reports(load_report(args.a), load_report(args.b))
+    if not m["same_checkpoint"]:
+        print(f"warning: {CHECKPOINT_WARNING}: A {m['a']['checkpoint']}, B {m['b']['checkpoint']}", file=sys.stderr)
     violations = check_tolerances(m, tol) if tol else None
     md = write_diff(args.out, m, args.a, args.b, violations)
     print(md)
@@ -530,15 +573,22 @@ def _cmd_diff(args) -> int:
     return 1 if violations else 0
 
 
+# Smallest value of each numeric probe flag (ProbeConfig); train_lr must also be finite.
+_PROBE_MIN = {"seed": 0, "batch": 1, "seq_len": 2, "top_k": 1, "vocab_sample": 1, "full_logits_max_bytes": 0,
+              "prompt_len": 1, "gen_len": 0, "train_steps": 0}
+
+
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama.compare", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m llama.compare", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the fixed probe on this backend and write a report directory")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="model checkpoint or train run directory (llama.checkpoint.load_model)")
     src.add_argument("--init", metavar="PRESET", help="a random init of a preset instead (llama.config.PRESETS)")
     r.add_argument("--init-seed", type=int, default=0)
-    r.add_argument("--out", required=True, help="report directory to write (replaced if present)")
+    r.add_argument("--out", required=True, help="report directory to write (an earlier report there is replaced; "
+                   "anything else is an error)")
     r.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"))
     r.add_argument("--attention-impl", choices=("xla", "cudnn"))
     r.add_argument("--mesh", help="e.g. data=1,fsdp=-1,tensor=1 (default: one device)")
@@ -547,19 +597,16 @@ def main(argv: list[str] | None = None) -> int:
                         "in full float32 on GPUs, which otherwise may use TF32 for them")
     for f in dataclasses.fields(ProbeConfig):
         if f.type in ("int", "float"):
-            r.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=int if f.type == "int" else float,
-                           help=f"default {f.default}")
+            kind = (cli.number(_PROBE_MIN[f.name], integer=True) if f.type == "int"
+                    else cli.number(0, math.inf, lo_open=True, hi_open=True))
+            r.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, help=f"default {f.default}")
     d = sub.add_parser("diff", help="compare report B against reference report A")
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--tolerances", help="e.g. max_abs=1e-3,mean_abs=1e-4,kl=1e-5,top1=0.99,loss=1e-4,greedy=16")
     d.add_argument("--out", required=True, help="directory for diff.md, diff.json, diff.png")
     args = p.parse_args(argv)
-    try:
-        return _cmd_run(args) if args.cmd == "run" else _cmd_diff(args)
-    except ValueError as e:  # CompareError, CheckpointError, ConfigError, ShardingError: messages name the input
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return _cmd_run(args) if args.cmd == "run" else _cmd_diff(args)  # errors: cli.command (exit 2)
 
 
 if __name__ == "__main__":

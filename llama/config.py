@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,28 @@ class ConfigError(ValueError):
     """A config file or field that this project cannot represent exactly."""
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    """A finite int or float (not a bool): NaN and inf fail."""
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and -math.inf < x < math.inf
+
+
+def check_fields(obj, ints=(), reals=(), bools=(), strs=()) -> None:
+    """Type-check a config dataclass's fields when it is built, so a wrong type (a string "false" for a
+    bool, an int for a list) fails here, naming the field, rather than inside the first jitted step."""
+    kind = type(obj).__name__
+    for names, ok, what in ((ints, _is_int, "an integer"), (reals, _is_real, "a finite number"),
+                            (bools, lambda x: isinstance(x, bool), "true or false (a JSON/Python bool)"),
+                            (strs, lambda x: isinstance(x, str), "a string")):
+        for name in names:
+            value = getattr(obj, name)
+            if not ok(value):
+                raise ConfigError(f"{kind}.{name}={value!r} ({type(value).__name__}): expected {what}")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1 "llama3" RoPE frequency scaling (facts sheet 3.2). factor 8 for 3.1, 32 for 3.2 1B/3B."""
@@ -30,6 +53,13 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        check_fields(self, ints=("original_max_position_embeddings",),
+                     reals=("factor", "low_freq_factor", "high_freq_factor"))
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"RopeScaling.{name}={getattr(self, name)} must be positive")
 
 
 @dataclass(frozen=True)
@@ -58,6 +88,16 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self):
+        check_fields(self, ints=("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim",
+                                 "max_seq_len", "bos_id"), reals=("norm_eps", "rope_theta"),
+                     bools=("tie_embeddings",), strs=("param_dtype", "compute_dtype", "remat", "attention_impl", "name"))
+        if not (isinstance(self.eos_ids, (tuple, list)) and self.eos_ids and all(map(_is_int, self.eos_ids))):
+            raise ConfigError(f"ModelConfig.eos_ids={self.eos_ids!r}: expected a non-empty list of token ids, "
+                              "e.g. [128001, 128008, 128009]")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"ModelConfig.rope_scaling={self.rope_scaling!r}: expected None or RopeScaling(...)")
+        if not (self.norm_eps > 0 and self.rope_theta > 0):
+            raise ConfigError(f"ModelConfig: norm_eps={self.norm_eps} and rope_theta={self.rope_theta} must be positive")
         if self.head_dim == 0:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; give head_dim")
@@ -108,10 +148,18 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown ModelConfig fields {sorted(unknown)}")
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        if "eos_ids" in d:
+        rope = d.get("rope_scaling")
+        if rope is not None:
+            if not isinstance(rope, dict) or set(rope) - {f.name for f in dataclasses.fields(RopeScaling)}:
+                raise ConfigError(f"ModelConfig.rope_scaling={rope!r}: expected null or an object with "
+                                  f"{[f.name for f in dataclasses.fields(RopeScaling)]}")
+            d["rope_scaling"] = RopeScaling(**rope)
+        if isinstance(d.get("eos_ids"), list):
             d["eos_ids"] = tuple(d["eos_ids"])
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"ModelConfig: missing required fields {missing}")
         return cls(**d)
 
 
@@ -178,9 +226,40 @@ def _read_json(path: str) -> dict:
     return data
 
 
+def _int(value, key: str, where: str) -> int:
+    """A JSON integer (2048, or 2048.0); a string, bool or fraction is an error naming the field."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise ConfigError(f"{where}: {key}={value!r}: expected an integer")
+    return value
+
+
+def _float(value, key: str, where: str) -> float:
+    if not _is_real(value):
+        raise ConfigError(f"{where}: {key}={value!r}: expected a finite number")
+    return float(value)
+
+
+def _bool(value, key: str, where: str) -> bool:
+    """JSON true/false only: the string "false" is truthy in Python and must not be read as true."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {key}={value!r}: expected true or false (a JSON bool, not a string)")
+    return value
+
+
+def _built(where: str, **kwargs) -> ModelConfig:
+    try:
+        return ModelConfig(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def _rope_from_hf(rope: dict | None, where: str) -> RopeScaling | None:
     if rope is None:
         return None
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{where}: rope scaling {rope!r}: expected a JSON object or null")
     rope_type = rope.get("rope_type", rope.get("type"))
     if "rope_type" in rope and "type" in rope and rope["rope_type"] != rope["type"]:
         raise ConfigError(f"{where}: rope 'rope_type'={rope['rope_type']!r} contradicts 'type'={rope['type']!r}")
@@ -193,8 +272,8 @@ def _rope_from_hf(rope: dict | None, where: str) -> RopeScaling | None:
                if k not in rope]
     if missing:
         raise ConfigError(f"{where}: llama3 rope scaling lacks {missing}")
-    return RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
-                       int(rope["original_max_position_embeddings"]))
+    return RopeScaling(*(_float(rope[k], k, where) for k in ("factor", "low_freq_factor", "high_freq_factor")),
+                       _int(rope["original_max_position_embeddings"], "original_max_position_embeddings", where))
 
 
 def from_hf_config(hf: dict | str, **overrides) -> ModelConfig:
@@ -205,7 +284,8 @@ def from_hf_config(hf: dict | str, **overrides) -> ModelConfig:
     """
     where = hf if isinstance(hf, str) else "config.json"
     if isinstance(hf, str):
-        hf = _read_json(os.path.join(hf, "config.json") if os.path.isdir(hf) else hf)
+        where = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
+        hf = _read_json(where)
     if hf.get("model_type", "llama") != "llama":
         raise ConfigError(f"{where}: model_type={hf['model_type']!r}; expected 'llama'")
     for key in ("attention_bias", "mlp_bias"):
@@ -225,7 +305,10 @@ def from_hf_config(hf: dict | str, **overrides) -> ModelConfig:
     rope_params = hf.get("rope_parameters")
     theta = hf.get("rope_theta")
     if rope_params is not None:
-        if theta is not None and "rope_theta" in rope_params and float(theta) != float(rope_params["rope_theta"]):
+        if not isinstance(rope_params, dict):
+            raise ConfigError(f"{where}: rope_parameters={rope_params!r}: expected a JSON object")
+        if theta is not None and "rope_theta" in rope_params and \
+                _float(theta, "rope_theta", where) != _float(rope_params["rope_theta"], "rope_parameters.rope_theta", where):
             raise ConfigError(f"{where}: rope_theta={theta} contradicts rope_parameters.rope_theta="
                               f"{rope_params['rope_theta']}")
         theta = rope_params.get("rope_theta", theta)
@@ -234,10 +317,12 @@ def from_hf_config(hf: dict | str, **overrides) -> ModelConfig:
         scaling = _rope_from_hf(rope_params, where)
     else:
         scaling = _rope_from_hf(hf.get("rope_scaling"), where)
-    theta = 10000.0 if theta is None else float(theta)
+    theta = 10000.0 if theta is None else _float(theta, "rope_theta", where)
 
-    n_heads = int(hf["num_attention_heads"])
-    dim = int(hf["hidden_size"])
+    n_heads = _int(hf["num_attention_heads"], "num_attention_heads", where)
+    dim = _int(hf["hidden_size"], "hidden_size", where)
+    if n_heads <= 0:
+        raise ConfigError(f"{where}: num_attention_heads={n_heads} must be positive")
     head_dim = hf.get("head_dim") or dim // n_heads
     dtype = hf.get("dtype", hf.get("torch_dtype")) or "float32"
     if "dtype" in hf and "torch_dtype" in hf and hf["dtype"] and hf["torch_dtype"] and \
@@ -248,17 +333,19 @@ def from_hf_config(hf: dict | str, **overrides) -> ModelConfig:
     eos = hf.get("eos_token_id", 128001)
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
     kwargs = dict(
-        vocab_size=int(hf["vocab_size"]), dim=dim, n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), ffn_dim=int(hf["intermediate_size"]),
-        head_dim=int(head_dim), norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=theta,
-        rope_scaling=scaling, max_seq_len=int(hf.get("max_position_embeddings", 131072)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_id=int(hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 128000),
-        eos_ids=tuple(int(e) for e in eos_ids if e is not None),
-        param_dtype=_HF_DTYPES[str(dtype)], compute_dtype=_HF_DTYPES[str(dtype)], name=hf.get("_name_or_path") or "hf",
+        vocab_size=_int(hf["vocab_size"], "vocab_size", where), dim=dim,
+        n_layers=_int(hf["num_hidden_layers"], "num_hidden_layers", where), n_heads=n_heads,
+        n_kv_heads=_int(hf.get("num_key_value_heads") or n_heads, "num_key_value_heads", where),
+        ffn_dim=_int(hf["intermediate_size"], "intermediate_size", where), head_dim=_int(head_dim, "head_dim", where),
+        norm_eps=_float(hf.get("rms_norm_eps", 1e-5), "rms_norm_eps", where), rope_theta=theta,
+        rope_scaling=scaling, max_seq_len=_int(hf.get("max_position_embeddings", 131072), "max_position_embeddings", where),
+        tie_embeddings=_bool(hf.get("tie_word_embeddings", False), "tie_word_embeddings", where),
+        bos_id=_int(hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 128000, "bos_token_id", where),
+        eos_ids=tuple(_int(e, "eos_token_id", where) for e in eos_ids if e is not None),
+        param_dtype=_HF_DTYPES[str(dtype)], compute_dtype=_HF_DTYPES[str(dtype)], name=str(hf.get("_name_or_path") or "hf"),
     )
     kwargs.update(overrides)
-    return ModelConfig(**kwargs)
+    return _built(where, **kwargs)
 
 
 def to_hf_config(cfg: ModelConfig, *, schema: int = 4) -> dict:
@@ -297,28 +384,33 @@ def from_meta_params(params: dict | str, *, version: str | None = None, **overri
     otherwise, unless `version` ("3.1"/"3.2") or an explicit `rope_scaling` override says otherwise."""
     where = params if isinstance(params, str) else "params.json"
     if isinstance(params, str):
-        params = _read_json(os.path.join(params, "params.json") if os.path.isdir(params) else params)
+        where = os.path.join(params, "params.json") if os.path.isdir(params) else params
+        params = _read_json(where)
     missing = [k for k in ("dim", "n_layers", "n_heads", "vocab_size") if k not in params]
     if missing:
         raise ConfigError(f"{where}: missing required fields {missing}")
-    dim, n_heads = int(params["dim"]), int(params["n_heads"])
-    if int(params["vocab_size"]) <= 0:
+    dim, n_heads = _int(params["dim"], "dim", where), _int(params["n_heads"], "n_heads", where)
+    n_layers, vocab = _int(params["n_layers"], "n_layers", where), _int(params["vocab_size"], "vocab_size", where)
+    if vocab <= 0:
         raise ConfigError(f"{where}: vocab_size={params['vocab_size']} must be positive")
-    is_32_small = dim in (2048, 3072) and int(params["n_layers"]) in (16, 28)
+    multiplier = params.get("ffn_dim_multiplier")
+    multiplier = None if multiplier is None else _float(multiplier, "ffn_dim_multiplier", where)
+    is_32_small = dim in (2048, 3072) and n_layers in (16, 28)
     if version is None:
         version = "3.2" if is_32_small else "3.1"
     factor = 32.0 if version == "3.2" else 8.0
-    scaling = RopeScaling(factor=factor) if params.get("use_scaled_rope", False) else None
+    scaling = RopeScaling(factor=factor) if _bool(params.get("use_scaled_rope", False), "use_scaled_rope", where) else None
     kwargs = dict(
-        vocab_size=int(params["vocab_size"]), dim=dim, n_layers=int(params["n_layers"]), n_heads=n_heads,
-        n_kv_heads=int(params.get("n_kv_heads") or n_heads),
-        ffn_dim=ffn_hidden_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
-        norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
+        vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=_int(params.get("n_kv_heads") or n_heads, "n_kv_heads", where),
+        ffn_dim=ffn_hidden_dim(dim, _int(params.get("multiple_of", 256), "multiple_of", where), multiplier),
+        norm_eps=_float(params.get("norm_eps", 1e-5), "norm_eps", where),
+        rope_theta=_float(params.get("rope_theta", 10000.0), "rope_theta", where),
         rope_scaling=scaling, tie_embeddings=is_32_small, param_dtype="bfloat16", compute_dtype="bfloat16",
         name="meta",
     )
     kwargs.update(overrides)
-    return ModelConfig(**kwargs)
+    return _built(where, **kwargs)
 
 
 def to_meta_params(cfg: ModelConfig, multiple_of: int, ffn_dim_multiplier: float | None) -> dict:

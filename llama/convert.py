@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
+from llama import cli, manifest
 from llama.config import ModelConfig, from_hf_config, from_meta_params, to_hf_config
 from llama.tensor_files import (LazyTensor, TensorEntry, read_entry, read_safetensors_header, read_torch_zip,
                                 write_safetensors_shards)
@@ -448,9 +449,9 @@ def write_hf(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, whe
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(gen, f, indent=2)
         commit_dir(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise manifest.naming(e, dst)
     return files
 
 
@@ -467,10 +468,15 @@ def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, sha
     if quantize and parts[1] != "orbax":
         raise ConvertError(f"--quantize {quantize}: int8 checkpoints are Orbax checkpoints; use {parts[0]}-to-orbax")
     start = time.time()
+    manifest.check_no_overlap(dst, {"SRC": src}, "DST")  # --overwrite would otherwise delete the source
     cfg, state = open_source(parts[0], src)
     out_dtype = _dtype_of(state, dtype)
     if out_dtype not in ("float32", "bfloat16", "float16"):
         raise ConvertError(f"--dtype {out_dtype!r}: expected float32, bfloat16 or float16")
+    check_names(state, cfg, src)  # a bad source fails before the destination is looked at
+    if overwrite:
+        manifest.check_replaceable(dst, "DST", _is_converted_checkpoint,
+                                   "a model checkpoint (config.json with params/ or *.safetensors)")
     cfg = cfg.replace(param_dtype=out_dtype, compute_dtype=out_dtype)
     if parts[1] == "orbax":
         src_files = sorted(os.path.join(src, f) for f in os.listdir(src)) if os.path.isdir(src) else [src]
@@ -488,6 +494,14 @@ def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, sha
             "config": {k: v for k, v in cfg.to_dict().items() if k not in ("remat", "attention_impl")}}
 
 
+def _is_converted_checkpoint(d: str) -> bool:
+    """What --overwrite may replace: an Orbax model checkpoint or a Hugging Face model directory."""
+    from llama.checkpoint import is_model_checkpoint
+
+    return is_model_checkpoint(d) or (os.path.isfile(os.path.join(d, "config.json")) and any(
+        f.endswith(".safetensors") for f in os.listdir(d)))
+
+
 def _stored_bytes(cfg: ModelConfig, quantize: str | None) -> int:
     from llama import quant
     from llama.checkpoint import expected_params
@@ -495,30 +509,21 @@ def _stored_bytes(cfg: ModelConfig, quantize: str | None) -> int:
     return quant.param_bytes(expected_params(cfg, quantize == "int8"))
 
 
-def _parse_size(s: str) -> int:
-    """"5GB", "300KB", "1000" (bytes)."""
-    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "B": 1}
-    unit = next((u for u in units if s.upper().endswith(u)), None)
-    return int(float(s[: -len(unit)]) * units[unit]) if unit else int(s)
-
-
+@cli.command
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("direction", help="SRC-to-DST with SRC in hf, meta, llama2c, orbax and DST in hf, orbax")
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's dtype")
-    ap.add_argument("--shard-size", default="5GB", help="largest safetensors shard for *-to-hf (default 5GB)")
+    ap.add_argument("--shard-size", default=5 * 2**30, type=cli.byte_size,
+                    help="largest safetensors shard for *-to-hf (default 5GB = 5 GiB; KB/MB/GB are powers of 1024)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once done)")
     ap.add_argument("--quantize", choices=("int8",), help="*-to-orbax: store int8 linear weights (llama/quant.py)")
     args = ap.parse_args(argv)
-    try:
-        summary = convert(args.direction, args.src, args.dst, dtype=args.dtype, shard_bytes=_parse_size(args.shard_size),
-                          overwrite=args.overwrite, quantize=args.quantize)
-    except ValueError as e:  # ConvertError, ConfigError, CheckpointError: messages name the file and tensor
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = convert(args.direction, args.src, args.dst, dtype=args.dtype, shard_bytes=args.shard_size,
+                      overwrite=args.overwrite, quantize=args.quantize)  # errors: cli.command (exit 2)
     c = summary["config"]
     kind = summary["dtype"] + (", int8 linear weights" if summary["quantize"] else "")
     print(f"wrote {summary['dst']} ({summary['direction']}, {kind}): {summary['params']:,} parameters, "

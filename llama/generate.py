@@ -19,7 +19,6 @@ CLI: `python -m llama.generate --checkpoint DIR --prompt "Once upon a time"` (se
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -32,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama import model
+from llama import cli, model
 from llama.config import ModelConfig
 from llama.sampling import GREEDY, SamplingConfig, sample
 from sharding import rules as sharding_rules
@@ -341,7 +340,7 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
     if dtype:
         cfg = cfg.replace(param_dtype=dtype, compute_dtype=dtype)
     if quantize not in (None, "int8"):
-        raise SystemExit(f"--quantize {quantize!r}: only 'int8' is supported")
+        raise ValueError(f"--quantize {quantize!r}: only 'int8' is supported")
     if quantize == "int8" and not quant.is_quantized(params):  # an int8 checkpoint is served as it is
         out_sh = param_shardings(cfg, mesh, quantized=True) if mesh is not None else None
         params = jax.jit(quant.quantize_params, out_shardings=out_sh, donate_argnums=0)(params)
@@ -349,26 +348,71 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
 
 
 def load_tokenizer_for(checkpoint: str, path: str | None):
-    """--tokenizer, else DIR/tokenizer.model if present, else the Llama 3 tokenizer from `llama-models`."""
-    from llama.tokenizer import load_tokenizer
+    """--tokenizer, else DIR/tokenizer.model if present, else the Llama 3 tokenizer from `llama-models`;
+    checked against the checkpoint's vocabulary (read from its config alone, before any weight is loaded):
+    ids the model has no embedding row for are an error here, not garbage later."""
+    from llama.checkpoint import read_config
+    from llama.tokenizer import TokenizerError, check_vocab, load_tokenizer
 
     if path is None and os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
         path = os.path.join(checkpoint, "tokenizer.model")
-    return load_tokenizer(path)
+    tok = load_tokenizer(path)
+    cfg, _ = read_config(checkpoint)
+    try:
+        check_vocab(tok, cfg.vocab_size)
+    except TokenizerError as e:
+        raise TokenizerError(f"--checkpoint {checkpoint} / --tokenizer: {e}") from None
+    return tok
 
 
+def is_generation_report(d: str) -> bool:
+    """A directory `--report` wrote: generations.json, and nothing but its manifest beside it."""
+    names = set(os.listdir(d))
+    return "generations.json" in names and names <= {"generations.json", "manifest.json"}
+
+
+def check_report_dir(report: str, checkpoint: str, tokenizer: str | None) -> None:
+    """--report may only replace an earlier generation report, never another command's manifest.json (a
+    training run's record of its config and seeds), and never lies in or around the checkpoint."""
+    from llama import manifest
+
+    manifest.check_no_overlap(report, {"--checkpoint": checkpoint, "--tokenizer": tokenizer}, "--report")
+    manifest.check_replaceable(report, "--report", is_generation_report,
+                               "an earlier generation report (generations.json + manifest.json)")
+
+
+def read_prompts(path: str) -> list[str]:
+    """--prompt-file: UTF-8 text, one prompt per line (blank lines skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise cli.UsageError(f"--prompt-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not texts:
+        raise cli.UsageError(f"--prompt-file {path}: no prompts (one per line expected)")
+    return texts
+
+
+def add_sampling_flags(ap, max_new_tokens: int) -> None:
+    """The numeric flags generate and chat share, as ranges (NaN and inf fail them)."""
+    number = cli.number
+    ap.add_argument("--max-new-tokens", type=number(1, integer=True), default=max_new_tokens)
+    ap.add_argument("--temperature", type=number(0, float("inf"), hi_open=True), default=0.6,
+                    help="0 = greedy (Meta default 0.6)")
+    ap.add_argument("--top-p", type=number(0, 1, lo_open=True), default=0.9, help="in (0, 1]; Meta default 0.9; 1 = off")
+    ap.add_argument("--top-k", type=number(0, integer=True), default=0, help="0 = off")
+    ap.add_argument("--seed", type=number(0, 2**32 - 1, integer=True), default=0)
+
+
+@cli.command
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m llama.generate", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="python -m llama.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="model checkpoint directory (config.json + params/)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompt-file", help="a text file, one prompt per line (blank lines skipped)")
     ap.add_argument("--tokenizer", help="tokenizer file (default: DIR/tokenizer.model, else Llama 3's)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (Meta default 0.6)")
-    ap.add_argument("--top-p", type=float, default=0.9, help="Meta default 0.9; 1 = off")
-    ap.add_argument("--top-k", type=int, default=0, help="0 = off")
-    ap.add_argument("--seed", type=int, default=0)
+    add_sampling_flags(ap, max_new_tokens=256)
     ap.add_argument("--quantize", choices=["int8"], help="weight-only int8 for the linear layers")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params and compute")
     ap.add_argument("--cache-dtype", choices=["float32", "bfloat16", "int8"],
@@ -377,16 +421,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--truncate", action="store_true", help="cut generation at the context limit, not error")
     ap.add_argument("--json-ids", action="store_true", help="print generated ids as JSON, one line per prompt")
     ap.add_argument("--report", metavar="DIR", help="also write DIR/generations.json (ids, text, timings) and "
-                    "DIR/manifest.json (config, versions, devices, seed, checkpoint fingerprint)")
+                    "DIR/manifest.json (config, versions, devices, seed, checkpoint fingerprint); DIR may be new, "
+                    "empty or an earlier report")
     a = ap.parse_args(argv)
 
-    if a.prompt is not None:
-        texts = [a.prompt]
-    else:
-        with open(a.prompt_file) as f:
-            texts = [line.rstrip("\n") for line in f if line.strip()]
-        if not texts:
-            raise SystemExit(f"--prompt-file {a.prompt_file}: no prompts (one per line expected)")
+    if a.report:
+        check_report_dir(a.report, a.checkpoint, a.tokenizer)  # before anything is loaded or generated
+    texts = [a.prompt] if a.prompt is not None else read_prompts(a.prompt_file)
     tok = load_tokenizer_for(a.checkpoint, a.tokenizer)
     cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype)
     prompts = [tok.encode(t, bos=True) for t in texts]
@@ -414,13 +455,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         manifest.atomic_write(os.path.join(a.report, "generations.json"),
                               json.dumps({"generations": rows, "timing": timing}, indent=1))
         manifest.write_manifest(a.report, config={"model": cfg, "args": vars(a)}, mesh=mesh, seeds={"sampling": a.seed},
-                                data_files=[os.path.join(a.checkpoint, "config.json"), str(tok.path)])
+                                data_files=[os.path.join(a.checkpoint, "config.json"), str(tok.path)],
+                                extra={"tool": "llama.generate", "checkpoint": os.path.abspath(a.checkpoint)})
         print(f"report: {a.report}/generations.json, {a.report}/manifest.json", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:  # CheckpointError, TokenizerError, ConfigError, ShardingError...: they name the input
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())  # expected errors (they name the input): one `error:` line, exit 2 (llama/cli.py)

@@ -23,6 +23,14 @@ API
 - git_state(path=None) -> {"commit", "dirty", "root"} or {"commit": None, "error": ...} without git.
 - environment() -> versions, backend, devices, processes, XLA flags and relevant environment variables.
 
+Writing directories safely (every command that writes one uses these):
+- staging_dir(dst, overwrite) / commit_dir(tmp, dst): build beside dst, then rename into place; an old dst
+  is moved aside and deleted only once the new one is in place. Staging names carry host and pid, and
+  staging left by a killed process for that same dst is cleaned (or a moved-aside old dst restored) first.
+- check_no_overlap(dst, sources, flag): refuse a destination equal to, inside, or holding a source.
+- check_replaceable(dst, flag, is_ours, what): dst may be absent, an empty directory, or what `is_ours` says
+  this command wrote before; anything else is an OutputError naming it.
+
 The manifest never fails a run: each probe that can fail (git absent, jax not initialised, a missing
 package) records None or an "error" string instead of raising. Keys are sorted so two manifests diff cleanly.
 """
@@ -37,6 +45,8 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -250,6 +260,140 @@ def atomic_write(path: str, data: str | bytes) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+# ------------------------------------------------------------------------------------ directory outputs
+class OutputError(ValueError):
+    """A destination that would overwrite or delete something it must not (the message names it)."""
+
+
+_STALE_LEGACY_S = 3600  # staging dirs named before they carried a pid: an hour without change means orphaned
+
+
+def _staging_prefix(dst: str, kind: str) -> str:
+    return f".{os.path.basename(dst)}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_staging(dst: str) -> list[str]:
+    """Removes the staging directories a killed process left for exactly `dst` (ours: `.NAME.tmp-HOST-PID-*`
+    whose PID is gone on this host; older names `.NAME.tmp-*` and `NAME.tmp-*` unchanged for an hour), and
+    deals with a moved-aside old `dst` (`.NAME.old-...`): deleted when `dst` is in place, renamed back into
+    place when the kill came between the two renames. Never touches a name of another pattern. Returns what
+    it removed or restored."""
+    dst = os.path.abspath(dst)
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    if not os.path.isdir(parent):
+        return []
+    ours = re.compile(r"\." + re.escape(base) + r"\.(tmp|old)-(.+)-(\d+)-[a-z0-9_]{8}")
+    legacy = re.compile(r"\.?" + re.escape(base) + r"\.(tmp|old)-[a-z0-9_]{8}")
+    done = []
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        m = ours.fullmatch(name)
+        if m:
+            stale = m.group(2) == socket.gethostname() and not _alive(int(m.group(3)))
+        elif legacy.fullmatch(name):
+            try:
+                stale = datetime.datetime.now().timestamp() - os.stat(path).st_mtime > _STALE_LEGACY_S
+            except OSError:
+                continue
+        else:
+            continue
+        if not stale or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        kind = (m or legacy.fullmatch(name)).group(1)
+        if kind == "old" and not os.path.exists(dst):
+            inner = [os.path.join(path, n) for n in os.listdir(path)]
+            if len(inner) == 1 and os.path.isdir(inner[0]):
+                os.rename(inner[0], dst)  # the previous dst, moved aside by a process killed mid-commit
+                done.append(f"restored {dst} from {path}")
+        shutil.rmtree(path, ignore_errors=True)
+        done.append(f"removed {path}")
+    return done
+
+
+def staging_dir(dst: str, overwrite: bool = False) -> str:
+    """A fresh temporary directory beside `dst` (same filesystem, so the final rename is atomic), named for
+    this host and process so that a later run can tell an orphan from a live one (clean_stale_staging)."""
+    dst = os.path.abspath(dst)
+    if os.path.exists(dst) and not overwrite:
+        raise OutputError(f"{dst} already exists; choose another destination or pass overwrite=True")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    for line in clean_stale_staging(dst):
+        print(f"note: {line} (left by a killed run)", file=sys.stderr)
+    return tempfile.mkdtemp(prefix=_staging_prefix(dst, "tmp"), dir=parent)
+
+
+def commit_dir(tmp: str, dst: str) -> None:
+    """Moves a finished staging directory into place. An existing `dst` (overwrite) is moved aside first
+    and deleted only after the new one is in place, so a crash never leaves a half-written `dst` (and
+    clean_stale_staging puts the old one back if the crash came between the renames)."""
+    dst = os.path.abspath(dst)
+    old = None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output gets the usual permissions
+    if os.path.lexists(dst):
+        old = tempfile.mkdtemp(prefix=_staging_prefix(dst, "old"), dir=os.path.dirname(dst))
+        os.rename(dst, os.path.join(old, "x"))
+    os.rename(tmp, dst)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def naming(e: BaseException, dst) -> BaseException:
+    """`raise naming(e, dst)` in an except block: an OSError that names no file (a full disk while writing or
+    closing a file) becomes one naming `dst`, so the one-line error says where; anything else is `e` itself."""
+    if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+        new = OSError(e.errno, e.strerror or str(e), os.fspath(dst))
+        new.__cause__ = e
+        return new
+    return e
+
+
+def _real(path) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def check_no_overlap(dst, sources: Mapping[str, Any], flag: str = "destination") -> None:
+    """OutputError unless `dst` and every source path are disjoint: not equal, neither inside the other
+    (symlinks resolved). `sources` maps a label (e.g. "SRC", "--checkpoint") to a path or list of paths;
+    None entries are skipped. A destination holding its source would be replaced, source and all."""
+    d = _real(dst)
+    for label, paths in sources.items():
+        for p in ([paths] if isinstance(paths, (str, os.PathLike)) else (paths or [])):
+            s = _real(p)
+            if d == s:
+                raise OutputError(f"{flag} {dst}: is the same path as {label} {p}; write somewhere else")
+            if s.startswith(d.rstrip(os.sep) + os.sep):
+                raise OutputError(f"{flag} {dst}: contains {label} {p}; replacing it would delete the source")
+            if d.startswith(s.rstrip(os.sep) + os.sep):
+                raise OutputError(f"{flag} {dst}: is inside {label} {p}; write outside the source")
+
+
+def check_replaceable(dst, flag: str, is_ours, what: str) -> None:
+    """OutputError unless `dst` is absent, an empty directory, or (is_ours(dst)) an earlier output of this
+    command, described by `what` (e.g. "a comparison report (report.json, probe.npz, manifest.json)")."""
+    dst = os.fspath(dst)
+    if not os.path.lexists(dst):
+        return
+    if not os.path.isdir(dst) or os.path.islink(dst):
+        raise OutputError(f"{flag} {dst}: exists and is not a directory; it may only replace {what}")
+    if not os.listdir(dst) or is_ours(dst):
+        return
+    raise OutputError(f"{flag} {dst}: exists and is not {what}; refusing to write there (choose another path, "
+                      "or remove it yourself)")
 
 
 def write_manifest(out_dir: str | os.PathLike, *, filename: str = "manifest.json", **kwargs) -> str:

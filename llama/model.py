@@ -260,11 +260,18 @@ _REMAT: dict[str, Callable | None] = {
 def embed(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     # Gather from a table whose D is whole (FSDP all-gathers it, as it does every weight), so the rows land
     # batch-sharded instead of the partitioner replicating the [B, T, D] result (sharding/rules.py).
+    # An id outside [0, V) (a tokenizer larger than the model's vocabulary) gathers a row of NaN instead of being
+    # clamped to row V-1 (jnp indexing's default) or wrapped (a negative id): a jitted function cannot raise on
+    # data, so the NaN carries the error to the logits and the loss, where the trainer's finite-loss check stops
+    # the run. The CLIs refuse such a tokenizer at load (llama.tokenizer.check_vocab), before any of this runs.
+    def rows(x, fill):
+        return jnp.asarray(x).at[tokens].get(mode="fill", fill_value=fill, wrap_negative_indices=False)
+
     table = params["embed"]
     if isinstance(table, QuantizedWeight):  # int8 tied table (llama/quant.py): gather int8 rows, then scale
         q = constrain(table.q, ("vocab", "act_embed"))
-        return (q[tokens].astype(jnp.float32) * table.scale[tokens]).astype(cfg.compute_dtype)
-    return constrain(table.astype(cfg.compute_dtype), ("vocab", "act_embed"))[tokens]
+        return (rows(q, 0).astype(jnp.float32) * rows(table.scale, jnp.nan)).astype(cfg.compute_dtype)
+    return rows(constrain(table.astype(cfg.compute_dtype), ("vocab", "act_embed")), jnp.nan)
 
 
 def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:

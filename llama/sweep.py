@@ -22,7 +22,6 @@ and its own manifest.json, which the table links to when present).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -37,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from llama import manifest
+from llama import cli, manifest
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,8 +269,14 @@ def load_base_grid(base: str) -> dict[str, list[str]]:
     return {k: [set_text(x) for x in vals] for k, vals in grid.items()}
 
 
+def is_sweep_dir(d: str) -> bool:
+    """A directory this command wrote (its variants/, tables or commands), which a rerun adds to."""
+    return bool({"variants", "results.csv", "results.md", "commands.sh"} & set(os.listdir(d)))
+
+
+@cli.command
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m llama.sweep", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m llama.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="experiment file defining CONFIG (and optionally GRID)")
     p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                    help="one varied field; repeat for a cross product (default: the base file's GRID)")
@@ -281,15 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--mode", choices=("run", "print", "collect"), default="run")
     p.add_argument("--keep-going", action="store_true", help="continue after a variant fails (exit 1 at the end)")
     args = p.parse_args(argv)
-    try:
-        if not os.path.isfile(args.base):
-            raise SweepError(f"--base {args.base}: file not found")
-        grid = parse_grid(args.grid) if args.grid else load_base_grid(args.base)
-        vs = variants(grid)
-        cfgs = {v.name: resolve(args.base, args.set, v) for v in vs}  # every variant builds, or nothing runs
-    except (SweepError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not os.path.isfile(args.base):
+        raise SweepError(f"--base {args.base}: file not found")
+    grid = parse_grid(args.grid) if args.grid else load_base_grid(args.base)
+    vs = variants(grid)
+    cfgs = {v.name: resolve(args.base, args.set, v) for v in vs}  # every variant builds, or nothing runs
+    # The sweep writes its tables and variants/ into OUT: a new or empty directory, or an earlier sweep's.
+    manifest.check_replaceable(args.out, "--out", is_sweep_dir, "a sweep directory (variants/, results.*)")
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     print(f"sweep of {len(vs)} variants over {list(grid)} -> {out}")

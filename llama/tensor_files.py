@@ -121,7 +121,9 @@ def write_safetensors_shards(directory: str, tensors: Iterator[tuple[str, np.nda
                 got_name, x = next(tensors)
                 if got_name != name or tuple(x.shape) != tuple(shape) or x.dtype != dtype:
                     raise TensorFileError(f"internal: expected {name} {shape} {dtype}, got {got_name} {x.shape} {x.dtype}")
-                np.ascontiguousarray(x).tofile(f)  # little-endian hosts only (x86, ARM), as torch assumes
+                # Little-endian hosts only (x86, ARM), as torch assumes. f.write, unlike ndarray.tofile, reports a
+                # full disk as ENOSPC; the uint8 view is not a copy.
+                f.write(memoryview(np.ascontiguousarray(x).reshape(-1).view(np.uint8)))
                 if progress:
                     progress(name, x)
         total += offset

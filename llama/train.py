@@ -162,6 +162,8 @@ def _parse_value(text: str, current: Any, where: str, hint: Any = None) -> Any:
             kinds = [t for t in (type(current), *typing.get_args(hint)) if dataclasses.is_dataclass(t)]
             if kinds:
                 return kinds[0](**value)
+        if isinstance(current, tuple) and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"--set {where}={text}: expected a list like {list(current)}")
         return tuple(value) if isinstance(current, tuple) else value
     raise ConfigError(f"--set {where}: cannot set a field of type {type(current).__name__} from the command line")
 
@@ -456,6 +458,43 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def is_run_dir(d: str) -> bool:
+    """A directory llama.train wrote (checkpoints/, metrics.jsonl or its manifest), which a rerun resumes, or a
+    variant directory llama.sweep prepared for it (sweep_manifest.json, train.log)."""
+    from llama import manifest
+
+    names = set(os.listdir(d))
+    if {"checkpoints", "metrics.jsonl", "sweep_manifest.json", "train.log"} & names:
+        return True
+    try:
+        return manifest.read_manifest(d).get("extra", {}).get("tool") == "llama.train"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_setup(cfg: TrainConfig, out: str) -> None:
+    """Everything that can be checked before OUT is created: the mesh fits the devices and the batch, the data
+    and tokenizer exist, and OUT is new, empty or a run directory (a model checkpoint, a report or any other
+    directory is refused, naming it; a half-made OUT is never left behind by a bad setup)."""
+    import input_pipeline
+    from input_pipeline.sources import expand_paths
+    from llama import manifest
+    from llama.checkpoint import is_model_checkpoint
+    from llama.tokenizer import load_tokenizer
+
+    if os.path.isdir(out) and is_model_checkpoint(out):
+        raise ConfigError(f"--out {out}: is a model checkpoint (config.json + params/), not a training run "
+                          "directory; training into it would mix its weights with a new run. Choose another --out")
+    manifest.check_replaceable(out, "--out", is_run_dir, "a training run directory (checkpoints/, metrics.jsonl)")
+    _check_batch_divisible(cfg, make_mesh(cfg.mesh))
+    if cfg.data.paths is not None:
+        input_pipeline.Source((cfg.data.paths,), format=cfg.data.format, separator=cfg.data.separator)
+        files = expand_paths((cfg.data.paths,), allow_dirs=cfg.data.format in ("prepared", "hf"))
+        manifest.check_no_overlap(out, {"data.paths": files}, "--out")
+    if cfg.data.tokenizer not in (None, "llama3"):
+        load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     distributed.initialize_from_args(args)  # multi-host: before anything touches devices; one process: no-op
@@ -465,6 +504,7 @@ def main(argv=None) -> int:
     if args.data:
         cfg = cfg.replace(data=dataclasses.replace(cfg.data, paths=args.data))
     out = os.path.abspath(args.out or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0]))
+    check_setup(cfg, out)  # validate first, then create
     os.makedirs(out, exist_ok=True)
     preempted = _Preempted()
 
@@ -502,7 +542,8 @@ def main(argv=None) -> int:
     if primary:
         manifest.write_manifest(out, config=cfg, mesh=mesh, seeds={"init": cfg.seed, "data": cfg.seed},
                                 data_files=sorted(glob.glob(source.paths[0], recursive=True))[:1000] + [str(tok.path)],
-                                extra={"command": sys.argv if argv is None else ["python", "-m", "llama.train", *argv],
+                                extra={"tool": "llama.train",
+                                       "command": sys.argv if argv is None else ["python", "-m", "llama.train", *argv],
                                        "resumed_from_step": start, "tokenizer": str(tok.path)})
 
     # The loop: metrics every log_every steps, async checkpoints every checkpoint_every.
@@ -581,10 +622,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     # Run the imported module's main, so experiment files and this code share one TrainConfig class.
-    from llama import train
+    from llama import cli, train
 
-    try:
-        sys.exit(train.main())
-    except ValueError as e:  # ConfigError, DataError, ShardingError, CheckpointError, TokenizerError: they name the input
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    # Expected errors (ConfigError, DataError, ShardingError, CheckpointError, TokenizerError, OSError): one
+    # `error:` line naming the input, exit 2 (llama/cli.py).
+    sys.exit(cli.command(train.main)())

@@ -41,7 +41,6 @@ tokens is 6*P*D alone (3.78e25); the attention term adds 8% at T = 8192. Device-
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
@@ -51,7 +50,7 @@ from typing import Mapping
 
 import jax
 
-from llama import model
+from llama import cli, model
 from llama.config import ModelConfig, preset
 from llama.metrics import matmul_params  # noqa: F401  (one FLOPs formula for MFU logging and the planner)
 from llama.metrics import train_flops_per_token as training_flops_per_token
@@ -103,10 +102,10 @@ class Plan:
 
 
 def parse_bytes(text: str) -> float:
-    """'80GB' -> 80e9, '80GiB' -> 80 * 2**30, '1.5TB', plain numbers are bytes."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B)?\s*", str(text))
-    if not m:
-        raise ValueError(f"--device-memory {text!r}: expected e.g. 80GB or 80GiB")
+    """'80GB' -> 80e9, '80GiB' -> 80 * 2**30, '1.5TB', plain numbers are bytes; positive and finite."""
+    m = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([KMGT]i?B)?\s*", str(text))
+    if not m or not 0 < float(m.group(1)) < math.inf:
+        raise ValueError(f"--device-memory {text!r}: expected a positive size, e.g. 80GB or 80GiB")
     unit = m.group(2) or "B"
     scale = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
              "TiB": 2**40}[unit]
@@ -248,11 +247,12 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
+@cli.command  # expected errors (unknown preset, bad mesh, ...): one `error:` line, exit 2
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, help="a llama.config preset, e.g. llama3.1-405b")
     ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="e.g. data=1,fsdp=8,tensor=2")
-    ap.add_argument("--devices", type=int, default=None, help="device count (default: the mesh's product)")
+    ap.add_argument("--devices", type=cli.number(1, integer=True), default=None, help="device count (default: the mesh's product)")
     ap.add_argument("--mode", choices=("training", "inference"), default="inference")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                     help="compute dtype (and the stored weights' dtype for inference)")
@@ -261,13 +261,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", choices=("int8",), default=None, help="inference: int8 weights")
     ap.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32", "int8"), default=None,
                     help="inference: KV cache dtype (default --dtype)")
-    ap.add_argument("--batch", type=int, default=None, help="global sequences (training: data*fsdp; inference: 1)")
-    ap.add_argument("--seq-len", type=int, default=8192, help="T (training) or the context length (inference)")
+    ap.add_argument("--batch", type=cli.number(1, integer=True), default=None, help="global sequences (training: data*fsdp; inference: 1)")
+    ap.add_argument("--seq-len", type=cli.number(1, integer=True), default=8192, help="T (training) or the context length (inference)")
     ap.add_argument("--remat", choices=("none", "full", "save_matmuls"), default=None, help="default: the preset's")
     ap.add_argument("--device-memory", default="80GB")
-    ap.add_argument("--tokens", type=float, default=0.0, help="training token budget")
-    ap.add_argument("--mfu", type=float, default=0.0, help="model FLOPs utilisation for device-hours")
-    ap.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK / 1e12)
+    ap.add_argument("--tokens", type=cli.number(0, math.inf, hi_open=True), default=0.0, help="training token budget")
+    ap.add_argument("--mfu", type=cli.number(0, 1, lo_open=True), default=None,
+                    help="model FLOPs utilisation in (0, 1] for device-hours")
+    ap.add_argument("--peak-tflops", type=cli.number(0, math.inf, lo_open=True, hi_open=True),
+                    default=H100_BF16_PEAK / 1e12)
     ap.add_argument("--attention", choices=("xla", "cudnn"), default=None,
                     help="xla materialises the float32 scores; cudnn (GPU) does not. Default: the preset's")
     ap.add_argument("--json", action="store_true")
@@ -277,15 +279,11 @@ def main(argv=None) -> int:
     n = args.devices or (math.prod(fixed) if -1 not in (mesh.data, mesh.fsdp, mesh.tensor) else None)
     if n is None:
         ap.error("--mesh has a -1 axis: give --devices")
-    try:
-        p = plan(preset(args.preset), mesh, n, mode=args.mode, dtype=args.dtype, quantize=args.quantize,
-                 batch=args.batch, seq_len=args.seq_len, remat=args.remat,
-                 device_memory=parse_bytes(args.device_memory), tokens=args.tokens, mfu=args.mfu,
-                 peak_flops=args.peak_tflops * 1e12, param_dtype=args.param_dtype, attention=args.attention,
-                 cache_dtype=args.cache_dtype)
-    except ShardingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    p = plan(preset(args.preset), mesh, n, mode=args.mode, dtype=args.dtype, quantize=args.quantize,
+             batch=args.batch, seq_len=args.seq_len, remat=args.remat,
+             device_memory=parse_bytes(args.device_memory), tokens=args.tokens, mfu=args.mfu or 0.0,
+             peak_flops=args.peak_tflops * 1e12, param_dtype=args.param_dtype, attention=args.attention,
+             cache_dtype=args.cache_dtype)
     if args.json:
         print(json.dumps({**asdict(p), "total_bytes": p.total_bytes, "fits": p.fits, "total_flops": p.total_flops,
                           "device_hours": p.device_hours}, indent=2))
