@@ -563,6 +563,7 @@ def random_model(preset_name: str, seed: int, mesh=None):
 
 def _cmd_diff(args) -> int:
     tol = parse_tolerances(args.tolerances)
+    manifest.check_no_overlap(args.out, {"report A": args.a, "report B": args.b}, "--out")  # before any work
     m = diff_reports(load_report(args.a), load_report(args.b))
     if not m["same_checkpoint"]:
         print(f"warning: {CHECKPOINT_WARNING}: A {m['a']['checkpoint']}, B {m['b']['checkpoint']}", file=sys.stderr)

@@ -412,6 +412,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no manifest here (expected a manifest.json written by "
                                 "llama.manifest.write_manifest)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
 def write_benchmark(name: str, results: Mapping[str, Any], *, config: Any = None, data_files=None,

@@ -491,6 +491,11 @@ def check_setup(cfg: TrainConfig, out: str) -> None:
         input_pipeline.Source((cfg.data.paths,), format=cfg.data.format, separator=cfg.data.separator)
         files = expand_paths((cfg.data.paths,), allow_dirs=cfg.data.format in ("prepared", "hf"))
         manifest.check_no_overlap(out, {"data.paths": files}, "--out")
+        if cfg.data.format == "prepared":
+            from input_pipeline.prepared import read_index
+
+            for d in files:
+                read_index(d)
     if cfg.data.tokenizer not in (None, "llama3"):
         load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
 

@@ -155,7 +155,7 @@ def test_compare_probe_numbers_are_ranges(work, capsys, flag, value):
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     d = tmp_path_factory.mktemp("reports")
-    args = ["--seq-len", "16", "--prompt-len", "4", "--gen-len", "2", "--train-steps", "0", "--batch", "1"]
+    args = ["--seq-len", "16", "--gen-len", "0", "--train-steps", "0", "--batch", "1"]  # one small compile
     assert compare.main(["run", "--init", "tiny", "--out", str(d / "a"), *args]) == 0
     return d
 
@@ -281,10 +281,14 @@ def test_train_out_must_be_a_run_directory(work, capsys):
     (["--data", "/nonexistent/*.txt"], ["/nonexistent/*.txt"]),
     (["--set", "data.tokenizer=/nonexistent/tok.model"], ["/nonexistent/tok.model"]),
     (["--set", "data.format=csv", "data.paths=x"], ["csv"]),
+    (["--set", "data.format=prepared", "data.tokenizer=llama3", "data.paths=PREPARED"], ["index.json", "not valid JSON"]),
 ])
 def test_train_validates_before_creating_out(work, capsys, setting, names):
     """A failed run left a half-made --out (tokenizer, corpus, manifest, empty metrics) before."""
     exp = os.path.join(REPO, "experiments", "cpu_small.py")
+    (work / "prepared").mkdir()
+    (work / "prepared" / "index.json").write_text('{"format": "llama-jax-prepared-tokens", "vers')  # truncated
+    setting = [a.replace("PREPARED", str(work / "prepared")) for a in setting]
     refused(_train, ["--config", exp, "--out", work / "new", *setting], capsys, work, *names)
     assert not (work / "new").exists()
 
