@@ -458,18 +458,29 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+# What llama.train writes in OUT (and llama.sweep beside it, for a variant's run).
+RUN_FILES = {"checkpoints", "metrics.jsonl", "tensorboard", "corpus", "tokenizer.model", "manifest.json", "loss.png",
+             "sample.txt", "sweep_manifest.json", "train.log"}
+
+
 def is_run_dir(d: str) -> bool:
-    """A directory llama.train wrote (checkpoints/, metrics.jsonl or its manifest), which a rerun resumes, or a
-    variant directory llama.sweep prepared for it (sweep_manifest.json, train.log)."""
+    """A directory llama.train wrote, which a rerun resumes: nothing in it but RUN_FILES (and our temp files),
+    and a manifest, if any, that llama.train wrote. Also the first files another process of this same run
+    creates (tokenizer.model, corpus/) before any manifest exists."""
     from llama import manifest
 
-    names = set(os.listdir(d))
-    if {"checkpoints", "metrics.jsonl", "sweep_manifest.json", "train.log"} & names:
+    names = {n for n in os.listdir(d) if not (n.startswith(".") and n.endswith(".tmp"))}
+    if not names <= RUN_FILES:
+        return False
+    if "manifest.json" not in names:
         return True
     try:
-        return manifest.read_manifest(d).get("extra", {}).get("tool") == "llama.train"
+        extra = manifest.read_manifest(d).get("extra", {})
     except (OSError, ValueError, AttributeError):
         return False
+    # Manifests from before "tool" was recorded name the command instead.
+    command = " ".join(map(str, extra.get("command", [])))
+    return extra.get("tool") == "llama.train" or "llama.train" in command or os.path.join("llama", "train.py") in command
 
 
 def check_setup(cfg: TrainConfig, out: str) -> None:

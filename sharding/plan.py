@@ -55,7 +55,7 @@ from llama.config import ModelConfig, preset
 from llama.metrics import matmul_params  # noqa: F401  (one FLOPs formula for MFU logging and the planner)
 from llama.metrics import train_flops_per_token as training_flops_per_token
 from sharding import rules
-from sharding.mesh import MeshConfig, ShardingError
+from sharding.mesh import MeshConfig
 
 H100_BF16_PEAK = 989.4e12  # dense bf16 FLOP/s, NVIDIA H100 SXM datasheet (1979 TFLOP/s is with 2:4 sparsity)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -252,7 +252,8 @@ def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", required=True, help="a llama.config preset, e.g. llama3.1-405b")
     ap.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="e.g. data=1,fsdp=8,tensor=2")
-    ap.add_argument("--devices", type=cli.number(1, integer=True), default=None, help="device count (default: the mesh's product)")
+    ap.add_argument("--devices", type=cli.number(1, integer=True), default=None,
+                    help="device count (default: the mesh's product)")
     ap.add_argument("--mode", choices=("training", "inference"), default="inference")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                     help="compute dtype (and the stored weights' dtype for inference)")
@@ -261,8 +262,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", choices=("int8",), default=None, help="inference: int8 weights")
     ap.add_argument("--cache-dtype", choices=("bfloat16", "float16", "float32", "int8"), default=None,
                     help="inference: KV cache dtype (default --dtype)")
-    ap.add_argument("--batch", type=cli.number(1, integer=True), default=None, help="global sequences (training: data*fsdp; inference: 1)")
-    ap.add_argument("--seq-len", type=cli.number(1, integer=True), default=8192, help="T (training) or the context length (inference)")
+    ap.add_argument("--batch", type=cli.number(1, integer=True), default=None,
+                    help="global sequences (training: data*fsdp; inference: 1)")
+    ap.add_argument("--seq-len", type=cli.number(1, integer=True), default=8192,
+                    help="T (training) or the context length (inference)")
     ap.add_argument("--remat", choices=("none", "full", "save_matmuls"), default=None, help="default: the preset's")
     ap.add_argument("--device-memory", default="80GB")
     ap.add_argument("--tokens", type=cli.number(0, math.inf, hi_open=True), default=0.0, help="training token budget")
