@@ -551,7 +551,10 @@ def random_model(preset_name: str, seed: int, mesh=None):
 
     from llama import config, model
 
-    cfg = config.preset(preset_name)
+    try:
+        cfg = config.preset(preset_name)
+    except config.ConfigError as e:
+        raise CompareError(f"--init: {e}") from None
     with jax.default_device(jax.devices("cpu")[0]):
         params = jax.jit(model.init_params, static_argnums=0)(cfg, jax.random.key(seed))
     if mesh is not None:

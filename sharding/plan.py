@@ -282,7 +282,11 @@ def main(argv=None) -> int:
     n = args.devices or (math.prod(fixed) if -1 not in (mesh.data, mesh.fsdp, mesh.tensor) else None)
     if n is None:
         ap.error("--mesh has a -1 axis: give --devices")
-    p = plan(preset(args.preset), mesh, n, mode=args.mode, dtype=args.dtype, quantize=args.quantize,
+    try:
+        cfg = preset(args.preset)
+    except ValueError as e:
+        raise cli.UsageError(f"--preset: {e}") from None
+    p = plan(cfg, mesh, n, mode=args.mode, dtype=args.dtype, quantize=args.quantize,
              batch=args.batch, seq_len=args.seq_len, remat=args.remat,
              device_memory=parse_bytes(args.device_memory), tokens=args.tokens, mfu=args.mfu or 0.0,
              peak_flops=args.peak_tflops * 1e12, param_dtype=args.param_dtype, attention=args.attention,
