@@ -16,6 +16,11 @@ first new token fit).
   `generate`; the cache's contents do not change the cost), tokens/s. Issue 13's target: P=1024 in a 131,072-slot
   cache at >= 80% of the speed of P=1024 in a 4,096-slot cache.
 Each job prints one JSON line: seconds, peak RSS (ru_maxrss of its own process) and the load average before it.
+
+    python -m experiments.bench_long_context --gpu    # one GPU (experiments/gpu_bench.sh): fused-kernel parity
+        # against "flash" at 4K (cudnn, bf16; flash against xla in float32), then Llama 3.1 8B-shape bf16 prefill
+        # (random weights, chunks of 4096) at 32K and 128K: time, attention TFLOP/s (causal attention FLOPs over
+        # the whole prefill time, a lower bound) and the device's peak memory
 """
 
 from __future__ import annotations
@@ -158,6 +163,43 @@ def _peer_model():
     return transformers.LlamaForCausalLM(hf).float().eval()
 
 
+# ----------------------------------------------------------------------------------------------------- GPU
+def gpu(lengths=(32768, 131072)) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from llama import attention as A
+    from llama import generate as G
+    from llama import model as M
+    from llama.config import LLAMA31_8B
+
+    B, T, N, K, H = 1, 4096, 32, 8, 128
+    ks = jax.random.split(jax.random.key(0), 3)
+    q32 = jax.random.normal(ks[0], (B, T, N, H))
+    k32, v32 = (jax.random.normal(k, (B, T, K, H)) for k in ks[1:])
+    seg = jnp.asarray([[0] * 1000 + [1] * 3000 + [2] * 96])
+    run = lambda impl, q, k, v, s=None: jax.jit(  # noqa: E731
+        lambda q, k, v: A.attention(q, (k, v), segment_ids=s, impl=impl))(q, k, v)
+    with jax.default_matmul_precision("highest"):
+        for s in (None, seg):
+            err = float(jnp.abs(run("flash", q32, k32, v32, s) - run("xla", q32, k32, v32, s)).max())
+            print(json.dumps({"parity": "flash vs xla, float32", "T": T, "packed": s is not None, "max_abs": err}))
+    bf = [x.astype(jnp.bfloat16) for x in (q32, k32, v32)]
+    ref = run("flash", *bf).astype(jnp.float32)
+    for impl in [i for i in A.available() if i not in ("xla", "flash")]:
+        err = float(jnp.abs(run(impl, *bf).astype(jnp.float32) - ref).max())
+        print(json.dumps({"parity": f"{impl} vs flash, bf16 (8 mantissa bits: ~1e-2)", "T": T, "max_abs": err}))
+    cfg = LLAMA31_8B.replace(max_seq_len=max(lengths) + 64)
+    params = jax.jit(lambda: M.init_params(cfg, jax.random.key(0)))()
+    for T in lengths:
+        res = G.generate(params, [[1] + [3] * (T - 1)], cfg=cfg, max_new_tokens=1, stop_ids=[])
+        flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T * T / 2  # QK^T and PV, causal half
+        stats = jax.devices()[0].memory_stats() or {}
+        print(json.dumps({"prefill_8b_bf16_T": T, "seconds": res.prefill_s, "compile_s": res.compile_s,
+                          "attention_tflops_per_s": flops / res.prefill_s / 1e12,
+                          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}), flush=True)
+
+
 # ------------------------------------------------------------------------------------------------- driver
 def _worker(job: list[str]) -> None:
     kind, side, arg = job[0], job[1], job[2]
@@ -197,8 +239,11 @@ def main(argv=None) -> None:
     ap.add_argument("--peer", choices=("on", "off"), default="on", help="run transformers alongside")
     ap.add_argument("--quick", action="store_true", help="a shorter timeout per job (a smoke run)")
     ap.add_argument("--json", help="also write every job's result here")
+    ap.add_argument("--gpu", action="store_true", help="the GPU set (module docstring)")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.gpu:
+        return gpu()
     if a.worker:
         return _worker(a.worker)
     sides = ("ours", "peer") if a.peer == "on" else ("ours",)
