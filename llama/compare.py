@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from llama import cli, manifest
+from llama.config import ATTENTION_IMPLS
 
 REPORT_JSON, REPORT_NPZ = "report.json", "probe.npz"
 REPORT_FILES = {REPORT_JSON, REPORT_NPZ, "manifest.json"}
@@ -594,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", required=True, help="report directory to write (an earlier report there is replaced; "
                    "anything else is an error)")
     r.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"))
-    r.add_argument("--attention-impl", choices=("xla", "cudnn"))
+    r.add_argument("--attention-impl", choices=ATTENTION_IMPLS)
     r.add_argument("--mesh", help="e.g. data=1,fsdp=-1,tensor=1 (default: one device)")
     r.add_argument("--matmul-precision", choices=("default", "high", "highest"),
                    help="jax_default_matmul_precision for the whole probe; 'highest' keeps float32 matmuls "

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_matmuls")
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "flash", "cudnn", "splash")  # llama/attention.py
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -84,7 +84,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
-    attention_impl: str = "xla"  # one of ATTENTION_IMPLS; "xla" is the reference path parity tests use
+    attention_impl: str = "flash"  # one of ATTENTION_IMPLS (llama/attention.py); "xla" is the dense reference
+    attention_block_q: int = 512  # flash tile sizes: queries and keys per block (any T; T is padded inside)
+    attention_block_k: int = 512
     name: str = "custom"
 
     def __post_init__(self):
@@ -113,6 +115,9 @@ class ModelConfig:
             raise ConfigError(f"ModelConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"ModelConfig.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        for name in ("attention_block_q", "attention_block_k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {DTYPES}")

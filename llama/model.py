@@ -1,7 +1,8 @@
 """Llama 3.1 / 3.2 as pure functions over a pytree of parameters.
 
-Read top to bottom: parameter declarations, RMSNorm, RoPE (with llama3 frequency scaling), attention (GQA
-without repeating K/V), the SwiGLU MLP, one decoder layer, and `forward`, which scans the stacked layers.
+Read top to bottom: parameter declarations, RMSNorm, RoPE (with llama3 frequency scaling), the SwiGLU MLP, one
+decoder layer, and `forward`, which scans the stacked layers. Attention (GQA without repeating K/V; the dense
+reference, blockwise flash, fused kernels) is `llama/attention.py`'s `attention(...)`.
 
 Einsum letters (the scaling book's): B batch, T query length, S key length, D model dim, N query heads,
 K kv heads, G query heads per kv head (N = K*G), H head dim, F ffn dim, V vocab, L layers.
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama import attention as attn
 from llama.config import ModelConfig
 from sharding.rules import ACTIVATION_AXES, constrain
 
@@ -162,36 +164,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------- attention
-def attention_mask(q_index: jax.Array, k_index: jax.Array, q_segment: jax.Array | None,
-                   k_segment: jax.Array | None) -> jax.Array:
-    """Causal mask (key index <= query index) combined with a document mask (same segment id).
-    q_index: [B, T], k_index: [B, S] sequence slots; segments: [B, T] / [B, S] or None. -> [B, T, S] bool"""
-    mask = k_index[:, None, :] <= q_index[:, :, None]
-    if q_segment is not None:
-        mask &= q_segment[:, :, None] == k_segment[:, None, :]
-    return mask
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "xla") -> jax.Array:
-    """softmax(q k^T / sqrt(H) + mask) v with GQA: each KV head serves a contiguous block of G query heads.
-    q: [B, T, N, H], k, v: [B, S, K, H], mask: [B, T, S] bool -> [B, T, N, H].
-
-    "xla" is the reference path (and what parity tests use): K/V are never repeated in memory; the query
-    heads are viewed as [K, G] and contracted against the K KV heads. "cudnn" hands the same inputs to
-    `jax.nn.dot_product_attention`'s fused kernel on GPU."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    qg = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) / np.sqrt(H).astype(np.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # softmax in float32, as Meta and HF
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(B, T, N, H)
-
-
 # --------------------------------------------------------------------------------------------- the layer
 def mlp(x: jax.Array, p: Params) -> jax.Array:
     """SwiGLU: (silu(x W1) * (x W3)) W2. [B, T, D] -> [B, T, D]"""
@@ -200,29 +172,31 @@ def mlp(x: jax.Array, p: Params) -> jax.Array:
     return linear("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"])
 
 
-def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, mask: jax.Array,
+def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None,
                   inv_freq: jax.Array, cache: dict | None = None,
                   layer: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
     """One pre-norm block. x: [B, T, D]; p: this layer's slice of params["layers"].
-    With a cache (the whole stack, `init_cache`) and this layer's index, the new keys (after RoPE) and values
-    are written at their positions and attention reads all of this layer's slots; the mask says which are
-    visible."""
+    Without a cache, causal self-attention over the row (documents kept apart by segment_ids). With a cache (the
+    whole stack, `init_cache`) and this layer's index, the new keys (after RoPE) and values are written at their
+    positions, and each query attends to this layer's cache slots <= its position."""
     h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
     q = apply_rope(linear("BTD,DNH->BTNH", h, p["wq"]), positions, inv_freq)
     k = apply_rope(linear("BTD,DKH->BTKH", h, p["wk"]), positions, inv_freq)
     v = linear("BTD,DKH->BTKH", h, p["wv"])
-    if cache is not None:
-        k, v, cache = _write_cache(cache, layer, k, v, positions)
-    o = attention(q, k, v, mask, cfg.attention_impl)
+    blocks = dict(impl=cfg.attention_impl, block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
+    if cache is None:
+        o = attn.attention(q, (k, v), segment_ids=segment_ids, **blocks)
+    else:
+        cache = _write_cache(cache, layer, k, v, positions)
+        o = attn.attention(q, _cached_kv(cache, layer, k.dtype), q_slots=positions, **blocks)
     x = x + linear("BTNH,NHD->BTD", o, p["wo"])
     x = x + mlp(rms_norm(x, p["mlp_norm"], cfg.norm_eps), p)
     return x, cache
 
 
-def _write_cache(cache: dict, layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array):
+def _write_cache(cache: dict, layer: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> dict:
     """Scatter this step's K/V [B, T, K, H] into layer `layer` of the cache, in place, at each row's positions
-    [B, T]; returns that layer's K and V as attention takes them ([B, S, K, H], activation dtype) and the new
-    cache. An int8 cache (`init_cache(dtype="int8")`) stores each token's head vector as int8 with one float32
+    [B, T]. An int8 cache (`init_cache(dtype="int8")`) stores each token's head vector as int8 with one float32
     scale (its absmax / 127) and is read back dequantised: a quarter of the float32 bytes (half of bf16) plus 4
     bytes per H-vector for the scale."""
     rows = jnp.arange(k.shape[0])[:, None]
@@ -235,11 +209,21 @@ def _write_cache(cache: dict, layer: jax.Array, k: jax.Array, v: jax.Array, posi
             new[name + "_scale"] = cache[name + "_scale"].at[layer, rows, :, positions].set(x8.scale, mode="drop")
         else:
             new[name] = cache[name].at[layer, rows, :, positions].set(x.astype(cache[name].dtype), mode="drop")
-    this_layer = {name: a[layer] for name, a in new.items()}
-    # [B, K, S, H] -> attention's [B, S, K, H]: XLA folds the transpose into the dots, or into the copy that
-    # slicing the layer out makes anyway (on CPU a dynamic slice does not fuse into a dot)
-    read = lambda name, dtype: _read_cache(this_layer, name, dtype).transpose(0, 2, 1, 3)  # noqa: E731
-    return read("k", k.dtype), read("v", v.dtype), new
+    return new
+
+
+def _cached_kv(cache: dict, layer: jax.Array, dtype) -> attn.CachedKV:
+    """Layer `layer` of the cache as attention reads it: slots start..start+size-1 sliced straight out of the
+    [L, B, K, S, H] stack (no copy of the whole layer, so a decode step's cost follows its position, not S),
+    dequantised where int8, as [B, size, K, H] (XLA folds the transpose into the dots)."""
+    _, B, K, S, H = cache["k"].shape
+
+    def read(start, size):
+        tile = {name: jax.lax.dynamic_slice(a, (layer, 0, 0, start, 0), (1, B, K, size, a.shape[-1]))[0]
+                for name, a in cache.items()}
+        return tuple(_read_cache(tile, name, dtype).transpose(0, 2, 1, 3) for name in ("k", "v"))
+
+    return attn.CachedKV(read, S, K)
 
 
 def _read_cache(cache: dict, name: str, dtype) -> jax.Array:
@@ -282,7 +266,7 @@ def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return linear("BTD,DV->BTV", x, params["lm_head"]).astype(jnp.float32)
 
 
-def _layers(params: Params, x, cfg: ModelConfig, positions, mask, cache):
+def _layers(params: Params, x, cfg: ModelConfig, positions, segment_ids, cache):
     """Scan the stacked layers. A KV cache rides in the carry and each layer writes its own slots in place: as a
     scanned input and output it would be sliced out and stacked back, two copies of the whole cache per decode
     step (with them, and the old [L, B, S, K, H] layout, CPU decode at 4080 slots ran at half today's speed;
@@ -292,7 +276,7 @@ def _layers(params: Params, x, cfg: ModelConfig, positions, mask, cache):
     def body(carry, layer):
         x, cache = carry
         p, i = layer
-        x, cache = decoder_layer(x, p, cfg, positions, mask, inv_freq, cache, i)
+        x, cache = decoder_layer(x, p, cfg, positions, segment_ids, inv_freq, cache, i)
         return (constrain(x, ACTIVATION_AXES), cache), None  # layer boundary: sharding/rules.py (no-op without a mesh)
 
     if _REMAT[cfg.remat] is not None:
@@ -307,10 +291,8 @@ def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array | None
     """The last layer's output, before the final norm: [B, T, D] in the compute dtype. `forward` is
     `unembed(hidden_states(...))`; a loss that never materialises the whole [B, T, V] logits starts here."""
     B, T = tokens.shape
-    index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    positions = index if positions is None else positions
-    mask = attention_mask(index, index, segment_ids, segment_ids)
-    x, _ = _layers(params, embed(params, tokens, cfg), cfg, positions, mask, None)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None else positions
+    x, _ = _layers(params, embed(params, tokens, cfg), cfg, positions, segment_ids, None)
     return x
 
 
@@ -349,6 +331,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     return cache
 
 
+def hidden_states_cached(params: Params, tokens: jax.Array, positions: jax.Array, cache: dict, *,
+                         cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """`hidden_states` against a KV cache (`forward_cached` without the output layer; a chunked prefill keeps
+    only each row's last prompt token of it): ([B, T, D] in the compute dtype, the cache)."""
+    return _layers(params, embed(params, tokens, cfg), cfg, positions, None, cache)
+
+
 def forward_cached(params: Params, tokens: jax.Array, positions: jax.Array, cache: dict, *,
                    cfg: ModelConfig, logits_at: jax.Array | None = None) -> tuple[jax.Array, dict]:
     """Prefill (T > 1) or decode (T = 1) against a KV cache. tokens, positions: [B, T]; each token is
@@ -356,11 +345,7 @@ def forward_cached(params: Params, tokens: jax.Array, positions: jax.Array, cach
     prompts of different lengths just carry different positions. Returns (float32 logits [B, T, V], cache).
     logits_at: optional [B] index into T; then only that token's logits are computed ([B, 1, V]): a prefill
     needs just each prompt's last token, and the vocab projection would otherwise dominate its cost."""
-    B = tokens.shape[0]
-    S = cache["k"].shape[3]
-    k_index = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-    mask = attention_mask(positions, k_index, None, None)
-    x, cache = _layers(params, embed(params, tokens, cfg), cfg, positions, mask, cache)
+    x, cache = hidden_states_cached(params, tokens, positions, cache, cfg=cfg)
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)  # [B, 1, D]
     return unembed(params, x, cfg), cache

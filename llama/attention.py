@@ -1,0 +1,297 @@
+"""Attention: one `attention(...)` for the model, with several implementations (`ModelConfig.attention_impl`).
+
+Causal GQA attention, softmax(q k^T / sqrt(H) + mask) v, where query heads are viewed as [K, G] against the K
+KV heads (K/V are never repeated). The mask is causal over sequence *slots* (a query at slot t sees keys at
+slots <= t) and, for packed rows, a document mask (same segment id). No implementation but the reference
+builds a [T, S] array.
+
+- "xla": the plain reference (the tests' yardstick at short T): float32 scores [B, K, G, T, S], a dense mask.
+- "flash": blockwise attention in pure JAX with an online softmax (Rabe & Staats 2021, "Self-attention does not
+  need O(n^2) memory"; Dao et al. 2022, FlashAttention). Masks are built per [block_q, block_k] tile from slot
+  indices and segment ids; a query block loops only over the key blocks at or before its last slot, so causal
+  attention costs about half the FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of
+  the cache, whatever its allocated size. Softmax statistics in float32. Its custom VJP recomputes the scores
+  blockwise (FlashAttention-2's backward, Dao 2023), so training memory is O(T). Runs on CPU, GPU and TPU.
+  Levanter's `levanter.models.flash_attention` (custom VJP, per-block causal and segment masks) was the model.
+- "cudnn" (GPU): `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`, no mask array. A
+  boolean mask would become a dense [B, N, T, S] bias there (~32 GiB per sequence at 128K) and its document-mask
+  (packed layout) path is private and Hopper-only, so rows with segment ids and cached inference use "flash".
+- "splash" (TPU): `jax.experimental.pallas.ops.tpu.splash_attention` (Mosaic), a causal `MultiHeadMask` and
+  `SegmentIds` (an O(T) document mask), one MQA kernel per KV head; cached inference uses "flash".
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama.config import ATTENTION_IMPLS
+
+# The backends each fused kernel exists on; "xla" and "flash" are plain JAX and run everywhere.
+KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+
+
+class AttentionError(ValueError):
+    """An attention implementation that does not exist, or whose kernel this backend lacks."""
+
+
+@dataclass(frozen=True)
+class CachedKV:
+    """One layer of a KV cache as attention reads it. read(start, size) -> (k, v): [B, size, K, H] for the slots
+    start..start+size-1 (a traced start, clamped like `lax.dynamic_slice`; size static); `length`: S slots."""
+
+    read: Callable[[jax.Array, int], tuple[jax.Array, jax.Array]]
+    length: int
+    kv_heads: int
+
+
+def available(backend: str | None = None) -> tuple[str, ...]:
+    backend = backend or jax.default_backend()
+    return tuple(i for i in ATTENTION_IMPLS if backend in KERNEL_BACKENDS.get(i, (backend,)))
+
+
+def check_impl(impl: str, backend: str | None = None) -> None:
+    """An error naming the option and what is available, instead of a deep traceback from inside a kernel."""
+    backend = backend or jax.default_backend()
+    if impl not in ATTENTION_IMPLS:
+        raise AttentionError(f"attention_impl={impl!r} is unknown; expected one of {ATTENTION_IMPLS}")
+    if impl not in available(backend):
+        raise AttentionError(f"attention_impl={impl!r} needs a {'/'.join(KERNEL_BACKENDS[impl])} backend; this "
+                             f"process runs on {backend!r}, where the available ones are {available(backend)}")
+
+
+def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots: jax.Array | None = None,
+              impl: str = "flash", block_q: int = 512, block_k: int = 512) -> jax.Array:
+    """q: [B, T, N, H] -> [B, T, N, H].
+
+    kv is either (k, v), [B, T, K, H] each, for causal self-attention over one (possibly packed) sequence
+    (query and key slots 0..T-1; `segment_ids` [B, T] or None), which is differentiable; or a `CachedKV` for
+    attention against a KV cache, where `q_slots` [B, T] are the queries' slots (= positions) and each query
+    sees the cache slots <= its own."""
+    check_impl(impl)
+    B, T, N, H = q.shape
+    if isinstance(kv, CachedKV):
+        if impl == "xla":
+            k, v = kv.read(jnp.zeros((), jnp.int32), kv.length)
+            return _reference(q, k, v, q_slots, None, None)
+        return _flash_cached(q, kv, q_slots, block_q, block_k)
+    k, v = kv
+    if impl == "xla":
+        slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        return _reference(q, k, v, slots, segment_ids, segment_ids)
+    if impl == "cudnn" and segment_ids is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl == "splash":
+        return _splash(q, k, v, segment_ids, block_q, block_k)
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    return _flash(q, k, v, seg, min(block_q, T), min(block_k, T))
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def _reference(q, k, v, q_slots, q_segment, k_segment) -> jax.Array:
+    """The dense reference: float32 scores [B, K, G, T, S] and a [B, T, S] mask (key slot <= query slot, same
+    segment). Softmax in float32, as Meta and HF."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= q_slots[:, :, None]
+    if q_segment is not None:
+        mask &= q_segment[:, :, None] == k_segment[:, None, :]
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) / np.float32(np.sqrt(H))
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+
+
+# -------------------------------------------------------------------------------------------------- flash
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _online_softmax_step(carry, qb, kb, vb, mask, scale):
+    """One key tile of the online softmax (FlashAttention's forward; float32 statistics).
+    carry: o [B, K, G, bq, H] float32, m, l [B, K, G, bq]; qb: [B, bq, K, G, H]; kb, vb: [B, bk, K, H];
+    mask: [B, bq, bk]."""
+    o, m, l = carry
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen no key yet: exp(-inf) = 0, no NaN
+    p = jnp.exp(s - m_safe[..., None])
+    corr = jnp.exp(m - m_safe)
+    pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    return o * corr[..., None] + pv, m_new, l * corr + p.sum(-1)
+
+
+def _tile_mask(q_slot, j, start, bk, n_valid, q_seg, k_seg):
+    """[B, bq, bk]: which keys of tile j (slots start..start+bk-1) each query sees. Key slot <= query slot, a
+    real key (< n_valid), not one of an earlier tile (a clamped last tile overlaps the one before it: slot >=
+    j*bk), and the same segment."""
+    k_slot = start + jnp.arange(bk, dtype=jnp.int32)
+    valid = (k_slot >= j * bk) & (k_slot < n_valid)
+    mask = (k_slot[None, None, :] <= q_slot[:, :, None]) & valid[None, None, :]
+    if q_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
+    return mask
+
+
+def _flash_forward(qg, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int):
+    """Blockwise forward. qg: [B, Tq, K, G, H] with Tq a multiple of bq; q_slots: [B, Tq] (-1: a padded query,
+    which sees nothing); q_seg: [B, Tq] or None; read_kv(j) -> (start, k, v [B, bk, K, H], k_seg [B, bk] or
+    None) for key tile j. Query block i visits key tiles 0..max(its slots) // bk only (a dynamic trip count).
+    Returns out [B, Tq, K, G, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing)."""
+    B, Tq, K, G, H = qg.shape
+    scale = np.float32(1 / np.sqrt(H))
+
+    def q_block(i):
+        qb = jax.lax.dynamic_slice_in_dim(qg, i * bq, bq, 1)
+        slot = jax.lax.dynamic_slice_in_dim(q_slots, i * bq, bq, 1)
+        seg = None if q_seg is None else jax.lax.dynamic_slice_in_dim(q_seg, i * bq, bq, 1)
+
+        def step(j, carry):
+            start, kb, vb, k_seg = read_kv(j)
+            return _online_softmax_step(carry, qb, kb, vb, _tile_mask(slot, j, start, bk, n_valid, seg, k_seg), scale)
+
+        init = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
+                jnp.zeros((B, K, G, bq), jnp.float32))
+        o, m, l = jax.lax.fori_loop(0, jnp.minimum(nk, jnp.max(slot) // bk + 1), step, init)
+        seen = l > 0
+        out = o / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
+        return out.transpose(0, 3, 1, 2, 4).astype(qg.dtype), lse
+
+    out, lse = jax.lax.map(q_block, jnp.arange(Tq // bq, dtype=jnp.int32))  # [nq, B, bq, K, G, H], [nq, B, K, G, bq]
+    return (out.transpose(1, 0, 2, 3, 4, 5).reshape(B, Tq, K, G, H),
+            lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, Tq))
+
+
+def _self_kv_reader(k, v, seg, bk):
+    def read(j):
+        start = j * bk
+        return (start, jax.lax.dynamic_slice_in_dim(k, start, bk, 1), jax.lax.dynamic_slice_in_dim(v, start, bk, 1),
+                jax.lax.dynamic_slice_in_dim(seg, start, bk, 1))
+    return read
+
+
+def _pad_self(q, k, v, seg, bq, bk):
+    """Pads T to a multiple of both block sizes; padded queries get slot -1, padded keys lie past n_valid."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    Tp = _round_up(T, np.lcm(bq, bk))
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    slots = jnp.where(jnp.arange(Tp) < T, jnp.arange(Tp, dtype=jnp.int32), -1)
+    return (pad(q).reshape(B, Tp, K, N // K, H), pad(k), pad(v), pad(seg), jnp.broadcast_to(slots, (B, Tp)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, seg, bq: int, bk: int):
+    """Causal self-attention, blockwise. q: [B, T, N, H], k, v: [B, T, K, H], seg: [B, T] int32."""
+    return _flash_fwd(q, k, v, seg, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, seg, bq, bk):
+    B, T, N, H = q.shape
+    qg, kp, vp, segp, slots = _pad_self(q, k, v, seg, bq, bk)
+    Tp = qg.shape[1]
+    out, lse = _flash_forward(qg, slots, segp, _self_kv_reader(kp, vp, segp, bk), T, Tp // bk, bq, bk)
+    return out[:, :T].reshape(B, T, N, H), (q, k, v, seg, out, lse)
+
+
+def _flash_bwd(bq, bk, res, d_out):
+    """FlashAttention-2's backward (Dao 2023, algorithm 2) in one pass over key tiles j: each visits the query
+    blocks whose last slot reaches it (i >= j*bk // bq), recomputes the tile's probabilities from the saved
+    log-sum-exp, and accumulates dK_j, dV_j in its carry and dQ in a float32 [B, T, K, G, H] carry. O(T) memory."""
+    q, k, v, seg, out, lse = res
+    B, T, N, H = q.shape
+    qg, kp, vp, segp, slots = _pad_self(q, k, v, seg, bq, bk)
+    Tp, K, G = qg.shape[1], kp.shape[2], N // kp.shape[2]
+    dog = jnp.pad(d_out, [(0, 0), (0, Tp - T), (0, 0), (0, 0)]).reshape(B, Tp, K, G, H)
+    # D_i = rowsum(dO * O), FlashAttention-2 eq. for dS = P * (dP - D)
+    delta = jnp.einsum("BTKGH,BTKGH->BKGT", dog.astype(jnp.float32), out.astype(jnp.float32))
+    scale = np.float32(1 / np.sqrt(H))
+    nq, nk = Tp // bq, Tp // bk
+
+    def k_tile(dq, j):
+        start = j * bk
+        kb = jax.lax.dynamic_slice_in_dim(kp, start, bk, 1)
+        vb = jax.lax.dynamic_slice_in_dim(vp, start, bk, 1)
+        k_seg = jax.lax.dynamic_slice_in_dim(segp, start, bk, 1)
+
+        def step(i, carry):
+            dq, dk, dv = carry
+            sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis)  # noqa: E731
+            qb, dob, slot, q_seg = sl(qg, 1), sl(dog, 1), sl(slots, 1), sl(segp, 1)
+            mask = _tile_mask(slot, j, start, bk, T, q_seg, k_seg)
+            s = jnp.einsum("BTKGH,BSKH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
+            p = jnp.where(mask[:, None, None], jnp.exp(s - sl(lse, 3)[..., None]), 0.0)
+            dp = jnp.einsum("BTKGH,BSKH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
+            ds = p * (dp - sl(delta, 3)[..., None]) * scale
+            dv += jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+            dk += jnp.einsum("BKGTS,BTKGH->BSKH", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
+            dq_b = jnp.einsum("BKGTS,BSKH->BTKGH", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, sl(dq, 1) + dq_b, i * bq, 1)
+            return dq, dk, dv
+
+        zeros = jnp.zeros((B, bk, K, H), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(start // bq, nq, step, (dq, zeros, zeros))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(k_tile, jnp.zeros((B, Tp, K, G, H), jnp.float32), jnp.arange(nk, dtype=jnp.int32))
+    unblock = lambda x: x.transpose(1, 0, 2, 3, 4).reshape(B, Tp, K, H)[:, :T]  # noqa: E731
+    return (dq[:, :T].reshape(B, T, N, H).astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
+            None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):
+    """Blockwise attention of T queries at slots q_slots [B, T] against a cache of S slots: each query block reads
+    the cache tiles up to its largest slot only (a decode step at position p: ceil((p+1)/bk) tiles)."""
+    B, T, N, H = q.shape
+    S = kv.length
+    bq, bk = min(block_q, T), min(block_k, S)
+    Tq = _round_up(T, bq)
+    K = kv.kv_heads
+
+    def read(j):
+        start = jnp.minimum(j * bk, S - bk)  # the last tile is clamped inside the cache; _tile_mask drops the overlap
+        kb, vb = kv.read(start, bk)
+        return start, kb, vb, None
+
+    qp = jnp.pad(q, [(0, 0), (0, Tq - T), (0, 0), (0, 0)])
+    slots = jnp.pad(q_slots.astype(jnp.int32), [(0, 0), (0, Tq - T)], constant_values=-1)
+    out, _ = _flash_forward(qp.reshape(B, Tq, K, N // K, H), slots, None, read, S, -(-S // bk), bq, bk)
+    return out[:, :T].reshape(B, T, N, H)
+
+
+# ------------------------------------------------------------------------------------------ splash (TPU)
+def _splash(q, k, v, segment_ids, block_q: int, block_k: int, interpret: bool = False):
+    """TPU splash attention (Pallas/Mosaic): a causal MultiHeadMask over the G query heads of each KV head (the
+    MQA kernel, vmapped over batch and KV heads, so K/V are not repeated) and SegmentIds for packed rows. T is
+    padded to a multiple of the blocks (at least 128, the Mosaic tile); padded slots are their own segment."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    bq, bk = min(block_q, _round_up(T, 128)), min(block_k, _round_up(T, 128))
+    Tp = _round_up(T, np.lcm.reduce([bq, bk, 128]))
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    seg = jnp.pad(seg, [(0, 0), (0, Tp - T)], constant_values=-1)
+    blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * G), block_sizes=blocks,
+                                              interpret=interpret)  # interpret: Pallas on the CPU, for tests
+    qs = (pad(q) * np.float32(1 / np.sqrt(H)).astype(q.dtype)).reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
+    ks, vs = pad(k).transpose(0, 2, 1, 3), pad(v).transpose(0, 2, 1, 3)  # [B, K, Tp, H]
+    one = lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=s, kv=s))  # noqa: E731
+    out = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(qs, ks, vs, seg)  # [B, K, G, Tp, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T]
