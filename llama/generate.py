@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     ap.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
                     help="attention implementation (default: the checkpoint's config; llama/attention.py)")
-    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+    ap.add_argument("--prefill-chunk", type=cli.number(0, integer=True), default=PREFILL_CHUNK,
                     help=f"prompt tokens per prefill pass (default {PREFILL_CHUNK}; 0: the whole prompt at once)")
     ap.add_argument("--truncate", action="store_true", help="cut generation at the context limit, not error")
     ap.add_argument("--json-ids", action="store_true", help="print generated ids as JSON, one line per prompt")
