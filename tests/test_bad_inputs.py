@@ -352,7 +352,7 @@ def test_prepare_cleans_an_orphaned_visible_staging_dir(corpus, tmp_path, capsys
 
 
 # ------------------------------------------------------------------------------------------------ config
-def test_config_values_are_type_checked_when_built():
+def test_config_values_are_type_checked_when_built(tmp_path):
     with pytest.raises(ConfigError, match=r"ModelConfig.eos_ids=5: expected a non-empty list"):
         TINY.replace(eos_ids=5)
     with pytest.raises(ConfigError, match=r"ModelConfig.tie_embeddings='false' \(str\): expected true or false"):
@@ -361,20 +361,12 @@ def test_config_values_are_type_checked_when_built():
         TINY.replace(dim="64")
     with pytest.raises(ConfigError, match=r"norm_eps=nan"):
         TINY.replace(norm_eps=float("nan"))
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps({**config.to_hf_config(TINY), "tie_word_embeddings": "false"}))
     with pytest.raises(ConfigError, match=r"x.json: tie_word_embeddings='false': expected true or false"):
-        _hf_file_error()
+        config.from_hf_config(str(path))
     with pytest.raises(ConfigError, match="unknown model preset 'llama9'"):
         config.preset("llama9")
-
-
-def _hf_file_error():
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "x.json")
-        with open(path, "w") as f:
-            json.dump({**config.to_hf_config(TINY), "tie_word_embeddings": "false"}, f)
-        config.from_hf_config(path)
 
 
 # ------------------------------------------------------------------------ read-only and full destinations
