@@ -45,15 +45,16 @@ INSTALL_HINT = ("pip install -r requirements-tpu.txt (libtpu pinned to the insta
                 "libtpu 0.0.42.*, its `jax[tpu]` extra)")
 
 # HBM per chip, matched by substring of the compile-only device's device_kind (first match wins). Google's
-# datasheets, which give decimal GB: cloud.google.com/tpu/docs/v4 (32 GiB HBM2), /v5e (16 GB HBM2),
-# /v5p (95 GB HBM2e), /v6e (32 GB). Peak bf16 FLOP/s comes from llama.metrics.PEAK_BF16_FLOPS.
+# datasheets: cloud.google.com/tpu/docs/v4 (32 GiB HBM2), /v5e (16 GB), /v5p (95 GB HBM2e), /v6e (32 GB); the
+# "GB" there are binary (XLA's TPU compiler reports 15.75 GiB available on a v5e and 95.74 GiB on a v5p, the
+# rest reserved), so the table holds GiB. Peak bf16 FLOP/s comes from llama.metrics.PEAK_BF16_FLOPS.
 TPU_CHIPS: tuple[tuple[str, str, float], ...] = (
     ("TPU v4", "v4", 32 * 2**30),
-    ("TPU v5 lite", "v5e", 16e9),
-    ("TPU v5e", "v5e", 16e9),
-    ("TPU v5", "v5p", 95e9),
-    ("TPU v6 lite", "v6e", 32e9),
-    ("TPU v6e", "v6e", 32e9),
+    ("TPU v5 lite", "v5e", 16 * 2**30),
+    ("TPU v5e", "v5e", 16 * 2**30),
+    ("TPU v5", "v5p", 95 * 2**30),
+    ("TPU v6 lite", "v6e", 32 * 2**30),
+    ("TPU v6e", "v6e", 32 * 2**30),
 )
 
 
@@ -98,7 +99,12 @@ def libtpu_version_note() -> str | None:
 
 
 def topology_devices(topology: str) -> list:
-    """The compile-only devices of a TPU topology, e.g. 'v5e:2x2', 'v5p:2x2x1', 'v6e:16x16', 'v4:2x2x2'."""
+    """The compile-only devices of a TPU topology, e.g. 'v5e:2x2', 'v5p:2x2x1', 'v6e:16x16', 'v4:2x2x2'; or
+    'local': this machine's own devices (a GPU's compile and memory analysis, or the simulated CPU devices)."""
+    if topology == "local":
+        import jax
+
+        return list(jax.devices())
     if not libtpu_available():
         raise CompileError(f"--topology {topology}: compiling for TPU needs libtpu, which is not installed; "
                            f"{INSTALL_HINT}")
@@ -119,11 +125,17 @@ def topology_devices(topology: str) -> list:
 
 
 def chip_info(device) -> tuple[str, float, float | None]:
-    """(short name, HBM bytes, peak bf16 FLOP/s or None) of a TPU device."""
+    """(short name, memory bytes, peak bf16 FLOP/s or None) of a device: TPUs from `TPU_CHIPS`, a local device
+    from what its runtime reports (`memory_stats()["bytes_limit"]`; NaN where there is none, e.g. the CPU)."""
     from llama.metrics import PEAK_BF16_FLOPS
 
     kind = device.device_kind
     name, hbm = next(((n, b) for sub, n, b in TPU_CHIPS if sub in kind), (kind, float("nan")))
+    if hbm != hbm and getattr(device, "client", None) is not None:  # a real local device, not compile-only
+        try:
+            hbm = float((device.memory_stats() or {}).get("bytes_limit", hbm))
+        except Exception:  # noqa: BLE001  (CPU devices have no memory stats)
+            pass
     peak = next((f for sub, f in PEAK_BF16_FLOPS if sub in kind), None)
     return name, hbm, peak
 
@@ -243,6 +255,25 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return {k: found.get(k, 0) for k in COLLECTIVES}
 
 
+def out_of_memory(message: str) -> dict | None:
+    """XLA's TPU compiler stops with RESOURCE_EXHAUSTED when a program's buffers cannot fit the chip ("the total
+    memory required for HLO temporaries (159.79G) exceeds available HBM (95.74G)"): that is the answer "does not
+    fit", with XLA's own figures (G = GiB in XLA's messages). None for any other error."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40, "": 1}
+    found = {}
+    for key, pattern in (("required", r"required for ([A-Za-z ]+?) \(([0-9.]+)([KMGT]?)\)"),
+                         ("available", r"available HBM \(([0-9.]+)([KMGT]?)\)")):
+        m = re.search(pattern, message)
+        if m and key == "required":
+            found |= {"what": m.group(1), "required_bytes": float(m.group(2)) * units[m.group(3)]}
+        elif m:
+            found["available_bytes"] = float(m.group(1)) * units[m.group(2)]
+    first = next((line for line in message.splitlines() if "memory" in line.lower()), message.splitlines()[0])
+    return {"message": first.strip()[:500], **found}
+
+
 def memory(compiled) -> dict[str, int]:
     ma = compiled.memory_analysis()
     out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp",
@@ -336,11 +367,18 @@ def compile_case(model_cfg, mesh_cfg, mesh, case: Case, *, topology: str = "", t
     else:
         raise CompileError(f"--mode {case.mode!r}: expected one of {MODES}")
     t1 = time.perf_counter()
+    oom = None
     with _Progress(label, progress):
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001  (XLA's TPU compiler refuses a program that cannot fit its HBM)
+            oom = out_of_memory(str(e))
+            if oom is None:
+                raise
     t2 = time.perf_counter()
-    xla = memory(compiled)
-    plan = planner_components(model_cfg, mesh_cfg, len(devices), case, model_cfg.remat, hbm)
+    xla = memory(compiled) if oom is None else None
+    hbm = None if hbm != hbm else hbm  # unknown (CPU)
+    plan = planner_components(model_cfg, mesh_cfg, len(devices), case, model_cfg.remat, hbm or 0.0)
     flops = model_flops(model_cfg, case)
     return {
         "model": model_cfg.name, "mode": case.mode, "topology": topology, "chip": chip,
@@ -350,20 +388,26 @@ def compile_case(model_cfg, mesh_cfg, mesh, case: Case, *, topology: str = "", t
         "cache_dtype": case.cache_dtype, "attention_impl": model_cfg.attention_impl,
         "micro_batches": case.micro_batches if case.mode == "training" else None,
         "lower_s": t1 - t0, "compile_s": t2 - t1, "xla": xla, "planner": plan, "hbm_bytes": hbm,
-        "fits": bool(xla["total"] <= hbm), "collectives": count_collectives(compiled.as_text()),
+        "fits": False if oom else None if hbm is None else bool(xla["total"] <= hbm), "xla_out_of_memory": oom,
+        "collectives": count_collectives(compiled.as_text()) if oom is None else None,
         "model_flops": flops, "model_flops_per_chip": flops / len(devices), "peak_flops": peak,
         "seconds_at_peak": flops / len(devices) / peak if peak else None,
     }
 
 
 def _ratio(a: float, b: float) -> str:
-    return f"{a / b:5.2f}" if b else "   - "
+    return f"{a / b:5.2f}" if b and a == a else "   - "
 
 
 def format_result(r: dict) -> str:
     x, p = r["xla"], r["planner"]
-    unit, scale = ("GB", 1e9) if max(x["total"], p["total"]) >= 1e8 else ("MB", 1e6)
-    gb = lambda v: f"{v / scale:9.2f} {unit}"  # noqa: E731
+    if x is None:  # XLA refused: show the planner beside XLA's own requirement
+        oom = r["xla_out_of_memory"]
+        x = {k: float("nan") for k in ("argument", "output", "alias", "temp", "total")}
+        if "required_bytes" in oom:
+            x["temp" if "temporar" in oom.get("what", "") else "total"] = oom["required_bytes"]
+    unit, scale = ("GB", 1e9) if max(p["total"], x["total"] if x["total"] == x["total"] else 0) >= 1e8 else ("MB", 1e6)
+    gb = lambda v: f"{v / scale:9.2f} {unit}" if v == v else "        -   "  # noqa: E731
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
     if r["mode"] == "training":
         what = (f"batch {r['batch']} x {r['seq_len']} tokens, remat {r['remat']}, {r['param_dtype']} params + "
@@ -379,8 +423,9 @@ def format_result(r: dict) -> str:
              "prefill": ("params", "KV cache", "activations + FSDP gathers"),
              "decode": ("params + KV cache", "the new KV cache", "one step's activations + FSDP gathers")}
     pa, po, pt = parts[r["mode"]]
-    lines = [f"{r['model']}  {r['mode']}  topology {r['topology']} ({r['chips']} x {r['device_kind']}, "
-             f"{r['hbm_bytes'] / 1e9:.1f} GB HBM each)  mesh {mesh}",
+    mem = f", {r['hbm_bytes'] / 2**30:.0f} GiB HBM each" if r["hbm_bytes"] else ""
+    lines = [f"{r['model']}  {r['mode']}  topology {r['topology']} ({r['chips']} x {r['device_kind']}{mem})  "
+             f"mesh {mesh}",
              f"  {what}; attention {r['attention_impl']}",
              f"  lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s",
              f"per chip            XLA           planner      ratio  (planner: what)",
@@ -391,10 +436,13 @@ def format_result(r: dict) -> str:
              f"  temp       {gb(x['temp'])}  {gb(p['temp'])}  {_ratio(x['temp'], p['temp'])}  ({pt})",
              f"  total      {gb(x['total'])}  {gb(p['total'])}  {_ratio(x['total'], p['total'])}  "
              f"(arguments + outputs - aliased + temp)",
-             f"  HBM {r['hbm_bytes'] / 1e9:.1f} GB: " + ("fits" if r["fits"] else "does NOT fit")
-             + f" ({x['total'] / r['hbm_bytes']:.0%} by XLA; planner {p['total'] / r['hbm_bytes']:.0%})",
+             (f"  does NOT fit: XLA's TPU compiler refused it: {r['xla_out_of_memory']['message']}"
+              + f" (planner {p['total'] / r['hbm_bytes']:.0%} of HBM)" if r["xla_out_of_memory"] else
+              f"  HBM {r['hbm_bytes'] / 2**30:.0f} GiB: " + ("fits" if r["fits"] else "does NOT fit")
+              + f" ({x['total'] / r['hbm_bytes']:.0%} by XLA; planner {p['total'] / r['hbm_bytes']:.0%})"
+              if r["hbm_bytes"] else "  device memory unknown"),
              "collectives in the compiled HLO (static count; the scanned layer body's run once per layer): "
-             + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
+             + (", ".join(f"{k} {v}" for k, v in r["collectives"].items()) if r["collectives"] else "-"),
              f"model FLOPs per call {r['model_flops']:.4g} ({r['model_flops_per_chip']:.4g} per chip)"
              + (f"; at {r['peak_flops'] / 1e12:.0f} TFLOP/s peak: {r['seconds_at_peak'] * 1e3:.1f} ms (a lower bound)"
                 if r["peak_flops"] else "")]
@@ -455,7 +503,8 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", help="a llama.config preset, e.g. llama3.1-8b")
     src.add_argument("--config", help="an experiment file (experiments/*.py): its model, mesh, batch, seq_len")
-    ap.add_argument("--topology", required=True, help="TPU CHIP:SHAPE, e.g. v5e:2x2, v5p:2x2x1, v6e:16x16")
+    ap.add_argument("--topology", required=True, help="TPU CHIP:SHAPE, e.g. v5e:2x2, v5p:2x2x1, v6e:16x16; or "
+                    "'local': this machine's devices (e.g. one GPU)")
     ap.add_argument("--mesh", help="e.g. fsdp=8 or data=1,fsdp=-1,tensor=4 (default: the config's, else fsdp=-1)")
     ap.add_argument("--mode", choices=MODES, default="training")
     ap.add_argument("--seq-len", type=int, help="training T, or the inference context (prompt and cache); "
@@ -473,7 +522,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join("runs", "compile"),
                     help="results.json + manifest.json go to OUT/<model>-<mode>-<topology>-<UTC time>/")
     a = ap.parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never claim a local accelerator
+    if a.topology != "local":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only: never claim a local accelerator
     try:
         import jax  # noqa: F401
 

@@ -82,7 +82,7 @@ def test_cli_json_and_manifest(tmp_path, capsys):
                    "--seq-len", "128", "--batch", "2", "--json", "--out", str(tmp_path)]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["mode"] == "prefill" and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and r["chip"] == "v5e"
-    assert r["hbm_bytes"] == 16e9 and set(r["collectives"]) == set(C.COLLECTIVES)
+    assert r["hbm_bytes"] == 16 * 2**30 and set(r["collectives"]) == set(C.COLLECTIVES)
     (out,) = os.listdir(tmp_path)
     saved = json.load(open(tmp_path / out / "results.json"))
     assert saved["xla"] == r["xla"]
@@ -125,3 +125,26 @@ def test_collective_counting_on_hlo_text():
            "%fusion = f32[2] fusion(%all-gather.1), calls=%fused_computation.all-reduce\n")
     assert C.count_collectives(hlo) == {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1, "all-to-all": 0,
                                         "collective-permute": 1}
+
+
+def test_local_devices_compile_without_libtpu(capsys, tmp_path):
+    """--topology local compiles for this machine's devices (the 8 simulated CPUs here; one GPU on a GPU
+    machine, whose XLA client needs the CUDA driver: GPU AOT without a GPU is out of reach)."""
+    assert C.main(["--preset", "tiny", "--topology", "local", "--mesh", "fsdp=8", "--mode", "training",
+                   "--seq-len", "64", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "topology local (8 x cpu)" in out and "device memory unknown" in out and "all-gather" in out
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_a_program_that_cannot_fit_is_reported_with_xlas_figures(capsys, tmp_path):
+    """XLA's TPU compiler refuses a program whose buffers exceed the chip's HBM: tiny at 64K tokens materialises
+    4 heads x 64K x 64K float32 attention scores per row (64 GiB), far beyond a v5e's 16 GiB."""
+    assert C.main(["--preset", "tiny", "--topology", "v5e:2x2", "--mesh", "fsdp=4", "--seq-len", "65536",
+                   "--batch", "4", "--json", "--out", str(tmp_path)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["fits"] is False and r["xla"] is None
+    oom = r["xla_out_of_memory"]
+    assert oom["what"] == "HLO temporaries" and oom["required_bytes"] > 64 * 2**30
+    assert oom["available_bytes"] == pytest.approx(15.75 * 2**30, rel=0.01)
