@@ -12,23 +12,25 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
 - optimizer state: AdamW's mu and nu, sharded and typed like the parameters (optax's default);
 - gradients: float32, sharded like the parameters (`llama.train.compute_grads` accumulates in float32);
 - activations: what the backward pass keeps, per layer and token, for the remat policy (below), times
-  L x local batch x T, plus one layer's working set and the float32 logits; inference: one layer's working set
-  of a prefill of T tokens (the xla attention path materialises the float32 [T, S] scores);
+  L x local batch x T, plus one layer's working set and the logits; inference: one layer's forward working set
+  for a prefill of T tokens (`inference_bytes_per_token`; the xla attention path materialises float32 [T, S] scores);
 - KV cache (inference): [L, B, K, S, H] in --dtype (or --cache-dtype; int8: 1 + 4/H bytes per element), with
   the cache's fitted sharding (KV heads over tensor only where they divide, batch over data x fsdp only where it
   divides);
 - FSDP gathers (fsdp > 1): the embedding table and one layer's weights made whole along D for use, and in
-  training their float32 gradients before the reduce-scatter.
+  training their gradients before the reduce-scatter (both in the compute dtype).
 
 Saved bytes per token per layer (a = bytes of the compute dtype; t = tensor size; N, K heads, H head dim):
 - remat "full" (`nothing_saveable`): the layer input, a*D;
 - "save_matmuls" (`dots_with_no_batch_dims_saveable`): the input and every weight matmul's output:
   a*(D + (N + 2K)*H/t + D + 2F/t + D);
-- "none": every intermediate the backward pass reads: a*(4D + (3N + 3K)*H/t + 4F/t) + (8 + a)*N*T/t (the xla
-  attention path's float32 scores before and after the mask, and the probabilities).
+- "none": every intermediate the backward pass reads: a*(4D + (3N + 3K)*H/t + 4F/t) + (4 + a)*N*T/t (the xla
+  attention path's float32 scores, masked in place, and the probabilities; 8 + a in float32, where the masked
+  scores are a second buffer).
 Plus, in every policy, one layer's "none" set as the backward pass's working set (the layer being
-differentiated, recomputed if need be, and its gradients' temporaries) and the float32 logits and their gradient.
-This is an estimate; `tests/test_plan.py` compares it with XLA's `compiled.memory_analysis()` (docs/sharding.md).
+differentiated, recomputed if need be, and its gradients' temporaries) and the logits and their gradient, 2a*V/t.
+This is an estimate, calibrated against XLA's TPU compiler (`python -m sharding.compile`, docs/sharding.md);
+`tests/test_plan.py` also compares it with the CPU compiler's `compiled.memory_analysis()`.
 
 Training FLOPs (PaLM, Chowdhery et al. 2022, appendix B; `llama.metrics`, which the trainer's MFU uses too):
 per token 6*P + 12*L*(N*H)*T, where P counts the
@@ -151,8 +153,25 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int,
         return a * D
     if remat == "save_matmuls":
         return a * (3 * D + N * H / t + 2 * K * H / kt + 2 * F / t)
-    scores = (8 + a) * N * seq_len / t if cfg.attention_impl == "xla" else 0.0
+    # The xla path's scores: float32 [T, S] per head and the probabilities in the compute dtype. In bf16 the mask
+    # is applied inside the fusion that writes the scores: with (8 + a) the planner over-estimated XLA's TPU
+    # temporaries by 45-55% (Llama 3.2 1B and 3.1 8B train steps at 8K, sharding.compile, docs/sharding.md); with
+    # 4 + a it is within 5%. In float32 the masked scores are a second float32 buffer (measured on the CPU
+    # compiler, tests/test_plan.py; no float32 TPU compile was measured), so 8 + a stays there.
+    scores = ((4 if a < 4 else 8) + a) * N * seq_len / t if cfg.attention_impl == "xla" else 0.0
     return a * (4 * D + 3 * N * H / t + 3 * K * H / kt + 4 * F / t) + scores
+
+
+def inference_bytes_per_token(cfg: ModelConfig, seq_len: int, tensor: int, a: int) -> float:
+    """One layer's forward working set per token, without a backward pass to feed (prefill, decode): the larger of
+    the attention phase (the layer input, q, k, v and, on the xla path, the float32 scores over seq_len keys; the
+    mask, softmax and probabilities fuse into the ops that read them) and the MLP phase (input, normed input, gate
+    and up). The training "none" set used before over-estimated XLA's TPU prefill temporaries by 2.5x (8B, 8K
+    prompt, tensor=4: 5.9 GB vs 2.35 GB); this gives 2.24 GB (docs/sharding.md)."""
+    D, N, K, H, F, t = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, tensor
+    kt = t if K % t == 0 else 1
+    scores = 4 * N * seq_len / t if cfg.attention_impl == "xla" else 0.0
+    return max(a * (D + N * H / t + 2 * K * H / kt) + scores, a * (2 * D + 2 * F / t))
 
 
 def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode: str, quantize: str | None) -> float:
@@ -163,9 +182,16 @@ def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode
         return 0.0
     t = sizes["tensor"]
     layer = (cfg.param_count() - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) - cfg.dim) / cfg.n_layers
-    n = cfg.vocab_size * cfg.dim / t + layer / t
+    emb, n = cfg.vocab_size * cfg.dim / t, layer / t
+    if mode == "training":
+        # Each gathered weight and its gradient, both in the compute dtype: the float32 cast of the gradient comes
+        # after the reduction. (a + 4) over-estimated the 8B step's gathers by 1.5 GB (docs/sharding.md).
+        return (emb + n) * 2 * a
+    # int8 weights are gathered as int8; the embedding only when it is the tied (quantized) output projection,
+    # otherwise it stays in the compute dtype (llama.quant): counting it at 1 byte under-estimated the 405B int8
+    # decode's gathers by 40% (v6e:4x4, fsdp=2 x tensor=8).
     w = 1 if quantize == "int8" else a
-    return n * (w + 4) if mode == "training" else n * w
+    return emb * (w if cfg.tie_embeddings else a) + n * w
 
 
 def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype: str = "bfloat16",
@@ -196,7 +222,9 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         grads = sharded_bytes(specs, sizes, lambda p, s: 4)
         per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
         working = activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)  # one layer's backward
-        logits = 2 * 4 * cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)  # float32 logits and their grad
+        # the output projection's result and its gradient, in the compute dtype (the float32 cast fuses into
+        # the log-softmax that reads it); 2 x 4 bytes over-estimated XLA's TPU temporaries (1B and 8B at 8K)
+        logits = 2 * a * cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)
         acts = b_local * seq_len * (cfg.n_layers * per_layer + working + logits)
     else:
         if quantize == "int8":
@@ -213,7 +241,7 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         kv_spec = rules.fitted_spec(model.CACHE_AXES, cache.shape, sizes)
         kv_bytes = 1 + 4 / cfg.head_dim if cache_dtype == "int8" else _BYTES[cache_dtype or dtype]
         kv = 2 * math.prod(cache.shape) * kv_bytes / _shard_factor(kv_spec, sizes)
-        acts = b_local * seq_len * activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)
+        acts = b_local * seq_len * inference_bytes_per_token(cfg, seq_len, t, a)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
                 fsdp_gathered_bytes(cfg, sizes, a, mode, quantize), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
                 6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops)
