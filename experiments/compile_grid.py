@@ -63,17 +63,37 @@ def run_case(name: str, flags: list[str], out: str, timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"case": name, "command": " ".join(cmd[1:]), "error": f"timed out after {timeout:.0f} s"}
     if p.returncode != 0:
-        return {"case": name, "command": " ".join(cmd[1:]), "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+        return {"case": name, "command": " ".join(cmd[1:]), "error": (p.stderr.strip().splitlines() or ["?"])[-1],
+                "stderr_tail": p.stderr[-2000:]}
     r = json.loads(p.stdout)
     r.update(case=name, command=" ".join(cmd[1:]), wall_s=time.time() - t0)
+    return r
+
+
+def replan(r: dict) -> dict:
+    """The planner's side recomputed with today's sharding.plan (the XLA side does not change), keeping the one
+    recorded at compile time as planner_at_run: the table then shows what a planner fix changed."""
+    from llama.config import preset
+    from sharding import compile as C
+    from sharding.mesh import MeshConfig
+
+    cfg = preset(r["model"])
+    cfg = cfg.replace(param_dtype=r["param_dtype"], compute_dtype=r["compute_dtype"], attention_impl=r["attention_impl"],
+                      remat=r["remat"] or cfg.remat, max_seq_len=max(cfg.max_seq_len, r["seq_len"]))
+    case = C.Case(r["mode"], r["batch"], r["seq_len"], r["quantize"], r["cache_dtype"])
+    r.setdefault("planner_at_run", r["planner"])
+    r["hbm_bytes"] = next((b for _, n, b in C.TPU_CHIPS if n == r["chip"]), r["hbm_bytes"])  # today's table
+    if r["xla"] is not None:
+        r["fits"] = r["xla"]["total"] <= r["hbm_bytes"]
+    r["planner"] = C.planner_components(cfg, MeshConfig(**r["mesh"]), r["chips"], case, cfg.remat, r["hbm_bytes"])
     return r
 
 
 def table(results: list[dict]) -> str:
     gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
     rows = ["| case | mesh (chips) | XLA args | XLA out - alias | XLA temp | XLA total | planner total | "
-            "ratio args / temp / total | HBM | fits | compile s | all-gather / reduce-scatter / all-reduce / "
-            "all-to-all / permute |", "|" + "---|" * 11]
+            "ratio args / temp / total (planner before the fix) | HBM GiB | fits | compile s | all-gather / "
+            "reduce-scatter / all-reduce / all-to-all / permute |", "|" + "---|" * 12]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['case']} | | | | | | | | | {r['error']} | | |")
@@ -82,14 +102,15 @@ def table(results: list[dict]) -> str:
             oom, mesh = r["xla_out_of_memory"], ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
             need = f"needs {oom['required_bytes'] / 1e9:.1f} GB {oom['what']}" if "required_bytes" in oom else oom["message"]
             rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | | | | XLA: {need} | {gb(r['planner']['total'])} | | "
-                        f"{r['hbm_bytes'] / 1e9:.0f} | NO | {r['compile_s']:.0f} | |")
+                        f"{r['hbm_bytes'] / 2**30:.0f} | NO | {r['compile_s']:.0f} | |")
             continue
-        x, p, c = r["xla"], r["planner"], r["collectives"]
-        ratio = lambda k: f"{x[k] / p[k]:.2f}" if p[k] else "-"  # noqa: E731
+        x, p, c, old = r["xla"], r["planner"], r["collectives"], r.get("planner_at_run", r["planner"])
+        ratio = lambda k, p=p: f"{x[k] / p[k]:.2f}" if p[k] else "-"  # noqa: E731
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
         rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | {gb(x['argument'])} | {gb(x['output'] - x['alias'])} | "
                     f"{gb(x['temp'])} | {gb(x['total'])} | {gb(p['total'])} | {ratio('argument')} / {ratio('temp')} / "
-                    f"{ratio('total')} | {r['hbm_bytes'] / 1e9:.0f} | {'yes' if r['fits'] else 'NO'} | "
+                    f"{ratio('total')} ({ratio('temp', old)} / {ratio('total', old)}) | {r['hbm_bytes'] / 2**30:.0f} | "
+                    f"{'yes' if r['fits'] else 'NO'} | "
                     f"{r['compile_s']:.0f} | {' / '.join(str(c[k]) for k in c)} |")
     return "\n".join(rows)
 
@@ -114,6 +135,7 @@ def main() -> None:
         print(f"  {r.get('error') or 'compiled in %.0f s' % r['compile_s']}", file=sys.stderr, flush=True)
     done = [json.load(open(os.path.join(a.out, f"{n}.json"))) for n, _ in CASES
             if os.path.exists(os.path.join(a.out, f"{n}.json"))]
+    done = [r if "error" in r else replan(r) for r in done]
     text = table(done)
     with open(os.path.join(a.out, "table.md"), "w") as f:
         f.write(text + "\n")

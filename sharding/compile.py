@@ -304,10 +304,12 @@ def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float
         sizes = mesh_cfg.shape(n)
         dp = sizes["data"] * sizes["fsdp"]
         rows = case.batch / dp if case.batch % dp == 0 else case.batch
-        out["activations"] = rows * P.activation_bytes_per_token_layer(
-            cfg, "none", case.seq_len, sizes["tensor"], P._BYTES[cfg.compute_dtype])
+        out["activations"] = rows * P.inference_bytes_per_token(cfg, case.seq_len, sizes["tensor"],
+                                                                P._BYTES[cfg.compute_dtype])
+        # XLA's TPU decode loop holds one more cache-sized buffer besides the donated one (measured: 8B, 405B;
+        # docs/sharding.md), so temp counts a copy of the cache
         out |= {"argument": p.params_bytes + p.kv_cache_bytes, "output": p.kv_cache_bytes,
-                "alias": p.kv_cache_bytes, "temp": out["activations"] + p.gathered_bytes}
+                "alias": p.kv_cache_bytes, "temp": p.kv_cache_bytes + out["activations"] + p.gathered_bytes}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
 
@@ -421,7 +423,7 @@ def format_result(r: dict) -> str:
         what += f", {r['quantize'] or r['compute_dtype']} weights, {r['cache_dtype'] or r['compute_dtype']} cache"
     parts = {"training": ("params + optimizer state", "the new state", "grads + activations + FSDP gathers"),
              "prefill": ("params", "KV cache", "activations + FSDP gathers"),
-             "decode": ("params + KV cache", "the new KV cache", "one step's activations + FSDP gathers")}
+             "decode": ("params + KV cache", "the new KV cache", "a cache copy + one step's activations + gathers")}
     pa, po, pt = parts[r["mode"]]
     mem = f", {r['hbm_bytes'] / 2**30:.0f} GiB HBM each" if r["hbm_bytes"] else ""
     lines = [f"{r['model']}  {r['mode']}  topology {r['topology']} ({r['chips']} x {r['device_kind']}{mem})  "
