@@ -80,7 +80,8 @@ def replan(r: dict) -> dict:
     cfg = preset(r["model"])
     cfg = cfg.replace(param_dtype=r["param_dtype"], compute_dtype=r["compute_dtype"], attention_impl=r["attention_impl"],
                       remat=r["remat"] or cfg.remat, max_seq_len=max(cfg.max_seq_len, r["seq_len"]))
-    case = C.Case(r["mode"], r["batch"], r["seq_len"], r["quantize"], r["cache_dtype"])
+    case = C.Case(r["mode"], r["batch"], r["seq_len"], r["quantize"], r["cache_dtype"],
+                  micro_batches=r.get("micro_batches") or 1)
     r.setdefault("planner_at_run", r["planner"])
     r["hbm_bytes"] = next((b for _, n, b in C.TPU_CHIPS if n == r["chip"]), r["hbm_bytes"])  # today's table
     if r["xla"] is not None:

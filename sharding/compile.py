@@ -288,7 +288,9 @@ def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float
     from sharding import plan as P
 
     mode = "training" if case.mode == "training" else "inference"
-    p = P.plan(cfg, mesh_cfg, n, mode=mode, dtype=cfg.compute_dtype, quantize=case.quantize, batch=case.batch,
+    # with gradient accumulation one micro-batch's activations are live at a time
+    batch = case.batch // case.micro_batches if case.mode == "training" else case.batch
+    p = P.plan(cfg, mesh_cfg, n, mode=mode, dtype=cfg.compute_dtype, quantize=case.quantize, batch=batch,
                seq_len=case.seq_len, remat=remat, device_memory=hbm, param_dtype=cfg.param_dtype,
                cache_dtype=case.cache_dtype)
     out = {"params": p.params_bytes, "optimizer": p.optimizer_bytes, "grads": p.grads_bytes,
