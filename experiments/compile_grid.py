@@ -71,8 +71,8 @@ def run_case(name: str, flags: list[str], out: str, timeout: float) -> dict:
 
 
 def replan(r: dict) -> dict:
-    """The planner's side recomputed with today's sharding.plan (the XLA side does not change), keeping the one
-    recorded at compile time as planner_at_run: the table then shows what a planner fix changed."""
+    """The planner's side recomputed with today's sharding.plan (the XLA side does not change); the one recorded
+    when the case ran is kept as planner_at_run."""
     from llama.config import preset
     from sharding import compile as C
     from sharding.mesh import MeshConfig
@@ -93,8 +93,8 @@ def replan(r: dict) -> dict:
 def table(results: list[dict]) -> str:
     gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
     rows = ["| case | mesh (chips) | XLA args | XLA out - alias | XLA temp | XLA total | planner total | "
-            "ratio args / temp / total (planner before the fix) | HBM GiB | fits | compile s | all-gather / "
-            "reduce-scatter / all-reduce / all-to-all / permute |", "|" + "---|" * 12]
+            "ratio args / temp / total | HBM GiB | fits | compile s | all-gather / reduce-scatter / all-reduce / "
+            "all-to-all / permute |", "|" + "---|" * 12]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['case']} | | | | | | | | | {r['error']} | | |")
@@ -105,12 +105,12 @@ def table(results: list[dict]) -> str:
             rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | | | | XLA: {need} | {gb(r['planner']['total'])} | | "
                         f"{r['hbm_bytes'] / 2**30:.0f} | NO | {r['compile_s']:.0f} | |")
             continue
-        x, p, c, old = r["xla"], r["planner"], r["collectives"], r.get("planner_at_run", r["planner"])
-        ratio = lambda k, p=p: f"{x[k] / p[k]:.2f}" if p[k] else "-"  # noqa: E731
+        x, p, c = r["xla"], r["planner"], r["collectives"]
+        ratio = lambda k: f"{x[k] / p[k]:.2f}" if p[k] else "-"  # noqa: E731
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
         rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | {gb(x['argument'])} | {gb(x['output'] - x['alias'])} | "
                     f"{gb(x['temp'])} | {gb(x['total'])} | {gb(p['total'])} | {ratio('argument')} / {ratio('temp')} / "
-                    f"{ratio('total')} ({ratio('temp', old)} / {ratio('total', old)}) | {r['hbm_bytes'] / 2**30:.0f} | "
+                    f"{ratio('total')} | {r['hbm_bytes'] / 2**30:.0f} | "
                     f"{'yes' if r['fits'] else 'NO'} | "
                     f"{r['compile_s']:.0f} | {' / '.join(str(c[k]) for k in c)} |")
     return "\n".join(rows)

@@ -293,12 +293,12 @@ def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float
     p = P.plan(cfg, mesh_cfg, n, mode=mode, dtype=cfg.compute_dtype, quantize=case.quantize, batch=batch,
                seq_len=case.seq_len, remat=remat, device_memory=hbm, param_dtype=cfg.param_dtype,
                cache_dtype=case.cache_dtype)
-    out = {"params": p.params_bytes, "optimizer": p.optimizer_bytes, "grads": p.grads_bytes,
+    out = {"params": p.params_bytes, "optimizer": p.optimizer_bytes, "grads": p.grads_bytes, "update": p.update_bytes,
            "activations": p.activations_bytes, "kv_cache": p.kv_cache_bytes, "gathered": p.gathered_bytes}
     if case.mode == "training":  # the state comes in donated and goes out aliased to it
         state = p.params_bytes + p.optimizer_bytes
         out |= {"argument": state, "output": state, "alias": state,
-                "temp": p.grads_bytes + p.activations_bytes + p.gathered_bytes}
+                "temp": p.grads_bytes + p.update_bytes + p.activations_bytes + p.gathered_bytes}
     elif case.mode == "prefill":  # the cache is created inside and returned
         out |= {"argument": p.params_bytes, "output": p.kv_cache_bytes, "alias": 0.0,
                 "temp": p.activations_bytes + p.gathered_bytes}
@@ -357,9 +357,10 @@ class _Progress:
 
 
 def compile_case(model_cfg, mesh_cfg, mesh, case: Case, *, topology: str = "", train_cfg=None,
-                 progress: bool = False) -> dict[str, Any]:
+                 progress: bool = False, hlo_path: str | None = None) -> dict[str, Any]:
     """Lowers and compiles one case on `mesh` (compile-only TPU devices, or any devices) and returns the
-    figures (module docstring). training needs `train_cfg` (a llama.train.TrainConfig)."""
+    figures (module docstring). training needs `train_cfg` (a llama.train.TrainConfig). hlo_path: where to
+    write the compiled HLO text (for reading what the temporaries are)."""
     devices = list(mesh.devices.flat)
     chip, hbm, peak = chip_info(devices[0])
     label = f"compiling {model_cfg.name} {case.mode} for {topology or chip} ({len(devices)} chips)"
@@ -381,6 +382,11 @@ def compile_case(model_cfg, mesh_cfg, mesh, case: Case, *, topology: str = "", t
                 raise
     t2 = time.perf_counter()
     xla = memory(compiled) if oom is None else None
+    hlo = compiled.as_text() if oom is None else None
+    if hlo and hlo_path:
+        from llama.manifest import atomic_write
+
+        atomic_write(hlo_path, hlo)
     hbm = None if hbm != hbm else hbm  # unknown (CPU)
     plan = planner_components(model_cfg, mesh_cfg, len(devices), case, model_cfg.remat, hbm or 0.0)
     flops = model_flops(model_cfg, case)
@@ -393,7 +399,7 @@ def compile_case(model_cfg, mesh_cfg, mesh, case: Case, *, topology: str = "", t
         "micro_batches": case.micro_batches if case.mode == "training" else None,
         "lower_s": t1 - t0, "compile_s": t2 - t1, "xla": xla, "planner": plan, "hbm_bytes": hbm,
         "fits": False if oom else None if hbm is None else bool(xla["total"] <= hbm), "xla_out_of_memory": oom,
-        "collectives": count_collectives(compiled.as_text()) if oom is None else None,
+        "collectives": count_collectives(hlo) if oom is None else None,
         "model_flops": flops, "model_flops_per_chip": flops / len(devices), "peak_flops": peak,
         "seconds_at_peak": flops / len(devices) / peak if peak else None,
     }
@@ -423,7 +429,7 @@ def format_result(r: dict) -> str:
         what = f"one token for each of {r['batch']} rows against a {r['seq_len']}-slot cache"
     if r["mode"] != "training":
         what += f", {r['quantize'] or r['compute_dtype']} weights, {r['cache_dtype'] or r['compute_dtype']} cache"
-    parts = {"training": ("params + optimizer state", "the new state", "grads + activations + FSDP gathers"),
+    parts = {"training": ("params + optimizer state", "the new state", "grads + update + activations + gathers"),
              "prefill": ("params", "KV cache", "activations + FSDP gathers"),
              "decode": ("params + KV cache", "the new KV cache", "a cache copy + one step's activations + gathers")}
     pa, po, pt = parts[r["mode"]]
@@ -540,14 +546,19 @@ def main(argv=None) -> int:
         if case.mode == "training":
             tcfg = train_config(*train_fields, mesh_cfg, len(devices))
             case = dataclasses.replace(case, batch=tcfg.batch_size)
-        r = compile_case(cfg, mesh_cfg, mesh, case, topology=a.topology, train_cfg=tcfg, progress=True)
+        os.makedirs(a.out, exist_ok=True)
+        hlo_tmp = os.path.join(a.out, f".compiled_hlo.{os.getpid()}.txt")
+        r = compile_case(cfg, mesh_cfg, mesh, case, topology=a.topology, train_cfg=tcfg, progress=True,
+                         hlo_path=hlo_tmp)
     except ValueError as e:  # CompileError, ConfigError, ShardingError: they name the input
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(r, indent=1) if a.json else format_result(r))
     name = f"{cfg.name}-{case.mode}-{a.topology.replace(':', '_')}"
     out = manifest.write_benchmark(name, r, config={"model": cfg, "train": tcfg, "args": vars(a)}, out_root=a.out)
-    print(f"results + manifest: {out}", file=sys.stderr)
+    if os.path.exists(hlo_tmp):
+        os.replace(hlo_tmp, os.path.join(out, "compiled_hlo.txt"))
+    print(f"results + manifest (+ compiled_hlo.txt): {out}", file=sys.stderr)
     return 0
 
 
