@@ -308,10 +308,16 @@ def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float
         rows = case.batch / dp if case.batch % dp == 0 else case.batch
         out["activations"] = rows * P.inference_bytes_per_token(cfg, case.seq_len, sizes["tensor"],
                                                                 P._BYTES[cfg.compute_dtype])
-        # XLA's TPU decode loop holds one more cache-sized buffer besides the donated one (measured: 8B, 405B;
-        # docs/sharding.md), so temp counts a copy of the cache
+        # XLA's TPU decode loop holds one more cache-sized buffer besides the donated one (measured: 8B, 405B
+        # int8; docs/sharding.md), so temp counts a copy of the cache. For one token per row the partitioner
+        # keeps the layer weights sharded and all-reduces partial products instead of gathering them (the HLO
+        # has one all-gather: the embedding table, which model.embed makes whole along D)
+        if sizes["fsdp"] > 1:
+            tied_int8 = case.quantize == "int8" and cfg.tie_embeddings
+            out["gathered"] = (cfg.vocab_size * cfg.dim / sizes["tensor"]
+                               * (1 if tied_int8 else P._BYTES[cfg.compute_dtype]))
         out |= {"argument": p.params_bytes + p.kv_cache_bytes, "output": p.kv_cache_bytes,
-                "alias": p.kv_cache_bytes, "temp": p.kv_cache_bytes + out["activations"] + p.gathered_bytes}
+                "alias": p.kv_cache_bytes, "temp": p.kv_cache_bytes + out["activations"] + out["gathered"]}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
 
