@@ -10,30 +10,34 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
 - parameters: the param specs at their dtype (int8: `llama.quant.quantized_specs`, q int8 + float32 scales,
   the embedding stays in --dtype); training keeps float32 master parameters (as `llama.train` does);
 - optimizer state: AdamW's mu and nu, sharded and typed like the parameters (optax's default);
-- gradients: float32, sharded like the parameters (`llama.train.compute_grads` accumulates in float32);
+- gradients: float32, sharded like the parameters (`llama.train.compute_grads` accumulates in float32); and the
+  update temporaries: the weight gradients in the compute dtype before that cast and AdamW's float32 update;
 - activations: what the backward pass keeps, per layer and token, for the remat policy (below), times
-  L x local batch x T, plus one layer's working set and the float32 logits; inference: one layer's working set
-  of one prefill chunk (`--prefill-chunk` tokens, llama.generate's default 4096) against the T-slot cache;
-- attention (llama/attention.py): "xla" materialises the float32 scores before and after the mask and the
-  probabilities, (8 + a)*N*S bytes per query token (S = T, the keys it attends to); "flash", "cudnn" and
-  "splash" keep a float32 log-sum-exp per query head (4*N) and, per layer whatever T, a few float32 tiles
-  [B, N, block_q, block_k] (scores, probabilities; in the backward also dP and dS: 4 of them) plus the
-  float32 [B, block_q, N, H] output accumulator; flash's backward adds a float32 dQ accumulator (4*N*H per token);
+  L x local batch x T, plus one layer's working set and the logits; inference: one layer's forward working set
+  (`inference_bytes_per_token`) for one prefill chunk (`--prefill-chunk` tokens, llama.generate's default 4096)
+  against the T-slot cache;
+- attention (llama/attention.py): "xla" materialises the float32 scores and the probabilities, (4 + a)*N*S bytes
+  per query token in bf16 (the mask fuses into the scores' fusion) and (8 + a)*N*S in float32 (S = T, the keys it
+  attends to); "flash", "cudnn" and "splash" keep a float32 log-sum-exp per query head (4*N) and, per layer
+  whatever T, a few float32 tiles [B, N, block_q, block_k] (scores, probabilities; in the backward also dP and dS:
+  4 of them) plus the float32 [B, block_q, N, H] output accumulator; flash's backward adds a float32 dQ
+  accumulator (4*N*H per token);
 - KV cache (inference): [L, B, K, S, H] in --dtype (or --cache-dtype; int8: 1 + 4/H bytes per element), with
   the cache's fitted sharding (KV heads over tensor only where they divide, batch over data x fsdp only where it
   divides);
 - FSDP gathers (fsdp > 1): the embedding table and one layer's weights made whole along D for use, and in
-  training their float32 gradients before the reduce-scatter.
+  training their gradients before the reduce-scatter (both in the compute dtype).
 
 Saved bytes per token per layer (a = bytes of the compute dtype; t = tensor size; N, K heads, H head dim):
 - remat "full" (`nothing_saveable`): the layer input, a*D;
 - "save_matmuls" (`dots_with_no_batch_dims_saveable`): the input and every weight matmul's output:
   a*(D + (N + 2K)*H/t + D + 2F/t + D);
 - "none": every intermediate the backward pass reads: a*(4D + (3N + 3K)*H/t + 4F/t) plus attention's own
-  per-token bytes (above: (8 + a)*N*T/t for xla, 4*N/t for the blockwise and fused paths).
+  per-token bytes (above: ((4 or 8) + a)*N*T/t for xla, 4*N/t for the blockwise and fused paths).
 Plus, in every policy, one layer's "none" set as the backward pass's working set (the layer being
-differentiated, recomputed if need be, and its gradients' temporaries) and the float32 logits and their gradient.
-This is an estimate; `tests/test_plan.py` compares it with XLA's `compiled.memory_analysis()` (docs/sharding.md).
+differentiated, recomputed if need be, and its gradients' temporaries) and the logits and their gradient, 2a*V/t.
+This is an estimate, calibrated against XLA's TPU compiler (`python -m sharding.compile`, docs/sharding.md);
+`tests/test_plan.py` also compares it with the CPU compiler's `compiled.memory_analysis()`.
 
 Training FLOPs (PaLM, Chowdhery et al. 2022, appendix B; `llama.metrics`, which the trainer's MFU uses too):
 per token 6*P + 12*L*(N*H)*T, where P counts the
@@ -88,11 +92,12 @@ class Plan:
     tokens: float = 0.0
     mfu: float = 0.0
     peak_flops: float = H100_BF16_PEAK
+    update_bytes: float = 0.0  # training: the weight gradients in the compute dtype and AdamW's float32 update
 
     @property
     def total_bytes(self) -> float:
         return (self.params_bytes + self.optimizer_bytes + self.grads_bytes + self.activations_bytes
-                + self.kv_cache_bytes + self.gathered_bytes)
+                + self.kv_cache_bytes + self.gathered_bytes + self.update_bytes)
 
     @property
     def fits(self) -> bool:
@@ -152,7 +157,12 @@ def attention_bytes_per_token_layer(cfg: ModelConfig, seq_len: int, tensor: int,
     """Attention's own bytes per query token per layer, beyond q, k, v and the output (module docstring)."""
     N = cfg.n_heads / tensor
     if cfg.attention_impl == "xla":
-        return (8 + a) * N * seq_len  # float32 scores, masked scores, probabilities in the compute dtype
+        # The float32 scores [T, S] per head and the probabilities in the compute dtype. In bf16 the mask is applied
+        # inside the fusion that writes the scores: with (8 + a) the planner over-estimated XLA's TPU temporaries by
+        # 45-55% (Llama 3.2 1B and 3.1 8B train steps at 8K, sharding.compile, docs/sharding.md); with 4 + a it is
+        # within 5%. In float32 the masked scores are a second float32 buffer (measured on the CPU compiler,
+        # tests/test_plan.py; no float32 TPU compile was measured), so 8 + a stays there.
+        return ((4 if a < 4 else 8) + a) * N * seq_len
     return 4 * N  # the float32 log-sum-exp the backward reuses
 
 
@@ -180,6 +190,18 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int,
     return a * (4 * D + 3 * N * H / t + 3 * K * H / kt + 4 * F / t) + scores
 
 
+def inference_bytes_per_token(cfg: ModelConfig, seq_len: int, tensor: int, a: int) -> float:
+    """One layer's forward working set per token, without a backward pass to feed (prefill, decode): the larger of
+    the attention phase (the layer input, q, k, v and, on the xla path, the float32 scores over seq_len keys; the
+    mask, softmax and probabilities fuse into the ops that read them) and the MLP phase (input, normed input, gate
+    and up). The training "none" set used before over-estimated XLA's TPU prefill temporaries by 2.5x (8B, 8K
+    prompt, tensor=4: 5.9 GB vs 2.35 GB); this gives 2.24 GB (docs/sharding.md)."""
+    D, N, K, H, F, t = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, tensor
+    kt = t if K % t == 0 else 1
+    scores = 4 * N * seq_len / t if cfg.attention_impl == "xla" else 0.0
+    return max(a * (D + N * H / t + 2 * K * H / kt) + scores, a * (2 * D + 2 * F / t))
+
+
 def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode: str, quantize: str | None) -> float:
     """With fsdp > 1 each weight is all-gathered (D made whole) just before use: the embedding table (the model
     gathers it whole, `model.embed`) and one layer's weights at a time, at the compute dtype (int8 for int8
@@ -188,9 +210,16 @@ def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode
         return 0.0
     t = sizes["tensor"]
     layer = (cfg.param_count() - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) - cfg.dim) / cfg.n_layers
-    n = cfg.vocab_size * cfg.dim / t + layer / t
+    emb, n = cfg.vocab_size * cfg.dim / t, layer / t
+    if mode == "training":
+        # Each gathered weight and its gradient, both in the compute dtype: the float32 cast of the gradient comes
+        # after the reduction. (a + 4) over-estimated the 8B step's gathers by 1.5 GB (docs/sharding.md).
+        return (emb + n) * 2 * a
+    # int8 weights are gathered as int8; the embedding only when it is the tied (quantized) output projection,
+    # otherwise it stays in the compute dtype (llama.quant): counting it at 1 byte under-estimated the 405B int8
+    # decode's gathers by 40% (v6e:4x4, fsdp=2 x tensor=8).
     w = 1 if quantize == "int8" else a
-    return n * (w + 4) if mode == "training" else n * w
+    return emb * (w if cfg.tie_embeddings else a) + n * w
 
 
 def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype: str = "bfloat16",
@@ -213,18 +242,26 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
     if batch is None:
         batch = dp if mode == "training" else 1
     b_local = batch / dp if batch % dp == 0 else batch  # a batch that does not divide is replicated (fitted)
-    opt = grads = kv = 0.0
+    opt = grads = kv = update = 0.0
     if mode == "training":
         if quantize:
             raise ValueError("--quantize applies to inference only")
         params = sharded_bytes(specs, sizes, lambda p, s: _BYTES[param_dtype])
         opt = 2 * params  # AdamW mu and nu, like the parameters
         grads = sharded_bytes(specs, sizes, lambda p, s: 4)
+        # Besides the float32 gradients, the step holds the weights' gradients as the backward's matmuls produce
+        # them (compute dtype, before the cast) and AdamW's float32 update tree before it is applied: (a + 4)
+        # bytes per parameter. Without it the planner under-estimated XLA's TPU temporaries for the 405B step by
+        # 16.4 GB on 256 chips and 7.2 GB on 4096 (the difference, 9.2 GB, is 1.55x the gradients' 5.9 GB
+        # difference; docs/sharding.md).
+        update = grads * (a + 4) / 4
         per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
         working = activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)  # one layer's backward
         if cfg.attention_impl == "flash":
             working += 4 * cfg.n_heads * cfg.head_dim / t  # its backward's float32 dQ accumulator
-        logits = 2 * 4 * cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)  # float32 logits and their grad
+        # the output projection's result and its gradient, in the compute dtype (the float32 cast fuses into
+        # the log-softmax that reads it); 2 x 4 bytes over-estimated XLA's TPU temporaries (1B and 8B at 8K)
+        logits = 2 * a * cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)
         acts = (b_local * seq_len * (cfg.n_layers * per_layer + working + logits)
                 + attention_tile_bytes(cfg, b_local, seq_len, t, training=True))
     else:
@@ -243,11 +280,11 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         kv_bytes = 1 + 4 / cfg.head_dim if cache_dtype == "int8" else _BYTES[cache_dtype or dtype]
         kv = 2 * math.prod(cache.shape) * kv_bytes / _shard_factor(kv_spec, sizes)
         chunk = min(seq_len, prefill_chunk or seq_len)  # one prefill pass at a time (llama.generate.prefill)
-        acts = (b_local * chunk * activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)
+        acts = (b_local * chunk * inference_bytes_per_token(cfg, seq_len, t, a)
                 + attention_tile_bytes(cfg, b_local, chunk, t, training=False) + b_local * 4 * cfg.vocab_size)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
                 fsdp_gathered_bytes(cfg, sizes, a, mode, quantize), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
-                6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops)
+                6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops, update)
 
 
 def format_plan(p: Plan) -> str:
@@ -258,7 +295,8 @@ def format_plan(p: Plan) -> str:
              "per device:",
              f"  parameters      {gb(p.params_bytes)}"]
     if p.mode == "training":
-        lines += [f"  optimizer state {gb(p.optimizer_bytes)}", f"  gradients       {gb(p.grads_bytes)}"]
+        lines += [f"  optimizer state {gb(p.optimizer_bytes)}", f"  gradients       {gb(p.grads_bytes)}",
+                  f"  update temps    {gb(p.update_bytes)}"]
     lines += [f"  activations     {gb(p.activations_bytes)}"]
     if p.gathered_bytes:
         lines += [f"  FSDP gathers    {gb(p.gathered_bytes)}"]
