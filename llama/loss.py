@@ -47,14 +47,16 @@ def next_token_loss(params: dict, h: jax.Array, targets: jax.Array, loss_mask: j
 
     Returns (loss_sum, (nll_sum, z_sum)); only loss_sum = nll_sum + z_loss * z_sum carries a gradient. All
     float32. chunk = 0: the plain path (the whole float32 [B, T, V] logits, `model.unembed`); chunk > 0: about
-    `chunk` tokens at a time (every row's next chunk // B positions), the same sums within float32 rounding."""
+    `chunk` tokens at a time (every row's next ~chunk // B positions, T split evenly, at most T), the same sums
+    within float32 rounding."""
     mask = loss_mask.astype(jnp.float32)
     if chunk <= 0:
         _, nll_sum, z_sum = _token_sums(llama_model.unembed(params, h, cfg), targets, mask)
         loss_sum = nll_sum + z_loss * z_sum
     else:
-        loss_sum, nll_sum, z_sum = _chunked(head_params(params, cfg), h, targets, mask, cfg, float(z_loss),
-                                            max(1, chunk // h.shape[0]))
+        B, T = targets.shape
+        n = -(-T // max(1, chunk // B))  # chunks per row; then as even a split of T as there is (least padding)
+        loss_sum, nll_sum, z_sum = _chunked(head_params(params, cfg), h, targets, mask, cfg, float(z_loss), -(-T // n))
     return loss_sum, (jax.lax.stop_gradient(nll_sum), jax.lax.stop_gradient(z_sum))
 
 
@@ -86,16 +88,17 @@ def _scan_chunks(head, h, targets, mask, cfg: ModelConfig, z_loss: float, c: int
             _, nll, z = _token_sums(unembed(head, h_i), t_i, m_i)
             return (carry[0] + nll, carry[1] + z), None
         logits, pullback = jax.vjp(unembed, head, h_i)
-        # logsumexp written out (jax.nn.logsumexp's guards for infinite maxima keep XLA from fusing the exp
-        # into the sum, which then stores a third [B, c, V] buffer): finite logits only, as in training
+        # logsumexp written out, so that one exp per logit serves the sum and the softmax (exp(logits - top) /
+        # sum); the logits are finite, as in training (jax.nn.logsumexp also guards infinite maxima)
         top = jnp.max(logits, axis=-1, keepdims=True)
-        logz = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1)) + top[..., 0]
+        e = jnp.exp(logits - top)
+        total = jnp.sum(e, axis=-1)
+        logz = jnp.log(total) + top[..., 0]
         target_logit = jnp.take_along_axis(logits, t_i[..., None].astype(jnp.int32), axis=-1)[..., 0]
         nll, z = jnp.sum((logz - target_logit) * m_i), jnp.sum(jnp.square(logz) * m_i)
         # d(nll + z_loss * z) / dlogits = mask * (softmax * (1 + 2 z_loss logz) - onehot(target))
-        softmax = jnp.exp(logits - logz[..., None])
         onehot = jax.nn.one_hot(t_i, logits.shape[-1], dtype=jnp.float32)
-        dlogits = (softmax * (1 + 2 * z_loss * logz)[..., None] - onehot) * m_i[..., None]
+        dlogits = (e * (m_i * (1 + 2 * z_loss * logz) / total)[..., None] - onehot * m_i[..., None])
         d_head, d_h = pullback(dlogits)
         nll_sum, z_sum, g_head = carry
         return (nll_sum + nll, z_sum + z, jax.tree.map(jnp.add, g_head, d_head)), d_h
