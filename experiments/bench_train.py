@@ -254,7 +254,8 @@ def gpu_bench(steps: int, batch: int, seq: int, micro_batches: int, remat: str, 
               loss_chunk: int | None) -> dict:
     """MFU of a Llama 3.2 1B-shape step: bf16 compute, f32 master weights and AdamW state, one GPU.
     Memory at the defaults (16 x 4096 tokens, no micro-batching, save_matmuls, the fused head): 1.24B params x
-    16 B = 20 GB of state, a few GB of one chunk's logits, ~48 GB of saved matmul outputs: fits an 80 GB H100."""
+    16 B = 20 GB of state and 5 GB of float32 gradients, 49 GB of saved bf16 matmul outputs (23,552 per token
+    per layer), a few GB for one chunk of logits: fits the 141 GB H200; an 80 GB H100 needs --remat full."""
     import jax
 
     from llama import metrics
