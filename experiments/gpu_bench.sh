@@ -5,7 +5,8 @@
 #   bash experiments/gpu_bench.sh [OUT_DIR]      (through the device tool: OUT is set; logs land under it)
 #
 # 1. correctness: model parity with transformers (float32) and cuDNN attention vs the XLA path, on the GPU
-# 2. training:    MFU of a Llama 3.2 1B-shape bfloat16 train step                (issue 6; target >= 50%)
+# 2. training:    MFU and peak memory of a Llama 3.2 1B-shape bfloat16 train step at 16 x 4096 tokens without
+#                 micro-batching, the output layer + loss fused over chunks (llama/loss.py)  (issues 6, 17; >= 50%)
 # 3. decoding:    batch-1 decode of the 8B shapes, bf16 and int8, vs the HBM bound (issue 7; >= 85%, int8 >= 1.7x);
 #                 again with XLA's dynamic-slice fusion (does the layer scan's weight slice cost bandwidth?)
 # 4. comparison:  the same probe on CPU and GPU of one checkpoint, then `llama.compare diff`     (issue 8)
@@ -26,7 +27,8 @@ $PY -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 step "1. correctness on the GPU" env JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -q -p no:cacheprovider \
   tests/test_model.py tests/test_config.py
-step "2. train step MFU (Llama 3.2 1B shapes, bf16)" timeout 180 $PY -m experiments.bench_train --gpu --steps 5
+step "2. train step MFU (Llama 3.2 1B shapes, bf16, 16 x 4096, one micro-batch, fused head)" timeout 180 \
+  $PY -m experiments.bench_train --gpu --steps 5 --batch 16 --seq 4096 --micro-batches 1
 step "3. decode, 8B shapes, bf16 and int8" timeout 180 $PY -m experiments.bench_decode --gpu \
   --json "$OUT/decode_8b.json"
 # The layer scan slices each layer's weights out of the stacked [L, ...] arrays; on the CPU that slice is a

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from llama import loss as llama_loss
 from llama import model as llama_model
 from llama import metrics as llama_metrics
 from llama import optim
@@ -80,6 +81,9 @@ class TrainConfig:
     seq_len: int = 256  # T
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many and scanned
     z_loss: float = 0.0  # weight of mean(logsumexp^2) (PaLM section 5 uses 1e-4); 0 disables
+    # Tokens per chunk of the fused output layer + cross-entropy (llama.loss): the float32 logits exist for one
+    # chunk at a time. 0 = the plain path (whole [B, T, V] logits). Default: see docs/benchmarks.md.
+    loss_chunk: int = 4096
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -102,6 +106,7 @@ class TrainConfig:
              f"batch_size={self.batch_size} is not divisible by micro_batches={self.micro_batches}")
         need(self.seq_len <= self.model.max_seq_len, f"seq_len={self.seq_len} > model.max_seq_len={self.model.max_seq_len}")
         need(self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0")
+        need(self.loss_chunk >= 0, f"loss_chunk={self.loss_chunk} must be >= 0 (0 = whole logits)")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -203,18 +208,15 @@ class TrainState:
     rng: jax.Array  # uint32 [2] raw key data; the step needs none (Llama has no dropout), sampling uses it
 
 
-def _objective(params, mb: dict, *, model_cfg: ModelConfig, z_loss: float, n_tokens, document_mask: bool = True):
-    """Summed next-token cross-entropy (and z-loss) over the loss mask of one micro-batch, divided by the
-    whole batch's token count so that micro-batch gradients add up to the full-batch gradient.
-    Logits, log-softmax and sums are float32 whatever the compute dtype."""
-    positions, segment_ids = (mb["positions"], mb["segment_ids"]) if document_mask else (None, None)
-    logits = llama_model.forward(params, mb["tokens"], positions, segment_ids, cfg=model_cfg)
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    target_logit = jnp.take_along_axis(logits, mb["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
-    mask = mb["loss_mask"].astype(jnp.float32)
-    nll_sum = jnp.sum((logz - target_logit) * mask)
-    z_sum = jnp.sum(jnp.square(logz) * mask)
-    return (nll_sum + z_loss * z_sum) / n_tokens, (nll_sum, z_sum)
+def _objective(params, mb: dict, *, cfg: TrainConfig, n_tokens):
+    """The micro-batch's summed next-token cross-entropy and z-loss (llama.loss; float32 whatever the compute
+    dtype), divided by the whole batch's token count so that micro-batch gradients add up to the full-batch
+    gradient. Returns (loss, (nll_sum, z_sum))."""
+    positions, segment_ids = (mb["positions"], mb["segment_ids"]) if cfg.data.document_mask else (None, None)
+    h = llama_model.hidden_states(params, mb["tokens"], positions, segment_ids, cfg=cfg.model)
+    loss_sum, sums = llama_loss.next_token_loss(params, h, mb["targets"], mb["loss_mask"], cfg=cfg.model,
+                                                z_loss=cfg.z_loss, chunk=cfg.loss_chunk)
+    return loss_sum / n_tokens, sums
 
 
 def _split_micro(x: jax.Array, k: int, mesh) -> jax.Array:
@@ -233,8 +235,7 @@ def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None):
     k = cfg.micro_batches
     micro = {name: _split_micro(jnp.asarray(batch[name]), k, mesh) for name in BATCH_KEYS}
     n_tokens = jnp.maximum(jnp.sum(jnp.asarray(batch["loss_mask"], jnp.float32)), 1.0)
-    grad_fn = jax.grad(functools.partial(_objective, model_cfg=cfg.model, z_loss=cfg.z_loss, n_tokens=n_tokens,
-                                         document_mask=cfg.data.document_mask), has_aux=True)
+    grad_fn = jax.grad(functools.partial(_objective, cfg=cfg, n_tokens=n_tokens), has_aux=True)
 
     def one(carry, mb):
         grads, nll, z = carry
@@ -563,7 +564,9 @@ def main(argv=None) -> int:
                                        "command": sys.argv if argv is None else ["python", "-m", "llama.train", *argv],
                                        "resumed_from_step": start, "tokenizer": str(tok.path)})
 
-    # The loop: metrics every log_every steps, async checkpoints every checkpoint_every.
+    # The loop: metrics every log_every steps, async checkpoints every checkpoint_every. Dispatch is asynchronous:
+    # step N's metrics are fetched after step N+1 is dispatched, so the device never waits for the host. A step
+    # that is saved waits for its own metrics first, so the NaN/Inf check precedes any save of its state.
     from tqdm import tqdm
 
     writer = llama_metrics.MetricsWriter(out) if primary else None
@@ -572,37 +575,51 @@ def main(argv=None) -> int:
     last_saved, status, stop = start, 0, False
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not primary)
     t_prev = time.perf_counter()
-    for step in range(start, cfg.steps):
-        batch = input_pipeline.to_global_batch(next(data), mesh)
-        state, m = step_fn(state, batch)
-        m = jax.device_get(m)  # a host sync per step: the NaN check must precede any save of this state
+
+    def finish(done: int, m: dict) -> bool:
+        """Fetches step `done`'s metrics (waiting for it), shows and logs them; False, after saying so, when the
+        loss or the gradient norm is not finite."""
+        nonlocal t_prev
+        m = jax.device_get(m)
         now = time.perf_counter()
         dt, t_prev = now - t_prev, now
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
             mngr.wait_until_finished()
             bar.close()
             good = mngr.latest_step()
-            say(f"\nstopping: non-finite loss at step {step + 1} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
+            say(f"\nstopping: non-finite loss at step {done} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
                 "nothing saved after it; " + (f"the last good checkpoint is step {good} in {mngr.directory}"
                                               if good is not None else "no checkpoint was saved before it"),
                 file=sys.stderr)
-            status = 1
-            break
-        done = step + 1
+            return False
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{cfg.batch_size * cfg.seq_len / dt:,.0f}")
         if done % cfg.log_every == 0 or done == cfg.steps:
             scalars = dict(m, step_time_s=dt, tokens_per_s=cfg.batch_size * cfg.seq_len / dt,
                            mfu=flops_per_step / dt / (peak * mesh.size) if peak else None,
-                           memory_bytes=llama_metrics.memory_in_use(), first_step=float(step == start))
+                           memory_bytes=llama_metrics.memory_in_use(), first_step=float(done == start + 1))
             if writer:
                 writer.write(done, scalars)
+        return True
+
+    pending = None  # (step number, its metrics, still on the device)
+    for step in range(start, cfg.steps):
+        batch = input_pipeline.to_global_batch(next(data), mesh)
+        state, m = step_fn(state, batch)  # dispatched: it runs while the host finishes the step before
+        if pending is not None and not finish(*pending):
+            status = 1
+            break
+        done, pending = step + 1, (step + 1, m)
         stop = preempted.flag
         if jax.process_count() > 1:  # all processes agree, or some would enter the collective save alone
             from jax.experimental import multihost_utils
 
             stop = bool(multihost_utils.process_allgather(np.int32(stop)).any())
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop:
+            finished, pending = finish(*pending), None  # saving step N waits for N's metrics
+            if not finished:
+                status = 1
+                break
             last_saved = save_checkpoint(mngr, state, cfg, data.get_state())
         if stop:
             bar.close()

@@ -47,12 +47,13 @@ def packed_batch(rng, B, T, V, docs_per_row=2):
             "positions": np.tile(pos.astype(np.int32), (B, 1)), "loss_mask": mask}
 
 
-def test_gradients_match_finite_differences():
-    cfg = TrainConfig(model=MICRO, batch_size=2, seq_len=8)
+@pytest.mark.parametrize("loss_chunk", [0, 6], ids=["plain", "chunked"])
+def test_gradients_match_finite_differences(loss_chunk):
+    cfg = TrainConfig(model=MICRO, batch_size=2, seq_len=8, loss_chunk=loss_chunk)
     params = init_params(MICRO, jax.random.key(0))
     batch = packed_batch(np.random.default_rng(0), 2, 8, MICRO.vocab_size)
     n = jnp.float32(batch["loss_mask"].sum())
-    loss = jax.jit(lambda p: _objective(p, batch, model_cfg=MICRO, z_loss=1e-2, n_tokens=n)[0])
+    loss = jax.jit(lambda p: _objective(p, batch, cfg=cfg.replace(z_loss=1e-2), n_tokens=n)[0])
     # Central differences along a random direction in float32: eps 1e-3 keeps the rounding error (ulp of a
     # loss near ln 64 over eps, ~5e-4) and the O(eps^2) truncation error both well under the 1e-2 tolerance.
     jax.test_util.check_grads(loss, (params,), order=1, modes=("rev",), eps=1e-3, atol=1e-2, rtol=1e-2)
@@ -211,6 +212,45 @@ def test_nan_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, capsys)
     step, _, state = final_data_state(out, exp)
     assert step == bad - 1
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_metrics_fetched_after_the_next_step_is_dispatched(tmp_path, monkeypatch):
+    """No host stall: the loop fetches step N's metrics only after dispatching step N+1, except where it saves:
+    saving step N waits for N's metrics (the NaN check), so a checkpoint step is fetched before the save."""
+    from llama import train
+
+    events, owner = [], {}
+    real_make, real_get, real_save = train.make_train_step, jax.device_get, train.save_checkpoint
+
+    def make(cfg, mesh):
+        init, step = real_make(cfg, mesh)
+
+        def dispatch(state, batch):
+            state, m = step(state, batch)
+            owner[id(m)] = n = sum(e[0] == "dispatch" for e in events) + 1
+            events.append(("dispatch", n))
+            return state, m
+
+        return init, dispatch
+
+    def device_get(x):
+        if id(x) in owner:
+            events.append(("fetch", owner[id(x)]))
+        return real_get(x)
+
+    def save(mngr, state, cfg, data_state):
+        events.append(("save", int(real_get(state.step))))
+        return real_save(mngr, state, cfg, data_state)
+
+    monkeypatch.setattr(train, "make_train_step", make)
+    monkeypatch.setattr(jax, "device_get", device_get)
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    out = str(tmp_path / "run")
+    assert train.main(["--config", write_experiment(tmp_path), "--out", out]) == 0  # 8 steps, saves at 4 and 8
+    d, f, s = (lambda n: ("dispatch", n)), (lambda n: ("fetch", n)), (lambda n: ("save", n))
+    assert events == [d(1), d(2), f(1), d(3), f(2), d(4), f(3), f(4), s(4),
+                      d(5), d(6), f(5), d(7), f(6), d(8), f(7), f(8), s(8)]
+    assert sorted(losses_by_step(out)) == list(range(1, 9))  # log_every=1: every step's metrics still logged
 
 
 def _launch(exp, out, *extra):
