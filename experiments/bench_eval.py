@@ -32,6 +32,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {path}
+  cache_dir: {cache}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{context}}}}"
@@ -47,6 +48,7 @@ dataset_path: json
 dataset_kwargs:
   data_files:
     test: {path}
+  cache_dir: {cache}
 test_split: test
 output_type: loglikelihood_rolling
 doc_to_text: ""
@@ -95,7 +97,7 @@ def build_tasks(out_dir: str, n_choice: int = 200, n_text: int = 24, seed: int =
         with open(paths[name], "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in data)
         with open(os.path.join(out_dir, f"{name}.yaml"), "w") as f:
-            f.write(yaml.format(name=name, path=paths[name]))
+            f.write(yaml.format(name=name, path=paths[name], cache=os.path.join(out_dir, "hf_datasets_cache")))
     return paths
 
 
@@ -120,7 +122,7 @@ t0 = time.perf_counter()
 import lm_eval
 from lm_eval.tasks import TaskManager
 r = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={sys.argv[1]},dtype=float32,add_bos_token=True",
-                            tasks=["story_choice"], task_manager=TaskManager(include_path=sys.argv[2]),
+                            tasks=["story_choice"], task_manager=TaskManager(include_path=sys.argv[2], include_defaults=False),
                             batch_size=int(sys.argv[3]), limit=int(sys.argv[4]), device="cpu")
 print(json.dumps({"acc": r["results"]["story_choice"]["acc,none"], "total_s": time.perf_counter() - t0}))
 """
@@ -130,8 +132,7 @@ def bench(n: int, rounds: int, batch_size: int) -> None:
     work = os.path.join(tempfile.gettempdir(), "llama_bench_eval")
     tasks = build_tasks(os.path.join(work, "tasks"), n_choice=n)
     orbax, hf = export_stories(work)
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               HF_DATASETS_CACHE=os.path.join(work, "hf_cache"))
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     ours = [sys.executable, "-m", "llama.eval", "choice", "--checkpoint", orbax, "--tokenizer",
             os.path.join(MODEL, "tok512.model"), "--task", tasks["story_choice"], "--batch-size", str(batch_size),
             "--out", os.path.join(work, "out"), "--no-progress"]

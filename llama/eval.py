@@ -675,8 +675,8 @@ def main(argv=None) -> int:
     from llama.tokenizer import check_vocab
 
     a = parse_args(argv)
+    tok = load_tokenizer_for(a.checkpoint, a.tokenizer)  # first: a missing tokenizer fails before any loading
     cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh)
-    tok = load_tokenizer_for(a.checkpoint, a.tokenizer)
     check_vocab(tok, cfg.vocab_size)
     progress = None if a.no_progress else a.cmd
     config = {"command": a.cmd, "args": vars(a), "model": cfg, "tokenizer": str(tok.path)}

@@ -1,0 +1,280 @@
+"""llama.eval against lm-evaluation-harness (PyPI `lm-eval`, HF backend) on the real stories260K, exported with
+`orbax-to-hf`, on tasks built from TinyStories (experiments/bench_eval.py build_tasks); the trainer's held-out
+eval against `llama.eval ppl`; bad input.
+
+Tolerance: per-example log-likelihoods within 1e-4 in float32. Both sides sum float32 per-token log-probs of
+the same logits (ours and transformers' agree to ~1e-6 per logit on stories260K, tests/test_convert.py); a
+several-hundred-token document accumulates ~1e-5 of float32 rounding on lm-eval's side (measured max 6.9e-5
+on 600-token documents, 2.1e-5 on choices).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import require_shared
+from llama import eval as ev
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-4
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("bench_eval", os.path.join(ROOT, "experiments", "bench_eval.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    """(orbax checkpoint, HF export with an exact HF tokenizer, tasks dir, task paths, tokenizer)."""
+    require_shared("assets", "llama2c_stories260K", "stories260K.bin")
+    require_shared("assets", "text", "tinystories", "tinystories_v1_valid_head.txt")
+    from llama.tokenizer import load_tokenizer
+
+    b = bench_module()
+    work = str(tmp_path_factory.mktemp("stories"))
+    paths = b.build_tasks(os.path.join(work, "tasks"), n_choice=200, n_text=24)
+    orbax, hf = b.export_stories(work)
+    tok = load_tokenizer(os.path.join(b.MODEL, "tok512.model"))
+    return orbax, hf, os.path.join(work, "tasks"), paths, tok
+
+
+@pytest.fixture(scope="module")
+def loaded(stories):
+    """(cfg, params) of our checkpoint and transformers' float32 model of the HF export."""
+    import torch
+    import transformers
+
+    from llama.checkpoint import load_model
+
+    cfg, params = load_model(stories[0])
+    return cfg, params, transformers.AutoModelForCausalLM.from_pretrained(stories[1], dtype=torch.float32)
+
+
+def lm_eval_run(hf, tasks_dir, task, *, add_bos, limit=None, max_length=None):
+    """lm-eval's own results and its per-document samples (sorted by doc_id), in this process."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    args = f"pretrained={hf},dtype=float32,add_bos_token={add_bos}" + (f",max_length={max_length}" if max_length else "")
+    manager = TaskManager(include_path=tasks_dir, include_defaults=False)  # indexing lm-eval's own tasks takes ~10 s
+    r = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=[task], task_manager=manager,
+                                batch_size=8, limit=limit, device="cpu", log_samples=True)
+    return r["results"][task], sorted(r["samples"][task], key=lambda s: s["doc_id"])
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_cli(argv):
+    assert ev.main(argv) == 0
+
+
+# ------------------------------------------------------------------------------- parity with lm-eval
+def check_choice_parity(stories, tmp_path, limit):
+    orbax, hf, tasks_dir, paths, tok = stories
+    examples = ev.read_task(paths["story_choice"], "choice")[:limit]
+    # The HF tokenizer lm-eval uses tokenizes every request exactly as SentencePiece does.
+    import transformers
+
+    hft = transformers.AutoTokenizer.from_pretrained(hf)
+    for e in examples:
+        for text in [e.context, e.context + " " + e.choices[0]] + [" " + c for c in e.choices]:
+            assert hft.encode(text) == tok.encode(text, bos=True), text
+    out = str(tmp_path / "choice")
+    run_cli(["choice", "--checkpoint", orbax, "--tokenizer", str(tok.path), "--task", paths["story_choice"],
+             "--limit", str(limit), "--batch-size", "4", "--out", out, "--no-progress"])
+    ours = read_jsonl(os.path.join(out, "samples_story_choice.jsonl"))
+    mine = json.load(open(os.path.join(out, "results.json")))["story_choice"]
+    theirs, samples = lm_eval_run(hf, tasks_dir, "story_choice", add_bos=True, limit=limit)
+    assert [s["doc_id"] for s in samples] == list(range(limit)) and mine["n"] == limit
+    worst = 0.0
+    for s, o, e in zip(samples, ours, examples):
+        assert [tuple(a) for a in s["arguments"]] == [(e.context, " " + c) for c in e.choices]
+        lls = np.array([float(r[0]) for r in s["filtered_resps"]])
+        worst = max(worst, float(np.abs(lls - np.array(o["loglikelihoods"])).max()))
+        assert [bool(r[1]) for r in s["filtered_resps"]] == o["is_greedy"]
+        assert (s["acc"], s["acc_norm"]) == (o["acc"], o["acc_norm"])
+    print(f"choice: {limit} examples, acc {mine['acc']}, acc_norm {mine['acc_norm']}, max |ll diff| {worst:.2e}")
+    assert worst < TOL
+    assert mine["acc"] == theirs["acc,none"] and mine["acc_norm"] == theirs["acc_norm,none"]
+
+
+def check_ppl_parity(stories, tmp_path, limit, context):
+    orbax, hf, tasks_dir, paths, tok = stories
+    out = str(tmp_path / "ppl")
+    run_cli(["ppl", "--checkpoint", orbax, "--tokenizer", str(tok.path), "--data", paths["story_text"], "--format",
+             "jsonl", "--context", str(context), "--limit", str(limit), "--out", out, "--no-progress"])
+    ours = read_jsonl(os.path.join(out, "samples_story_text.jsonl"))
+    mine = json.load(open(os.path.join(out, "results.json")))["story_text"]
+    assert max(s["tokens"] for s in ours) > 2 * context  # several windows per document
+    # lm-eval's rolling windows prefix the text with BOS itself: its tokenizer must not add another.
+    theirs, samples = lm_eval_run(hf, tasks_dir, "story_text", add_bos=False, limit=limit, max_length=context)
+    worst = max(abs(float(s["filtered_resps"][0]) - o["loglikelihood"]) for s, o in zip(samples, ours))
+    print(f"ppl: {limit} documents, {mine['tokens']} tokens, context {context}: max |ll diff| {worst:.2e}; "
+          f"bits/byte {mine['bits_per_byte']:.6f} vs {theirs['bits_per_byte,none']:.6f}")
+    assert len(samples) == limit and worst < TOL
+    for k in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
+        assert mine[k] == pytest.approx(theirs[f"{k},none"], rel=1e-6)  # totals of ~1e4 nats: 1e-4 / 1e4
+
+
+def test_choice_and_ppl_match_lm_eval_on_a_few_examples(stories, tmp_path):
+    check_choice_parity(stories, tmp_path, limit=16)
+    check_ppl_parity(stories, tmp_path, limit=4, context=128)
+
+
+@pytest.mark.slow
+def test_choice_and_ppl_match_lm_eval_in_full(stories, tmp_path):
+    check_choice_parity(stories, tmp_path, limit=200)
+    check_ppl_parity(stories, tmp_path, limit=24, context=128)
+
+
+def test_strided_ppl_is_a_sliding_window(stories, loaded):
+    """stride 1: each token is predicted from exactly the `context` tokens before it (BOS first), which is
+    what a stride buys; checked against transformers on each token's own window."""
+    import torch
+
+    *_, paths, tok = stories
+    cfg, params, m = loaded
+    text = read_jsonl(paths["story_text"])[0]["text"][:200]
+    ids = tok.encode(text)
+    C = 8
+    metrics, samples = ev.ppl_scores(params, cfg, [ids], [text], bos=tok.bos_id, context=C, stride=1, batch_size=8)
+    x = [tok.bos_id] + ids
+    ref = 0.0
+    with torch.no_grad():
+        for j in range(1, len(x)):
+            logits = m(torch.tensor([x[max(0, j - C):j]])).logits[0, -1].double()
+            ref += float(torch.log_softmax(logits, -1)[x[j]])
+    assert samples[0]["loglikelihood"] == pytest.approx(ref, abs=TOL)
+    assert metrics["tokens"] == len(ids) and metrics["loss"] == pytest.approx(-ref / len(ids), rel=1e-6)
+
+
+def test_packing_and_prefix_sharing_equal_one_sequence_at_a_time(stories, loaded):
+    """Requests packed into shared rows, one-token choices and "prefix" choices answered from another
+    request's row: the same log-probs as transformers on each sequence alone."""
+    import torch
+
+    *_, tok = stories
+    cfg, params, m = loaded
+    ctx = "Once upon a time, there was a little"
+    conts = [" girl", " dog", " dogs", " dog named Max", " boy who liked to play"]
+    segs = [ev.request_segment(*ev.encode_pair(tok, ctx, c), cfg.max_seq_len)[0] for c in conts]
+    segs += ev.rolling_segments(tok.encode("Lily and Ben went to the park."), tok.bos_id, 8, 8)
+    got = ev.run_segments(params, segs, cfg=cfg, batch_size=2, row_len=64)
+    assert len({s.inputs for s in segs}) > 4  # distinct inputs, some a prefix of another
+    for s, (logp, greedy) in zip(segs, got):
+        with torch.no_grad():
+            logits = m(torch.tensor([s.inputs])).logits[0]
+        lsm = torch.log_softmax(logits, -1).numpy()
+        np.testing.assert_allclose(logp, [lsm[p, t] for p, t in s.queries], atol=1e-5)  # ~1e-6 per logit
+        assert list(greedy) == [int(logits[p].argmax()) == t for p, t in s.queries]
+
+
+def test_pack_places_every_segment_without_overlap():
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(1, 64, 300)]
+    place = ev.pack(lengths, 64)
+    used = {}
+    for n, (r, off) in zip(lengths, place):
+        assert off + n <= 64
+        for k in range(off, off + n):
+            assert (r, k) not in used
+            used[(r, k)] = 1
+    assert len({r for r, _ in place}) <= sum(lengths) / 64 * 1.1 + 1  # best fit wastes little
+
+
+def test_encode_pair_moves_trailing_spaces_like_lm_eval(stories):
+    *_, tok = stories
+    ctx, cont = ev.encode_pair(tok, "The cat sat ", "on the mat")
+    assert ctx == tok.encode("The cat sat", bos=True)
+    assert ctx + cont == tok.encode("The cat sat on the mat", bos=True)
+    assert ev.encode_pair(tok, "", " hello") == ([tok.bos_id], tok.encode(" hello"))
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def test_generate_task_scores_greedy_output(stories, loaded, tmp_path):
+    """The reference answer is transformers' own greedy continuation; the stop string cuts it."""
+    import torch
+
+    orbax, _, _, _, tok = stories
+    m = loaded[2]
+    prompt = "Once upon a time, there was a little girl named Lily. She"
+    out = m.generate(torch.tensor([tok.encode(prompt, bos=True)]), max_new_tokens=20, do_sample=False)
+    ref = tok.decode(out[0].tolist()[len(tok.encode(prompt, bos=True)):])
+    first = ref.split(".")[0]
+    task = tmp_path / "gen.jsonl"
+    task.write_text(json.dumps({"context": prompt, "answer": first}) + "\n" +
+                    json.dumps({"context": prompt, "answers": ["a purple elephant", first.split()[-1]]}) + "\n")
+    run_cli(["generate", "--checkpoint", orbax, "--tokenizer", str(tok.path), "--task", str(task), "--max-new-tokens",
+             "20", "--stop", ".", "--out", str(tmp_path / "g"), "--no-progress"])
+    res = json.load(open(tmp_path / "g" / "results.json"))["gen"]
+    samples = read_jsonl(tmp_path / "g" / "samples_gen.jsonl")
+    assert samples[0]["output"] == first and "." not in samples[0]["output"]
+    assert res == {"exact_match": 0.5, "contains": 1.0, "truncated": 0, "n": 2}
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("row,message", [
+    ("{not json", "tasks.jsonl:2: not a JSON object"),
+    ('{"context": "a", "choices": ["x", "y"], "gold": 2}', 'tasks.jsonl:2: "gold" 2 is out of range for 2 choices'),
+    ('{"context": "a", "choices": "xy", "gold": 0}', 'tasks.jsonl:2: "choices" must be a non-empty list'),
+    ('{"choices": ["x"], "gold": 0}', 'tasks.jsonl:2: expected an object with a string "context"'),
+])
+def test_malformed_task_rows_name_file_and_line(tmp_path, row, message):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text('{"context": "ok", "choices": ["a", "b"], "gold": 0}\n' + row + "\n")
+    with pytest.raises(ev.EvalError, match=message.replace("[", r"\[")):
+        ev.read_task(str(path), "choice")
+
+
+def test_cli_errors_are_one_line_exit_2(stories, tmp_path):
+    orbax, _, _, paths, tok = stories
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"context": "word " * 700, "choices": ["a", "b"], "gold": 0}) + "\n")
+    (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / "precious.txt").write_text("keep me")
+    base = ["choice", "--checkpoint", orbax, "--no-progress"]
+    cases = [
+        (["--tokenizer", str(tok.path), "--task", str(long), "--on-overflow", "error", "--out", str(tmp_path / "o")],
+         "exceed the model's window of 512"),
+        (["--tokenizer", str(tmp_path / "missing.model"), "--task", paths["story_choice"], "--out", str(tmp_path / "o")],
+         "missing.model does not exist"),
+        (["--task", paths["story_choice"], "--out", str(tmp_path / "o")], "has 128256 ids but the model's vocab_size is 512"),
+        (["--tokenizer", str(tok.path), "--task", paths["story_choice"], "--limit", "2", "--out", str(tmp_path / "occupied")],
+         "is not a llama.eval output"),
+    ]
+    for extra, message in cases:  # in this process: each is a ValueError naming the input ...
+        with pytest.raises(ValueError, match=message):
+            ev.main(base + extra)
+    assert (tmp_path / "occupied" / "precious.txt").read_text() == "keep me" and not (tmp_path / "o").exists()
+    # ... which the command line prints as one line and exit status 2
+    p = subprocess.run([sys.executable, "-m", "llama.eval"] + base + cases[0][0], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert p.returncode == 2 and len(lines) == 1 and cases[0][1] in lines[0], p.stderr[-2000:]
+
+
+def test_long_context_is_cut_on_the_left_and_counted(stories, tmp_path):
+    orbax, _, _, _, tok = stories
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"context": "word " * 700 + "The", "choices": ["cat", "dog"], "gold": 0}) + "\n")
+    run_cli(["choice", "--checkpoint", orbax, "--tokenizer", str(tok.path), "--task", str(long), "--out",
+             str(tmp_path / "o"), "--no-progress"])
+    s = read_jsonl(tmp_path / "o" / "samples_long.jsonl")[0]
+    n = len(tok.encode("word " * 700 + "The cat", bos=True))
+    assert s["truncated_tokens"][0] == n - 513  # lm-eval keeps (context + continuation)[-(max_length + 1):]
+    # rerunning into a previous eval output replaces it
+    run_cli(["choice", "--checkpoint", orbax, "--tokenizer", str(tok.path), "--task", str(long), "--out",
+             str(tmp_path / "o"), "--no-progress"])
