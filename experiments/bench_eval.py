@@ -8,7 +8,7 @@ DIR/story_text.jsonl (whole paragraphs, for perplexity) and, for lm-eval, DIR/st
 DIR/story_text.yaml over those files (docs/evaluation.md explains the format). `bench` converts the real
 stories260K (llama2c -> Orbax -> HF, with its SentencePiece tokenizer as an exact HF tokenizer), then times
 each side in its own process, alternated A B A B, printing the load average before each run; examples/s
-counts the whole command (startup, model load, tokenization, scoring) and the scoring alone.
+counts the whole command: startup, model load, tokenization and scoring.
 """
 
 from __future__ import annotations

@@ -329,7 +329,10 @@ def choice_scores(params, cfg: ModelConfig, tok, examples: Sequence[Example], co
                 pair = (chat_prompt(tok, ctx), tok.encode(c))
             else:
                 pair = encode_pair(tok, ctx, " " + c)
-            seg, cut = request_segment(*pair, cfg.max_seq_len)
+            try:
+                seg, cut = request_segment(*pair, cfg.max_seq_len)
+            except EvalError as err:
+                raise EvalError(f"example {e.id!r}, choice {c!r}: {err}") from None
             if cut and overflow == "error":
                 raise EvalError(f"example {e.id!r}: {len(pair[0]) + len(pair[1])} tokens exceed the model's window "
                                 f"of {cfg.max_seq_len} + 1; pass --on-overflow truncate to cut the context on the left")
@@ -471,7 +474,8 @@ def evaluate(params, eval_set: EvalSet, *, cfg: ModelConfig, mesh) -> dict:
 
 def trainer_eval_documents(tcfg, source, tok, out_dir: str) -> list[list[int]]:
     """The trainer's eval documents as token ids: data.eval_paths (same format as the training data) or the
-    held-out share (data.eval_share) of the training documents (input_pipeline.sources.hash_split)."""
+    held-out share (data.eval_share) of the training documents (input_pipeline.sources.hash_split). Only as
+    many as can fill the eval batches are tokenized (they hold at most eval_batches * batch_size * seq_len)."""
     from input_pipeline.prepared import open_prepared
     from input_pipeline.sources import Source, hash_split, open_documents
 
@@ -481,7 +485,7 @@ def trainer_eval_documents(tcfg, source, tok, out_dir: str) -> list[list[int]]:
     docs = open_prepared(source.paths) if source.format == "prepared" else open_documents(source)
     if not d.eval_paths:
         docs = hash_split(docs, d.eval_share, heldout=True)
-    out = []
+    out, budget = [], tcfg.eval_batches * tcfg.batch_size * tcfg.seq_len
     for i in range(len(docs)):
         x = docs[i]
         if isinstance(x, str):
@@ -489,6 +493,9 @@ def trainer_eval_documents(tcfg, source, tok, out_dir: str) -> list[list[int]]:
         else:  # prepared: [BOS, ..., EOS]
             x = [int(t) for t in x]
             out.append(x[1:-1] if x and x[-1] == tok.eos_id else x[1:])
+        budget -= len(out[-1])
+        if budget < 0:
+            break
     return out
 
 
@@ -688,8 +695,9 @@ def main(argv=None) -> int:
                                       stride=a.stride or context, batch_size=a.batch_size, mesh=mesh, progress=progress)
         task = a.name or ("heldout" if a.heldout else os.path.splitext(os.path.basename(files[0].rstrip("/")))[0])
     else:
-        examples = read_task(a.task, a.cmd)[:a.limit]
-        contexts = fewshot_contexts(examples, a.num_fewshot, a.fewshot_seed)
+        examples = read_task(a.task, a.cmd)
+        contexts = fewshot_contexts(examples, a.num_fewshot, a.fewshot_seed)[:a.limit]  # shots from the whole file
+        examples = examples[:a.limit]
         files = [a.task]
         task = a.name or os.path.splitext(os.path.basename(a.task))[0]
         if a.cmd == "choice":
