@@ -403,28 +403,38 @@ def generate_scores(params, cfg: ModelConfig, tok, examples: Sequence[Example], 
 @dataclass(frozen=True)
 class EvalSet:
     """Fixed eval batches: numpy dicts [B, T] in the training layout (tokens, targets, segment_ids, positions,
-    loss_mask) holding the rolling windows (context = stride = T) of the first `documents` eval documents."""
+    loss_mask) holding the rolling windows (context = stride = T) of the first `documents` eval documents, the
+    last one's first `last_document_tokens` tokens (`documents_scored` cuts the documents the same way)."""
 
     batches: tuple[dict, ...]
     documents: int
+    last_document_tokens: int
     tokens: int
     sha256: str
 
     def describe(self) -> dict:
-        return {"documents": self.documents, "tokens": self.tokens, "batches": len(self.batches),
-                "sha256": self.sha256}
+        return {"documents": self.documents, "last_document_tokens": self.last_document_tokens,
+                "tokens": self.tokens, "batches": len(self.batches), "sha256": self.sha256}
+
+    def documents_scored(self, docs: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The token ids this set scores: `ppl` with context = stride = T on them is this set's loss."""
+        out = [list(d) for d in docs[:self.documents]]
+        out[-1] = out[-1][:self.last_document_tokens]
+        return out
 
 
 def make_eval_set(docs: Sequence[Sequence[int]], *, bos: int, seq_len: int, batch_size: int,
                   max_batches: int) -> EvalSet:
-    """The longest prefix of `docs` (token ids, no BOS/EOS) whose windows pack into max_batches batches of
-    batch_size rows of seq_len tokens; a pure function of its arguments, so it is the same after a resume."""
-    def rows(k):
-        segs = [s for d in docs[:k] for s in rolling_segments(list(d), bos, seq_len, seq_len)]
-        place = pack([len(s.inputs) for s in segs], seq_len)
-        return segs, place, (max((r for r, _ in place), default=-1) + 1)
+    """The windows of `docs` (token ids, no BOS/EOS; in order, each document's in order) up to the most that pack
+    into max_batches batches of batch_size rows of seq_len tokens; a pure function of its arguments, so it is
+    the same after a resume. A document cut there is scored on a prefix: its windows end at multiples of T."""
+    windows = [(d, s) for d, ids in enumerate(docs) for s in rolling_segments(list(ids), bos, seq_len, seq_len)]
 
-    lo, hi = 0, len(docs)  # rows(k) grows with k: binary search for the largest k that fits
+    def rows(k):
+        place = pack([len(s.inputs) for _, s in windows[:k]], seq_len)
+        return [s for _, s in windows[:k]], place, (max((r for r, _ in place), default=-1) + 1)
+
+    lo, hi = 0, len(windows)  # rows(k) grows with k: binary search for the largest k that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if rows(mid)[2] <= max_batches * batch_size:
@@ -434,6 +444,8 @@ def make_eval_set(docs: Sequence[Sequence[int]], *, bos: int, seq_len: int, batc
     if lo == 0:
         raise EvalError(f"no eval document fits {max_batches} batches of {batch_size} x {seq_len} tokens")
     segs, place, n_rows = rows(lo)
+    last = windows[lo - 1][0]
+    last_tokens = sum(len(s.queries) for d, s in windows[:lo] if d == last)
     n_batches = -(-n_rows // batch_size)
     keys = ("tokens", "targets", "segment_ids", "positions")
     arr = {k: np.zeros((n_batches * batch_size, seq_len), np.int32) for k in keys}
@@ -452,7 +464,7 @@ def make_eval_set(docs: Sequence[Sequence[int]], *, bos: int, seq_len: int, batc
     for k in (*keys, "loss_mask"):
         h.update(arr[k].tobytes())
     batches = tuple({k: v[i * batch_size:(i + 1) * batch_size] for k, v in arr.items()} for i in range(n_batches))
-    return EvalSet(batches, lo, int(arr["loss_mask"].sum()), h.hexdigest())
+    return EvalSet(batches, last + 1, last_tokens, int(arr["loss_mask"].sum()), h.hexdigest())
 
 
 def evaluate(params, eval_set: EvalSet, *, cfg: ModelConfig, mesh) -> dict:
@@ -622,7 +634,7 @@ def _ppl_inputs(a, tok):
         ids = trainer_eval_documents(tcfg, src, tok, run)
         es = make_eval_set(ids, bos=tok.bos_id, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size,
                            max_batches=tcfg.eval_batches)
-        ids = ids[:es.documents]
+        ids = es.documents_scored(ids)
         return ids, [tok.decode_bytes(d) for d in ids], list(src.paths), tcfg.seq_len
     if not a.data:
         raise EvalError("ppl: give --data FILES (or --heldout with a training run)")

@@ -351,10 +351,12 @@ def test_trainer_eval_loss_equals_ppl_on_the_same_documents():
     es = ev.make_eval_set(docs, **kw)
     again = ev.make_eval_set(docs, **kw)
     assert es.sha256 == again.sha256 and 0 < es.documents < len(docs) and len(es.batches) == 3
+    assert es.tokens > 3 * 8 * 64 * 0.75  # windows of up to 64 tokens, best fit: the batches are nearly full
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharded = jax.device_put(params, param_shardings(model.param_specs(cfg), mesh))
     got = ev.evaluate(sharded, es, cfg=cfg, mesh=mesh)
-    metrics, _ = ev.ppl_scores(params, cfg, docs[:es.documents], ["x"] * es.documents, bos=1, context=64, stride=64,
-                               batch_size=16)
+    scored = es.documents_scored(docs)
+    assert 0 < len(scored[-1]) <= len(docs[es.documents - 1])
+    metrics, _ = ev.ppl_scores(params, cfg, scored, ["x"] * len(scored), bos=1, context=64, stride=64, batch_size=16)
     assert metrics["tokens"] == es.tokens
     assert got["eval_loss"] == pytest.approx(metrics["loss"], rel=1e-5)  # float32 forwards, other layouts
