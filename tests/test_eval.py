@@ -140,6 +140,20 @@ def test_choice_and_ppl_match_lm_eval_in_full(stories, tmp_path):
     check_ppl_parity(stories, tmp_path, limit=24, context=128)
 
 
+def test_ppl_reads_prepared_data_as_its_text(stories, tmp_path):
+    """The same documents as JSONL text and as prepared token ids (BOS ... EOS stripped): the same loss."""
+    from input_pipeline import Source, prepare_corpus
+
+    orbax, _, _, paths, tok = stories
+    prepare_corpus(Source((paths["story_text"],), format="jsonl"), tok, str(tmp_path / "prep"), progress=False)
+    common = ["--checkpoint", orbax, "--tokenizer", str(tok.path), "--limit", "3", "--no-progress"]
+    run_cli(["ppl", "--data", paths["story_text"], "--format", "jsonl", "--out", str(tmp_path / "a"), *common])
+    run_cli(["ppl", "--data", str(tmp_path / "prep"), "--format", "prepared", "--out", str(tmp_path / "b"), *common])
+    a = json.load(open(tmp_path / "a" / "results.json"))["story_text"]
+    b = json.load(open(tmp_path / "b" / "results.json"))["prep"]
+    assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
 def test_strided_ppl_is_a_sliding_window(stories, loaded):
     """stride 1: each token is predicted from exactly the `context` tokens before it (BOS first), which is
     what a stride buys; checked against transformers on each token's own window."""
