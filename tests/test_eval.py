@@ -374,3 +374,15 @@ def test_trainer_eval_loss_equals_ppl_on_the_same_documents():
     metrics, _ = ev.ppl_scores(params, cfg, scored, ["x"] * len(scored), bos=1, context=64, stride=64, batch_size=16)
     assert metrics["tokens"] == es.tokens
     assert got["eval_loss"] == pytest.approx(metrics["loss"], rel=1e-5)  # float32 forwards, other layouts
+
+
+def test_choice_on_an_8_device_mesh_equals_one_device(stories, tmp_path):
+    orbax, _, _, paths, tok = stories
+    common = ["choice", "--checkpoint", orbax, "--tokenizer", str(tok.path), "--task", paths["story_choice"],
+              "--limit", "8", "--batch-size", "8", "--no-progress"]
+    run_cli(common + ["--out", str(tmp_path / "one")])
+    run_cli(common + ["--mesh", "data=2,fsdp=2,tensor=2", "--out", str(tmp_path / "mesh")])
+    a, b = (read_jsonl(tmp_path / d / "samples_story_choice.jsonl") for d in ("one", "mesh"))
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x["loglikelihoods"], y["loglikelihoods"], atol=1e-5)  # sharded float32 sums
+        assert x["is_greedy"] == y["is_greedy"] and x["pred"] == y["pred"]
