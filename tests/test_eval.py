@@ -386,3 +386,33 @@ def test_choice_on_an_8_device_mesh_equals_one_device(stories, tmp_path):
     for x, y in zip(a, b):
         np.testing.assert_allclose(x["loglikelihoods"], y["loglikelihoods"], atol=1e-5)  # sharded float32 sums
         assert x["is_greedy"] == y["is_greedy"] and x["pred"] == y["pred"]
+
+
+def test_held_out_documents_never_reach_training(tmp_path):
+    """make_dataset with holdout: one epoch of the training stream holds every other document and none of the
+    held-out ones (those `trainer_eval_documents` returns)."""
+    from input_pipeline import DataConfig, Source, make_dataset
+    from input_pipeline.sources import hash_split, open_documents
+    from llama.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(require_shared("assets", "llama2c_stories260K", "tok512.model"))
+    path = tmp_path / "docs.txt"
+    path.write_text("\n<|endoftext|>\n".join(f"Story {i}: the cat number {i} sat." for i in range(60)))
+    src = Source((str(path),), separator="<|endoftext|>")
+    cfg = DataConfig(sources=(src,), holdout=0.25, shuffle=False, num_epochs=1, prefetch=0)
+    stream = []
+    with make_dataset(cfg, tok, seq_len=32, global_batch_size=4, seed=0, process_index=0, process_count=1) as it:
+        for b in it:
+            stream += [int(t) for t, s in zip(b["tokens"].ravel(), b["segment_ids"].ravel()) if s]
+    docs, cur = [], None
+    for t in stream:
+        if t == tok.bos_id:
+            cur = []
+            docs.append(cur)
+        else:
+            cur.append(t)
+    trained = {tuple(d[:-1]) for d in docs}  # without EOS
+    held = hash_split(open_documents(src), 0.25, heldout=True)
+    held_ids = {tuple(tok.encode(held[i])) for i in range(len(held))}
+    all_ids = {tuple(tok.encode(open_documents(src)[i])) for i in range(60)}
+    assert 0 < len(held_ids) < 30 and trained == all_ids - held_ids
