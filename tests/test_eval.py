@@ -416,3 +416,25 @@ def test_held_out_documents_never_reach_training(tmp_path):
     held_ids = {tuple(tok.encode(held[i])) for i in range(len(held))}
     all_ids = {tuple(tok.encode(open_documents(src)[i])) for i in range(60)}
     assert 0 < len(held_ids) < 30 and trained == all_ids - held_ids
+
+
+def test_fewshot_contexts_are_seeded_solved_examples_of_other_rows():
+    examples = [ev.Example(i, f"Question {i}?", ("yes", "no"), i % 2) for i in range(6)]
+    a = ev.fewshot_contexts(examples, 2, seed=1234)
+    assert a == ev.fewshot_contexts(examples, 2, seed=1234) != ev.fewshot_contexts(examples, 2, seed=1)
+    for i, ctx in enumerate(a):
+        parts = ctx.split("\n\n")
+        assert len(parts) == 3 and parts[-1] == f"Question {i}?"
+        for shot in parts[:2]:
+            j = int(shot.split()[1].rstrip("?"))
+            assert j != i and shot == f"Question {j}? {('yes', 'no')[j % 2]}"
+    with pytest.raises(ev.EvalError, match="--num-fewshot 6: the task has only 6 examples"):
+        ev.fewshot_contexts(examples, 6, seed=0)
+
+
+def test_chat_needs_the_llama3_tokenizer():
+    from llama.tokenizer import load_tokenizer
+
+    sp = load_tokenizer(require_shared("assets", "llama2c_stories260K", "tok512.model"))
+    with pytest.raises(ev.EvalError, match="--chat: the Llama 3.1 chat format needs the Llama 3 tokenizer"):
+        ev.chat_prompt(sp, "Hi")
