@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import dataclasses
 import hashlib
 import json
 import math
