@@ -12,7 +12,8 @@ Public API
         one document per file, "<|endoftext|>", or BLANK_LINES ("\\n\\n": runs of blank lines).
 
     DataConfig(sources, shuffle=True, num_epochs=None, mask_document_boundary=True, utf8_errors="replace",
-               num_threads=4, read_buffer=16, prefetch=4)
+               num_threads=4, read_buffer=16, prefetch=4, holdout=0.0)
+        holdout: share of each source's documents left out of training by a hash of each (sources.hash_split);
         frozen; .to_dict() / DataConfig.from_dict(d) (JSON-able, for the train config);
         DataConfig.from_paths(*paths, format=..., separator=..., num_epochs=...) for one source.
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from input_pipeline import packing
 from input_pipeline.prepared import open_prepared
-from input_pipeline.sources import UTF8_ERRORS, DataError, Source, open_documents
+from input_pipeline.sources import UTF8_ERRORS, DataError, Source, hash_split, open_documents
 from input_pipeline.tokenize import Tokenizer, encode_document, tokenizer_info
 
 STATE_VERSION = 1
@@ -43,6 +43,8 @@ class DataConfig:
     num_threads: threads reading and tokenizing documents (grain ReadOptions.num_threads).
     read_buffer: blocks of DOCS_PER_READ documents read ahead by those threads (ReadOptions.prefetch_buffer_size).
     prefetch: batches packed ahead by a background thread (0 = pack in the caller's thread).
+    holdout: share of every source's documents left out, chosen by a stable hash of each document
+      (`sources.hash_split`; the trainer evaluates on them, llama/eval.py); 0 = none.
     """
 
     sources: tuple[Source, ...]
@@ -53,6 +55,7 @@ class DataConfig:
     num_threads: int = 4
     read_buffer: int = 16
     prefetch: int = 4
+    holdout: float = 0.0
 
     def __post_init__(self):
         sources = (self.sources,) if isinstance(self.sources, Source) else tuple(self.sources)
@@ -185,6 +188,7 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
     for i, src in enumerate(config.sources):
         if src.format == "prepared":
             docs = open_prepared(src.paths, tokenizer_check=tok_info)
+            docs = hash_split(docs, config.holdout, heldout=False) if config.holdout else docs
             # Without a tokenizer, the first prepared source's identifies the ids; the others must agree.
             tok_info = tok_info or docs.indexes[0]["tokenizer"]
             ds = grain.MapDataset.source(docs)
@@ -192,6 +196,7 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
             if tokenizer is None:
                 raise DataError(f"source {src.paths} ({src.format}) is text: make_dataset needs a tokenizer")
             docs = open_documents(src, config.utf8_errors)
+            docs = hash_split(docs, config.holdout, heldout=False) if config.holdout else docs
             ds = grain.MapDataset.source(docs).map(lambda text, tok=tokenizer: encode_document(tok, text))
         all_docs.append(docs)
         if config.shuffle:
@@ -220,7 +225,7 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
                    "mask_document_boundary": config.mask_document_boundary, "utf8_errors": config.utf8_errors,
                    "tokenizer": tok_info, "seq_len": int(seq_len), "global_batch_size": int(global_batch_size),
                    "seed": int(seed), "process_index": process_index, "process_count": process_count,
-                   "docs_per_read": DOCS_PER_READ}
+                   "docs_per_read": DOCS_PER_READ} | ({"holdout": config.holdout} if config.holdout else {})
     return BatchIterator(batches, all_docs, fingerprint)
 
 

@@ -18,6 +18,7 @@ Bad input is handled in one place per format, with counts kept in `docs.stats` (
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import mmap
@@ -423,3 +424,38 @@ def open_documents(src: Source, utf8_errors: str = "replace") -> Documents:
         raise DataError(f"format {src.format!r} holds token ids, not text; open it with "
                         f"input_pipeline.open_prepared")
     return opener(src, utf8_errors)
+
+
+# ------------------------------------------------------------------------------------ held-out split
+class _Subset(Documents):
+    def __init__(self, docs: Documents, keep: list[int], name: str):
+        self._docs, self._keep, self.name = docs, keep, name
+        self.stats = dict(docs.stats, documents=len(keep))
+        if hasattr(docs, "indexes"):  # a prepared source's index.json entries (tokenizer, fingerprint)
+            self.indexes = docs.indexes
+
+    def __len__(self):
+        return len(self._keep)
+
+    def __getitem__(self, i):
+        return self._docs[self._keep[i]]
+
+
+def hash_split(docs: Documents, share: float, *, heldout: bool) -> Documents:
+    """The held-out documents (heldout=True) or the rest: a document is held out when the first 8 bytes of
+    the sha256 of its content (UTF-8 text, or int32 ids for prepared data), as a fraction of 2**64, are below
+    `share`. Stable across runs, orders, paths and process counts; identical copies of a document fall on the
+    same side, so none leaks into training. Reads every document once."""
+    if not 0.0 <= share < 1.0:
+        raise DataError(f"held-out share {share} must be in [0, 1)")
+    keep = []
+    for i in range(len(docs)):
+        d = docs[i]
+        data = d.encode("utf-8") if isinstance(d, str) else np.asarray(d, np.int32).tobytes()
+        h = int.from_bytes(hashlib.sha256(data).digest()[:8], "big") / 2.0**64
+        if (h < share) == heldout:
+            keep.append(i)
+    side = "held-out" if heldout else "training"
+    if not keep:
+        raise DataError(f"{docs.name}: no {side} documents with held-out share {share} of {len(docs)} documents")
+    return _Subset(docs, keep, f"{docs.name} ({side} share, {share})")

@@ -116,17 +116,22 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def plot_loss(jsonl_path: str, png_path: str, title: str = "training loss") -> str:
-    """Loss against step from metrics.jsonl (the last row wins for a step logged twice across a resume),
-    written to a temp file and renamed."""
+    """Loss against step from metrics.jsonl (the last row wins for a step logged twice across a resume), with
+    the held-out `eval_loss` rows (llama/eval.py) as a second curve, written to a temp file and renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_step = {r["step"]: r["loss"] for r in read_jsonl(jsonl_path) if r.get("loss") is not None}
+    rows = read_jsonl(jsonl_path)
+    by_step = {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}
+    held_out = {r["step"]: r["eval_loss"] for r in rows if r.get("eval_loss") is not None}
     steps = sorted(by_step)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, [by_step[s] for s in steps], lw=1.2)
+    ax.plot(steps, [by_step[s] for s in steps], lw=1.2, label="train")
+    if held_out:
+        ax.plot(sorted(held_out), [held_out[s] for s in sorted(held_out)], "o-", lw=1.2, ms=3, label="eval (held-out)")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)

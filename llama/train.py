@@ -45,6 +45,7 @@ import optax
 
 from llama import loss as llama_loss
 from llama import model as llama_model
+from llama import eval as llama_eval
 from llama import metrics as llama_metrics
 from llama import optim
 from llama.config import ConfigError, ModelConfig
@@ -68,6 +69,10 @@ class DataConfig:
     # Llama 3 masks attention between documents packed in one row (paper section 3.2). False is the ablation:
     # plain causal attention over the whole row with positions 0..T-1, as GPT-style packing does.
     document_mask: bool = True
+    # Held-out evaluation (TrainConfig.eval_every): separate files (same format and separator as `paths`), or
+    # this share of the training documents, chosen by a stable hash of each one and never trained on.
+    eval_paths: str | None = None
+    eval_share: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class TrainConfig:
     sample_tokens: int = 64  # generated after training; 0 disables
     sample_prompt: str = ""
     peak_flops: float = 0.0  # per device, for MFU; 0 = look the device kind up in metrics.PEAK_BF16_FLOPS
+    eval_every: int = 0  # held-out loss every this many steps and at the end (data.eval_*); 0 disables
+    eval_batches: int = 4  # fixed eval batches of batch_size x seq_len (llama/eval.py make_eval_set)
 
     def __post_init__(self):
         def need(cond, msg):
@@ -107,6 +114,11 @@ class TrainConfig:
         need(self.seq_len <= self.model.max_seq_len, f"seq_len={self.seq_len} > model.max_seq_len={self.model.max_seq_len}")
         need(self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0")
         need(self.loss_chunk >= 0, f"loss_chunk={self.loss_chunk} must be >= 0 (0 = whole logits)")
+        need(self.eval_every >= 0 and self.eval_batches > 0, f"eval_every={self.eval_every} must be >= 0 and "
+             f"eval_batches={self.eval_batches} > 0")
+        need(0.0 <= self.data.eval_share < 1.0, f"data.eval_share={self.data.eval_share} must be in [0, 1)")
+        need(not self.eval_every or bool(self.data.eval_paths or self.data.eval_share),
+             f"eval_every={self.eval_every} needs eval data: data.eval_share (a held-out share) or data.eval_paths")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -538,8 +550,10 @@ def main(argv=None) -> int:
 
         with open(tok.path, "rb") as f:
             manifest.atomic_write(own, f.read())
-    data = input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,)), tok, seq_len=cfg.seq_len,
-                                       global_batch_size=cfg.batch_size, seed=cfg.seed)
+    holdout = 0.0 if cfg.data.eval_paths else cfg.data.eval_share
+    data = input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,), holdout=holdout), tok,
+                                       seq_len=cfg.seq_len, global_batch_size=cfg.batch_size, seed=cfg.seed)
+    eval_set = llama_eval.trainer_eval_set(cfg, source, tok, out) if cfg.eval_every else None
 
     # Model, optimizer state and the step, sharded over the mesh; resume from the latest checkpoint.
     mesh = make_mesh(cfg.mesh)
@@ -562,7 +576,8 @@ def main(argv=None) -> int:
                                 data_files=sorted(glob.glob(source.paths[0], recursive=True))[:1000] + [str(tok.path)],
                                 extra={"tool": "llama.train",
                                        "command": sys.argv if argv is None else ["python", "-m", "llama.train", *argv],
-                                       "resumed_from_step": start, "tokenizer": str(tok.path)})
+                                       "resumed_from_step": start, "tokenizer": str(tok.path),
+                                       "eval": eval_set.describe() if eval_set else None})
 
     # The loop: metrics every log_every steps, async checkpoints every checkpoint_every. Dispatch is asynchronous:
     # step N's metrics are fetched after step N+1 is dispatched, so the device never waits for the host. A step
@@ -572,7 +587,7 @@ def main(argv=None) -> int:
     writer = llama_metrics.MetricsWriter(out) if primary else None
     flops_per_step = llama_metrics.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len
     peak = llama_metrics.peak_flops(override=cfg.peak_flops)
-    last_saved, status, stop = start, 0, False
+    last_saved, status, stop, last_eval = start, 0, False, None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not primary)
     t_prev = time.perf_counter()
 
@@ -610,6 +625,11 @@ def main(argv=None) -> int:
             status = 1
             break
         done, pending = step + 1, (step + 1, m)
+        if eval_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+            # `state` is step `done`'s here (the next step is not dispatched yet); the eval waits for it
+            last_eval = (done, llama_eval.evaluate(state.params, eval_set, cfg=cfg.model, mesh=mesh))
+            if writer:
+                writer.write(done, last_eval[1])
         stop = preempted.flag
         if jax.process_count() > 1:  # all processes agree, or some would enter the collective save alone
             from jax.experimental import multihost_utils
@@ -638,6 +658,8 @@ def main(argv=None) -> int:
             sample_text(state.params, cfg, tok, state.rng)  # a collective computation: every process takes part
         return 0
     writer.close()
+    if last_eval:
+        llama_eval.record_in_manifest(out, *last_eval)
 
     # Outputs: the loss plot and a sample from the trained model.
     plot = llama_metrics.plot_loss(writer.jsonl_path, os.path.join(out, "loss.png"), f"{cfg.model.name}: loss")

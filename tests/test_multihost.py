@@ -156,10 +156,19 @@ def test_train_cli_on_two_processes_resumes_exactly(tmp_path):
     _train_cli(resumed, 4, _free_port())
     _train_cli(resumed, 6, _free_port())
 
-    def losses(out):
+    def losses(out, key="loss"):  # eval_loss rows: cpu_small evaluates its held-out share at the last step
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            return {r["step"]: r["loss"] for r in map(json.loads, f)}
+            return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert a == b  # bit for bit on CPU
+    # Each process evaluated its share of the held-out batches; the global mean is the one-process `ppl`.
+    ea, eb = losses(straight, "eval_loss"), losses(resumed, "eval_loss")
+    assert sorted(ea) == [6] and sorted(eb) == [4, 6] and ea[6] == eb[6]
+    from llama import eval as llama_eval
+
+    assert llama_eval.main(["ppl", "--checkpoint", straight, "--heldout", "--out", str(tmp_path / "ppl"),
+                            "--no-progress"]) == 0
+    with open(tmp_path / "ppl" / "results.json") as f:
+        assert json.load(f)["heldout"]["loss"] == pytest.approx(ea[6], rel=1e-5)  # float32, other layouts
