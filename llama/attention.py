@@ -286,7 +286,7 @@ def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):
 
 
 # ------------------------------------------------------------------------------------------ splash (TPU)
-def _splash(q, k, v, segment_ids, block_q: int, block_k: int):
+def _splash(q, k, v, segment_ids, block_q: int, block_k: int, interpret: bool = False):
     """TPU splash attention (Pallas/Mosaic): a causal MultiHeadMask over the G query heads of each KV head (the
     MQA kernel, vmapped over batch and KV heads, so K/V are not repeated) and SegmentIds for packed rows. T is
     padded to a multiple of the blocks (at least 128, the Mosaic tile); padded slots are their own segment."""
@@ -303,7 +303,8 @@ def _splash(q, k, v, segment_ids, block_q: int, block_k: int):
     seg = jnp.pad(seg, [(0, 0), (0, Tp - T)], constant_values=-1)
     blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * G), block_sizes=blocks)
+    kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([sm.CausalMask((Tp, Tp))] * G), block_sizes=blocks,
+                                              interpret=interpret)  # interpret: Pallas on the CPU, for tests
     qs = (pad(q) * np.float32(1 / np.sqrt(H)).astype(q.dtype)).reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
     ks, vs = pad(k).transpose(0, 2, 1, 3), pad(v).transpose(0, 2, 1, 3)  # [B, K, Tp, H]
     one = lambda qh, kh, vh, s: kernel(qh, kh, vh, segment_ids=sk.SegmentIds(q=s, kv=s))  # noqa: E731

@@ -39,6 +39,7 @@ from sharding import rules as sharding_rules
 
 PAD_ID = 0  # any valid id works: a pad token's K/V land in slots its row overwrites before reading them
 BUCKET = 64  # prompt and cache lengths round up to this, so nearby lengths share one compiled program
+PREFILL_CHUNK = 4096  # prompt tokens per prefill pass: bounds prefill activations (docs/inference.md)
 
 
 class ContextLimitError(ValueError):
@@ -69,17 +70,32 @@ def _is_stop(tok: jax.Array, stop: jax.Array) -> jax.Array:
 
 def prefill(params, tokens: jax.Array, lengths: jax.Array, limit: jax.Array, stop: jax.Array, key: jax.Array, *,
             cfg: ModelConfig, sampling: SamplingConfig, max_new: int, cache_len: int,
-            cache_sharding=None, cache_dtype=None) -> tuple[jax.Array, DecodeState]:
+            cache_sharding=None, cache_dtype=None, chunk: int | None = None) -> tuple[jax.Array, DecodeState]:
     """tokens: [B, T] right-padded prompts, lengths: [B] (>= 1). Writes the whole padded batch into a fresh
-    cache of cache_len slots and samples each row's first new token from its last prompt token's logits.
+    cache of cache_len slots, `chunk` tokens at a time (T a multiple of it; None: one pass), each chunk attending
+    to the cache written so far, so activations are bounded by the chunk, not the prompt. Keeps each row's last
+    prompt token's hidden state, and samples its first new token from those logits.
     Returns (those logits [B, V] float32, the state)."""
     B, T = tokens.shape
+    C = T if chunk is None or chunk >= T else chunk
+    if T % C:
+        raise ValueError(f"prefill: {T} prompt slots are not a multiple of the chunk {C}")
     cache = model.init_cache(cfg, B, cache_len, cache_dtype)
     if cache_sharding is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    logits, cache = model.forward_cached(params, tokens, positions, cache, cfg=cfg, logits_at=lengths - 1)
-    logits = logits[:, 0]
+
+    def one_chunk(carry, start):
+        cache, last = carry
+        positions = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (B, C))
+        x, cache = model.hidden_states_cached(params, jax.lax.dynamic_slice_in_dim(tokens, start, C, 1), positions,
+                                              cache, cfg=cfg)
+        at = lengths.astype(jnp.int32) - 1 - start  # each row's last prompt token, if it is in this chunk
+        x_at = jnp.take_along_axis(x, jnp.clip(at, 0, C - 1)[:, None, None], axis=1)[:, 0]
+        return (cache, jnp.where(((at >= 0) & (at < C))[:, None], x_at, last)), None
+
+    last = jnp.zeros((B, cfg.dim), jnp.dtype(cfg.compute_dtype))
+    (cache, last), _ = jax.lax.scan(one_chunk, (cache, last), jnp.arange(0, T, C, dtype=jnp.int32))
+    logits = model.unembed(params, last[:, None], cfg)[:, 0]
     tok = sample(logits, jax.random.fold_in(key, 0), sampling)
     state = DecodeState(
         cache=cache, token=tok, position=lengths.astype(jnp.int32),
@@ -118,7 +134,7 @@ def decode(params, state: DecodeState, until: jax.Array, *, cfg: ModelConfig,
 
 
 _prefill_jit = jax.jit(prefill, static_argnames=("cfg", "sampling", "max_new", "cache_len", "cache_sharding",
-                                                 "cache_dtype"))
+                                                 "cache_dtype", "chunk"))
 _decode_jit = jax.jit(decode, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
 _COMPILED: dict = {}
 
@@ -230,9 +246,12 @@ def _stop_rows(stop_ids, cfg: ModelConfig, B: int) -> list[list[int]]:
     return [stop_ids] * B
 
 
-def _prepare(params, prompts, *, cfg, max_new_tokens, sampling, seed, stop_ids, mesh, truncate, cache_dtype):
+def _prepare(params, prompts, *, cfg, max_new_tokens, sampling, seed, stop_ids, mesh, truncate, cache_dtype,
+             prefill_chunk=PREFILL_CHUNK):
     """Host-side batch assembly shared by `generate` and `stream`: (prefill args, prefill statics, limits,
-    cut rows, stop ids per row). Lengths are bucketed so that nearby prompts share compiled programs."""
+    cut rows, stop ids per row). Lengths are bucketed so that nearby prompts share compiled programs; a prompt
+    longer than one chunk is split into equal chunks (the pad's K/V past the cache are dropped, and within it are
+    overwritten before they are read, as a shorter row's are)."""
     B = len(prompts)
     limits, cut = plan(prompts, max_new_tokens, cfg, truncate)
     lengths = [len(p) for p in prompts]
@@ -243,6 +262,13 @@ def _prepare(params, prompts, *, cfg, max_new_tokens, sampling, seed, stop_ids, 
     T = min(_round_up(max(lengths), BUCKET), cfg.max_seq_len)
     max_new = max(limits)
     cache_len = min(_round_up(T + max_new, BUCKET), max(cfg.max_seq_len, T))
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk}: expected a positive number of tokens (or None: one pass)")
+    chunk = None
+    if prefill_chunk and prefill_chunk < T:  # equal chunks of at most prefill_chunk, padded by < 64 per chunk
+        n = -(-T // prefill_chunk)
+        chunk = _round_up(-(-T // n), BUCKET) if prefill_chunk >= BUCKET else prefill_chunk
+        T = n * chunk
     tokens = np.full((B, T), PAD_ID, np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
@@ -253,7 +279,7 @@ def _prepare(params, prompts, *, cfg, max_new_tokens, sampling, seed, stop_ids, 
         host = tuple(jax.device_put(x, sharding_rules.fitted_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1),
                                                                       x.shape)) for x in host)
     static = dict(cfg=cfg, sampling=sampling, max_new=max_new, cache_len=cache_len, cache_sharding=csh,
-                  cache_dtype=cache_dtype)
+                  cache_dtype=cache_dtype, chunk=chunk)
     return (params, *host, jax.random.key(seed)), static, limits, cut, stop_rows
 
 
@@ -274,13 +300,14 @@ def _programs(args, static, mesh=None):
 
 def generate(params, prompts: Sequence[Sequence[int]], *, cfg: ModelConfig, max_new_tokens=256,
              sampling: SamplingConfig = GREEDY, seed: int = 0, stop_ids=None, mesh=None,
-             truncate: bool = False, cache_dtype=None) -> GenerationResult:
+             truncate: bool = False, cache_dtype=None, prefill_chunk: int | None = PREFILL_CHUNK) -> GenerationResult:
     """Generates for a batch of token-id prompts (of any lengths). max_new_tokens: an int or one per row.
     stop_ids: ids shared by all rows (default cfg.eos_ids), or one sequence per row. With a mesh, params must
-    already be placed (`shard_params`); the cache is sharded by the rules table."""
+    already be placed (`shard_params`); the cache is sharded by the rules table. prefill_chunk: prompt tokens per
+    prefill pass (None: the whole prompt in one)."""
     args, static, limits, cut, stop_rows = _prepare(
         params, prompts, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_ids=stop_ids,
-        mesh=mesh, truncate=truncate, cache_dtype=cache_dtype)
+        mesh=mesh, truncate=truncate, cache_dtype=cache_dtype, prefill_chunk=prefill_chunk)
     t0 = time.perf_counter()
     prefill_fn, decode_fn = _programs(args, static, mesh)
     compile_s = time.perf_counter() - t0
@@ -303,12 +330,13 @@ def generate(params, prompts: Sequence[Sequence[int]], *, cfg: ModelConfig, max_
 
 def stream(params, prompt: Sequence[int], *, cfg: ModelConfig, max_new_tokens: int = 256,
            sampling: SamplingConfig = GREEDY, seed: int = 0, stop_ids=None, chunk: int = 4,
-           truncate: bool = True, cache_dtype=None) -> Iterator[list[int]]:
+           truncate: bool = True, cache_dtype=None, prefill_chunk: int | None = PREFILL_CHUNK) -> Iterator[list[int]]:
     """Yields one prompt's new ids a few at a time (`chunk` on-device decode steps per host round trip), for
     streaming text as it is generated; the same programs and ids as `generate` on that prompt alone. The stop
     token, if reached, is the last id yielded."""
     args, static, *_ = _prepare(params, [prompt], cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
-                                seed=seed, stop_ids=stop_ids, mesh=None, truncate=truncate, cache_dtype=cache_dtype)
+                                seed=seed, stop_ids=stop_ids, mesh=None, truncate=truncate, cache_dtype=cache_dtype,
+                                prefill_chunk=prefill_chunk)
     prefill_fn, decode_fn = _programs(args, static)
     _, state = prefill_fn(*args)
     sent = 0
@@ -374,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--cache-dtype", choices=["float32", "bfloat16", "int8"],
                     help="KV cache dtype (default: the compute dtype); int8: one float32 scale per token and KV head")
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                    help=f"prompt tokens per prefill pass (default {PREFILL_CHUNK}; 0: the whole prompt at once)")
     ap.add_argument("--truncate", action="store_true", help="cut generation at the context limit, not error")
     ap.add_argument("--json-ids", action="store_true", help="print generated ids as JSON, one line per prompt")
     ap.add_argument("--report", metavar="DIR", help="also write DIR/generations.json (ids, text, timings) and "
@@ -393,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     stops = tuple(sorted(set(cfg.eos_ids) | set(tok.stop_ids)))
     res = generate(params, prompts, cfg=cfg, max_new_tokens=a.max_new_tokens, seed=a.seed, stop_ids=stops,
                    sampling=SamplingConfig(a.temperature, a.top_p, a.top_k), mesh=mesh, truncate=a.truncate,
-                   cache_dtype=a.cache_dtype)
+                   cache_dtype=a.cache_dtype, prefill_chunk=a.prefill_chunk or None)
     for text, prompt, ids, why in zip(texts, prompts, res.tokens, res.stop_reason):
         if a.json_ids:
             print(json.dumps({"prompt": text, "ids": ids, "stop_reason": why}))

@@ -81,9 +81,11 @@ def test_stories260k_batch_of_different_lengths_matches_transformers_row_by_row(
         assert ids == hf_generate(cfg, params, p, 40)
 
 
-def _drive(params, cfg, prompts, n_steps, sampling=GREEDY):
-    """Prefill then n_steps decode steps, returning every step's logits [B, V] and the state."""
+def _drive(params, cfg, prompts, n_steps, sampling=GREEDY, chunk=None, cache_dtype=None):
+    """Prefill (in chunks of `chunk` tokens) then n_steps decode steps, returning every step's logits [B, V] and
+    the state."""
     B, T = len(prompts), max(len(p) for p in prompts)
+    T = -(-T // chunk) * chunk if chunk else T
     tokens = np.zeros((B, T), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
@@ -91,7 +93,7 @@ def _drive(params, cfg, prompts, n_steps, sampling=GREEDY):
     stop = np.full((B, 1), -1, np.int32)
     logits, state = G._prefill_jit(params, tokens, lengths, np.full(B, n_steps + 1, np.int32), stop,
                                    jax.random.key(0), cfg=cfg, sampling=sampling, max_new=n_steps + 1,
-                                   cache_len=T + n_steps + 5)
+                                   cache_len=T + n_steps + 5, chunk=chunk, cache_dtype=cache_dtype)
     out = [logits]
     step = jax.jit(G.decode_step, static_argnames=("cfg", "sampling"))
     for _ in range(n_steps):
@@ -118,6 +120,29 @@ def test_every_decode_step_equals_a_full_forward():
         for s in range(n + 1):
             np.testing.assert_allclose(np.asarray(logits[s][b]), full[b, len(p) - 1 + s], atol=ATOL, rtol=0,
                                        err_msg=f"row {b} step {s}")
+
+
+def test_chunked_prefill_equals_one_pass_and_a_full_forward():
+    """A 70-token prompt prefilled 32 tokens at a time (3 chunks, each attending to the cache written so far)
+    beside shorter rows whose last token falls in the first chunk: the same logits as a full forward, at the
+    prefill and at every decode step; with an int8 cache, the same tokens as a one-pass int8 prefill."""
+    cfg = TINY.replace(attention_block_q=16, attention_block_k=16)
+    params = M.init_params(cfg, jax.random.key(3))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 70, 20)]
+    n = 4
+    logits, state = _drive(params, cfg, prompts, n, chunk=32)
+    seqs = np.zeros((len(prompts), 70 + n + 1), np.int32)
+    for b, p in enumerate(prompts):
+        seqs[b, :len(p) + n + 1] = p + np.asarray(state.out)[b].tolist()
+    full = np.asarray(M.forward(params, jnp.asarray(seqs), cfg=cfg))
+    for b, p in enumerate(prompts):
+        for s in range(n + 1):
+            np.testing.assert_allclose(np.asarray(logits[s][b]), full[b, len(p) - 1 + s], atol=ATOL, rtol=0,
+                                       err_msg=f"row {b} step {s}")
+    one = G.generate(params, prompts, cfg=cfg, max_new_tokens=8, stop_ids=[], cache_dtype="int8", prefill_chunk=None)
+    chunked = G.generate(params, prompts, cfg=cfg, max_new_tokens=8, stop_ids=[], cache_dtype="int8", prefill_chunk=16)
+    assert chunked.tokens == one.tokens
 
 
 SHARD_CFG = TINY.replace(n_heads=8, n_kv_heads=4)  # 8 query heads divide tensor=8; 4 KV heads fall back
