@@ -26,6 +26,10 @@ Saved bytes per token per layer (a = bytes of the compute dtype; t = tensor size
   a*(D + (N + 2K)*H/t + D + 2F/t + D);
 - "none": every intermediate the backward pass reads: a*(4D + (3N + 3K)*H/t + 4F/t) + (8 + a)*N*T/t (the xla
   attention path's float32 scores before and after the mask, and the probabilities).
+Context parallelism (context = c > 1, llama/context_parallel.py): each device keeps T/c of every row's tokens,
+so all of the above is per local token, T/c of them; attention adds one layer's all-gathered K and V for the
+whole row, a*2*K*H/t per token of T (and in training their float32 gradients before the reduce-scatter).
+Parameters are not sharded over `context` (the rules table shards them over fsdp and tensor only).
 Plus, in every policy, one layer's "none" set as the backward pass's working set (the layer being
 differentiated, recomputed if need be, and its gradients' temporaries) and the float32 logits and their gradient.
 This is an estimate; `tests/test_plan.py` compares it with XLA's `compiled.memory_analysis()` (docs/sharding.md).
@@ -180,8 +184,11 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         raise ValueError(f"--mode {mode!r}: expected training or inference")
     cfg = cfg.replace(attention_impl=attention or cfg.attention_impl)
     sizes = mesh.shape(n_devices)
-    dp, t = sizes["data"] * sizes["fsdp"], sizes["tensor"]
+    dp, t, cp = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes.get("context", 1)
     remat = remat or cfg.remat
+    local_t = seq_len / cp  # context parallelism: each device's share of a row's tokens
+    kt = t if cfg.n_kv_heads % t == 0 else 1
+    gathered_kv = 0.0 if cp == 1 else 2 * cfg.n_kv_heads * cfg.head_dim / kt * seq_len  # elements, one layer
     a = _BYTES[dtype]
     specs = model.param_specs(cfg)
     if batch is None:
@@ -197,7 +204,7 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
         working = activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)  # one layer's backward
         logits = 2 * 4 * cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)  # float32 logits and their grad
-        acts = b_local * seq_len * (cfg.n_layers * per_layer + working + logits)
+        acts = b_local * (local_t * (cfg.n_layers * per_layer + working + logits) + gathered_kv * (a + 4))
     else:
         if quantize == "int8":
             from llama import quant
@@ -213,7 +220,7 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         kv_spec = rules.fitted_spec(model.CACHE_AXES, cache.shape, sizes)
         kv_bytes = 1 + 4 / cfg.head_dim if cache_dtype == "int8" else _BYTES[cache_dtype or dtype]
         kv = 2 * math.prod(cache.shape) * kv_bytes / _shard_factor(kv_spec, sizes)
-        acts = b_local * seq_len * activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)
+        acts = b_local * (local_t * activation_bytes_per_token_layer(cfg, "none", seq_len, t, a) + gathered_kv * a)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
                 fsdp_gathered_bytes(cfg, sizes, a, mode, quantize), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
                 6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops)
@@ -235,6 +242,9 @@ def format_plan(p: Plan) -> str:
         lines += [f"  KV cache        {gb(p.kv_cache_bytes)}"]
     lines += [f"  total           {gb(p.total_bytes)}  of {p.device_memory / 1e9:.1f} GB: "
               + ("fits" if p.fits else f"does NOT fit (needs {p.total_bytes / p.device_memory:.2f}x)")]
+    if p.mode == "training" and p.mesh.get("context", 1) > 1:
+        lines += ["  (no pipeline parallelism in this project: Llama 3 trained 405B at 128K tokens with PP 16 as well "
+                  "(paper Table 4); here fsdp takes its devices, so weights are all-gathered every layer instead)"]
     if p.mode == "training":
         lines += [f"training FLOPs: {p.flops_per_token:.4g} per token (6P + 12 L N H T)"]
         if p.tokens:
@@ -273,8 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     mesh = MeshConfig.parse(args.mesh)
-    fixed = [s for s in (mesh.data, mesh.fsdp, mesh.tensor) if s != -1]
-    n = args.devices or (math.prod(fixed) if -1 not in (mesh.data, mesh.fsdp, mesh.tensor) else None)
+    fixed = [s for s in mesh.sizes.values() if s != -1]
+    n = args.devices or (math.prod(fixed) if -1 not in mesh.sizes.values() else None)
     if n is None:
         ap.error("--mesh has a -1 axis: give --devices")
     try:

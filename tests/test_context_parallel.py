@@ -165,3 +165,35 @@ def test_activation_memory_falls_as_one_over_context():
     # K/V ([T, K, H] per layer) and the flash kernel's per-tile blocks do not shrink, hence "about".
     one, four = compiled_temp_bytes("fsdp=1", 4096), compiled_temp_bytes("context=4", 4096)
     assert four < 0.35 * one, (one, four)
+
+
+# ------------------------------------------------------------------------------------------------ planner
+def test_planner_405b_at_128k_with_the_papers_cp_and_tp(capsys):
+    """Llama 3 405B at 131,072 tokens: CP 16 and TP 8 (paper Table 4), the rest of 16,384 GPUs fsdp (the paper's
+    PP 16 x DP 8, which this project does not have), 128 rows of 128K = 16M tokens per batch, remat full."""
+    from llama.config import LLAMA31_405B
+    from sharding import plan as P
+
+    def at(mesh, devices, batch):
+        return P.plan(LLAMA31_405B, MeshConfig.parse(mesh), devices, mode="training", remat="full",
+                      seq_len=131072, batch=batch, attention="cudnn", device_memory=80e9)
+
+    cp16 = at("fsdp=-1,context=16,tensor=8", 16384, 128)
+    assert cp16.mesh == {"data": 1, "fsdp": 128, "context": 16, "tensor": 8} and cp16.fits
+    # Per device: the state as with fsdp x tensor = 1024 (parameters are not sharded over context) ...
+    # (plus the replicated norm gains, 2 x 126 x 16384 floats = 16.5 MB)
+    assert cp16.params_bytes == pytest.approx(LLAMA31_405B.param_count() * 4 / 1024 + 2 * 126 * 16384 * 4, rel=1e-3)
+    # ... and activations of 131072/16 tokens plus one layer's gathered K, V (and their float32 gradients).
+    no_cp = at("fsdp=-1,tensor=8", 1024, 128)  # the same fsdp x tensor and rows per device (1), without CP
+    kv = 131072 * 2 * 8 * 128 / 8 * (2 + 4)
+    assert cp16.activations_bytes == pytest.approx(no_cp.activations_bytes / 16 + kv, rel=1e-6)
+    assert not no_cp.fits  # a whole 128K row per device does not fit 80 GB, even with remat
+    # CP 16 on 2048 GPUs (fsdp 16): the state is then 8x larger per device and no longer fits.
+    assert not at("fsdp=-1,context=16,tensor=8", 2048, 16).fits
+    assert P.main(["--preset", "llama3.1-405b", "--mesh", "fsdp=-1,context=16,tensor=8", "--devices", "16384",
+                   "--mode", "training", "--seq-len", "131072", "--batch", "128", "--remat", "full",
+                   "--attention", "cudnn"]) == 0
+    out = capsys.readouterr().out
+    assert "fits" in out and "context=16" in out and "PP 16" in out
+    assert P.main(["--preset", "llama3.2-1b", "--mesh", "fsdp=2,context=4", "--mode", "training"]) == 0
+    assert "(8 devices)" in capsys.readouterr().out  # context counts in the device total
