@@ -70,6 +70,19 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A stage of a staged schedule (Llama 3's batch ramp and long-context stages, paper sections 3.4.1-3.4.2):
+    from `start_step`, or from the step at which `start_tokens` tokens have been trained on, rows of `seq_len`
+    tokens, `batch_size` of them per step. Give exactly one start. At a boundary the trainer recompiles its step
+    and the input pipeline re-packs the stream at the new length (docs/long_context.md)."""
+
+    seq_len: int
+    batch_size: int
+    start_step: int | None = None
+    start_tokens: float | None = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
     optimizer: optim.OptimizerConfig = field(default_factory=optim.OptimizerConfig)
@@ -87,6 +100,8 @@ class TrainConfig:
     sample_tokens: int = 64  # generated after training; 0 disables
     sample_prompt: str = ""
     peak_flops: float = 0.0  # per device, for MFU; 0 = look the device kind up in metrics.PEAK_BF16_FLOPS
+    # Later stages (Stage); the first stage is (seq_len, batch_size) from step 0. Empty: one stage.
+    stages: tuple[Stage, ...] = ()
 
     def __post_init__(self):
         def need(cond, msg):
@@ -102,6 +117,7 @@ class TrainConfig:
              f"batch_size={self.batch_size} is not divisible by micro_batches={self.micro_batches}")
         need(self.seq_len <= self.model.max_seq_len, f"seq_len={self.seq_len} > model.max_seq_len={self.model.max_seq_len}")
         need(self.z_loss >= 0, f"z_loss={self.z_loss} must be >= 0")
+        stage_schedule(self)  # the stages' own checks
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -116,7 +132,44 @@ class TrainConfig:
         d["optimizer"] = optim.OptimizerConfig(**d.get("optimizer", {}))
         d["mesh"] = MeshConfig(**d.get("mesh", {}))
         d["data"] = DataConfig(**d.get("data", {}))
+        d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
         return cls(**d)
+
+
+def stage_schedule(cfg: TrainConfig) -> list[tuple[int, int, int]]:
+    """[(start_step, seq_len, batch_size)] of every stage, the first from step 0, token starts resolved to the
+    first step at which that many tokens have been trained on. ConfigError for a stage that does not fit."""
+    out, tokens = [(0, cfg.seq_len, cfg.batch_size)], 0.0  # tokens: trained before out[-1] starts
+    context = cfg.mesh.context
+    for i, s in enumerate((None, *cfg.stages)):
+        where = "TrainConfig" if s is None else f"TrainConfig.stages[{i - 1}]"
+        if s is not None:
+            start0, T0, B0 = out[-1]
+            if (s.start_step is None) == (s.start_tokens is None):
+                raise ConfigError(f"{where}: give exactly one of start_step and start_tokens")
+            start = s.start_step if s.start_step is not None else \
+                start0 + max(0, math.ceil((s.start_tokens - tokens) / (T0 * B0)))
+            if start <= start0:
+                raise ConfigError(f"{where} starts at step {start}, not after the previous stage's start {start0}")
+            tokens += (start - start0) * T0 * B0
+            out.append((start, s.seq_len, s.batch_size))
+        _, T, B = out[-1]
+        if T <= 0 or B <= 0 or B % cfg.micro_batches or T > cfg.model.max_seq_len:
+            raise ConfigError(f"{where}: seq_len={T}, batch_size={B}: expected positive sizes, seq_len <= "
+                              f"model.max_seq_len={cfg.model.max_seq_len}, batch_size divisible by "
+                              f"micro_batches={cfg.micro_batches}")
+        if context > 1 and T % (2 * context):
+            raise ConfigError(f"{where}: seq_len={T} is not divisible by 2 x mesh.context = {2 * context} chunks "
+                              "(context parallelism's load-balanced layout, input_pipeline/context.py)")
+    return out
+
+
+def stage_at(cfg: TrainConfig, step: int) -> tuple[int, TrainConfig]:
+    """(index, config) of the stage that step `step` (0-based) trains in: cfg with that stage's seq_len and
+    batch_size."""
+    schedule = stage_schedule(cfg)
+    i = max(j for j, (start, _, _) in enumerate(schedule) if start <= step)
+    return i, cfg.replace(seq_len=schedule[i][1], batch_size=schedule[i][2])
 
 
 def load_experiment(path: str) -> TrainConfig:
@@ -480,21 +533,27 @@ def main(argv=None) -> int:
 
         with open(tok.path, "rb") as f:
             manifest.atomic_write(own, f.read())
-    data = input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,)), tok, seq_len=cfg.seq_len,
-                                       global_batch_size=cfg.batch_size, seed=cfg.seed)
+
+    def open_data(stage: int, scfg: TrainConfig):
+        # Each stage packs the stream anew at its own length (seed + stage: stage 0 is the unstaged run's data).
+        return input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,)), tok, seq_len=scfg.seq_len,
+                                           global_batch_size=scfg.batch_size, seed=cfg.seed + stage)
 
     # Model, optimizer state and the step, sharded over the mesh; resume from the latest checkpoint.
     mesh = make_mesh(cfg.mesh)
-    init_fn, step_fn = make_train_step(cfg, mesh)
     mngr = checkpoint_manager(out, cfg)
     start = mngr.latest_step()
+    stage, scfg = stage_at(cfg, start or 0)
+    data = open_data(stage, scfg)
+    init_fn, step_fn = make_train_step(scfg, mesh)
     if start is None:
         state = init_fn(cfg.seed)
         say(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
             f"{jax.process_count()} process(es)")
     else:
         state, data_state, _ = restore_checkpoint(mngr, start, cfg, mesh)
-        data.set_state(data_state)
+        if stage_at(cfg, max(start - 1, 0))[0] == stage:  # else it ends the previous stage: open this one afresh
+            data.set_state(data_state)
         say(f"resuming {out} from step {start}")
     start = start or 0
     from llama import manifest
@@ -509,12 +568,19 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     writer = llama_metrics.MetricsWriter(out) if primary else None
-    flops_per_step = llama_metrics.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    flops_per_step = llama_metrics.train_flops_per_token(cfg.model, scfg.seq_len) * scfg.batch_size * scfg.seq_len
     peak = llama_metrics.peak_flops(override=cfg.peak_flops)
     last_saved, status, stop = start, 0, False
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not primary)
     t_prev = time.perf_counter()
     for step in range(start, cfg.steps):
+        if stage_at(cfg, step)[0] != stage:  # a stage boundary: re-pack the data, recompile the step
+            stage, scfg = stage_at(cfg, step)
+            data.close()
+            data = open_data(stage, scfg)
+            _, step_fn = make_train_step(scfg, mesh)
+            flops_per_step = llama_metrics.train_flops_per_token(cfg.model, scfg.seq_len) * scfg.batch_size * scfg.seq_len
+            say(f"\nstage {stage} from step {step}: {scfg.batch_size} rows x {scfg.seq_len} tokens")
         batch = input_pipeline.to_global_batch(next(data), mesh)
         state, m = step_fn(state, batch)
         m = jax.device_get(m)  # a host sync per step: the NaN check must precede any save of this state
@@ -532,9 +598,9 @@ def main(argv=None) -> int:
             break
         done = step + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{cfg.batch_size * cfg.seq_len / dt:,.0f}")
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{scfg.batch_size * scfg.seq_len / dt:,.0f}")
         if done % cfg.log_every == 0 or done == cfg.steps:
-            scalars = dict(m, step_time_s=dt, tokens_per_s=cfg.batch_size * cfg.seq_len / dt,
+            scalars = dict(m, step_time_s=dt, tokens_per_s=scfg.batch_size * scfg.seq_len / dt, stage=stage,
                            mfu=flops_per_step / dt / (peak * mesh.size) if peak else None,
                            memory_bytes=llama_metrics.memory_in_use(), first_step=float(step == start))
             if writer:
