@@ -21,8 +21,6 @@ and the all-gather's transpose (a reduce-scatter) returns each device its own sh
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -38,6 +36,14 @@ def context_size() -> int:
     if mesh.empty or AXIS not in mesh.axis_names:
         return 1
     return mesh.shape[AXIS]
+
+
+def default_positions(B: int, T: int) -> jax.Array:
+    """[B, T] positions of an unpacked row as the model receives it: 0..T-1, in the load-balanced order
+    (input_pipeline/context.py) when tracing under a mesh with context > 1."""
+    cp = context_size()
+    slots = jnp.arange(T, dtype=jnp.int32) if cp == 1 else jnp.asarray(load_balanced_order(T, cp))
+    return jnp.broadcast_to(slots, (B, T))
 
 
 def local_slots(T: int, cp: int) -> jax.Array:
@@ -100,8 +106,3 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
         return attn._flash(q, kg, vg, seg, k_seg, slots, bq, bk)
 
     return jax.shard_map(local, in_specs=(heads, heads, heads, rows), out_specs=heads, check_vma=False)(q, k, v, seg)
-
-
-def check_divisible(seq_len: int, mesh) -> None:
-    """Config-time check (trainer, eval): T must split into 2 x context chunks."""
-    load_balanced_order(seq_len, math.prod(mesh.shape[a] for a in (AXIS,) if a in mesh.axis_names))
