@@ -9,6 +9,8 @@
 # 3. decoding:    batch-1 decode of the 8B shapes, bf16 and int8, vs the HBM bound (issue 7; >= 85%, int8 >= 1.7x);
 #                 again with XLA's dynamic-slice fusion (does the layer scan's weight slice cost bandwidth?)
 # 4. comparison:  the same probe on CPU and GPU of one checkpoint, then `llama.compare diff`     (issue 8)
+# 5. long context: fused attention (cuDNN) against "flash" at 4K, the attention tests on the GPU, and Llama 3.1
+#                 8B-shape bf16 prefill at 32K and 128K: time, attention TFLOP/s, peak memory    (issue 13)
 # Record the printed table in docs/benchmarks.md with the date and the card.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,5 +42,9 @@ step "4c. probe on the GPU (default precision: TF32 matmuls)" timeout 120 $PY -m
   --out "$P/gpu_f32_default"
 step "4d. diff CPU vs GPU" $PY -m llama.compare diff "$P/cpu_f32" "$P/gpu_f32" --out "$P/diff_cpu_gpu_f32"
 step "4e. diff CPU vs GPU (TF32)" $PY -m llama.compare diff "$P/cpu_f32" "$P/gpu_f32_default" --out "$P/diff_cpu_gpu_tf32"
+step "5a. attention parity on the GPU" env JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -q -p no:cacheprovider \
+  tests/test_attention.py -k "not tpu_topology and not splash"
+step "5b. fused attention vs flash at 4K; 8B-shape bf16 prefill at 32K and 128K" timeout 420 $PY -m \
+  experiments.bench_long_context --gpu
 echo; echo "=== summary"; cat "$OUT"/*.json 2>/dev/null; cat "$P"/diff_*/diff.md 2>/dev/null
 exit $status

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from llama import manifest
+from llama.config import ATTENTION_IMPLS
 
 REPORT_JSON, REPORT_NPZ = "report.json", "probe.npz"
 
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--init-seed", type=int, default=0)
     r.add_argument("--out", required=True, help="report directory to write (replaced if present)")
     r.add_argument("--compute-dtype", choices=("float32", "bfloat16", "float16"))
-    r.add_argument("--attention-impl", choices=("xla", "cudnn"))
+    r.add_argument("--attention-impl", choices=ATTENTION_IMPLS)
     r.add_argument("--mesh", help="e.g. data=1,fsdp=-1,tensor=1 (default: one device)")
     r.add_argument("--matmul-precision", choices=("default", "high", "highest"),
                    help="jax_default_matmul_precision for the whole probe; 'highest' keeps float32 matmuls "

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama import model
-from llama.config import ModelConfig
+from llama.config import ATTENTION_IMPLS, ModelConfig
 from llama.sampling import GREEDY, SamplingConfig, sample
 from sharding import rules as sharding_rules
 
@@ -402,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--cache-dtype", choices=["float32", "bfloat16", "int8"],
                     help="KV cache dtype (default: the compute dtype); int8: one float32 scale per token and KV head")
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
+    ap.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
+                    help="attention implementation (default: the checkpoint's config; llama/attention.py)")
     ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
                     help=f"prompt tokens per prefill pass (default {PREFILL_CHUNK}; 0: the whole prompt at once)")
     ap.add_argument("--truncate", action="store_true", help="cut generation at the context limit, not error")
@@ -419,6 +421,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit(f"--prompt-file {a.prompt_file}: no prompts (one per line expected)")
     tok = load_tokenizer_for(a.checkpoint, a.tokenizer)
     cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype)
+    if a.attention_impl:
+        cfg = cfg.replace(attention_impl=a.attention_impl)
     prompts = [tok.encode(t, bos=True) for t in texts]
     stops = tuple(sorted(set(cfg.eos_ids) | set(tok.stop_ids)))
     res = generate(params, prompts, cfg=cfg, max_new_tokens=a.max_new_tokens, seed=a.seed, stop_ids=stops,

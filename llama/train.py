@@ -401,7 +401,8 @@ def restore_checkpoint(mngr, step: int, cfg: TrainConfig, mesh) -> tuple[TrainSt
 
     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     mine = json.loads(json.dumps(cfg.model.to_dict()))  # tuples -> lists, as stored
-    numerics_only = ("remat", "compute_dtype", "attention_impl", "name")  # may change across a restart
+    numerics_only = ("remat", "compute_dtype", "attention_impl", "attention_block_q", "attention_block_k",
+                     "name")  # may change across a restart (and are absent from checkpoints written before them)
     diff = {k: (saved["model"].get(k), mine[k]) for k in mine if k not in numerics_only and saved["model"].get(k) != mine[k]}
     if diff:
         raise ConfigError(f"{mngr.directory}/{step}: the checkpoint's model differs from the config's in "

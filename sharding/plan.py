@@ -13,7 +13,12 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
 - gradients: float32, sharded like the parameters (`llama.train.compute_grads` accumulates in float32);
 - activations: what the backward pass keeps, per layer and token, for the remat policy (below), times
   L x local batch x T, plus one layer's working set and the float32 logits; inference: one layer's working set
-  of a prefill of T tokens (the xla attention path materialises the float32 [T, S] scores);
+  of one prefill chunk (`--prefill-chunk` tokens, llama.generate's default 4096) against the T-slot cache;
+- attention (llama/attention.py): "xla" materialises the float32 scores before and after the mask and the
+  probabilities, (8 + a)*N*S bytes per query token (S = T, the keys it attends to); "flash", "cudnn" and
+  "splash" keep a float32 log-sum-exp per query head (4*N) and, per layer whatever T, a few float32 tiles
+  [B, N, block_q, block_k] (scores, probabilities; in the backward also dP and dS: 4 of them) plus the
+  float32 [B, block_q, N, H] output accumulator; flash's backward adds a float32 dQ accumulator (4*N*H per token);
 - KV cache (inference): [L, B, K, S, H] in --dtype (or --cache-dtype; int8: 1 + 4/H bytes per element), with
   the cache's fitted sharding (KV heads over tensor only where they divide, batch over data x fsdp only where it
   divides);
@@ -24,12 +29,12 @@ Saved bytes per token per layer (a = bytes of the compute dtype; t = tensor size
 - remat "full" (`nothing_saveable`): the layer input, a*D;
 - "save_matmuls" (`dots_with_no_batch_dims_saveable`): the input and every weight matmul's output:
   a*(D + (N + 2K)*H/t + D + 2F/t + D);
-- "none": every intermediate the backward pass reads: a*(4D + (3N + 3K)*H/t + 4F/t) + (8 + a)*N*T/t (the xla
-  attention path's float32 scores before and after the mask, and the probabilities).
-Context parallelism (context = c > 1, llama/context_parallel.py): each device keeps T/c of every row's tokens,
-so all of the above is per local token, T/c of them; attention adds one layer's all-gathered K and V for the
-whole row, a*2*K*H/t per token of T (and in training their float32 gradients before the reduce-scatter).
-Parameters are not sharded over `context` (the rules table shards them over fsdp and tensor only).
+- "none": every intermediate the backward pass reads: a*(4D + (3N + 3K)*H/t + 4F/t) plus attention's own
+  per-token bytes (above: (8 + a)*N*T/t for xla, 4*N/t for the blockwise and fused paths).
+Context parallelism (training, context = c > 1, llama/context_parallel.py): each device keeps T/c of every row's
+tokens, so all of the above is per local token, T/c of them; attention adds one layer's all-gathered K and V
+for the whole row, a*2*K*H/t per token of T, and their float32 gradients before the reduce-scatter. Parameters
+are not sharded over `context` (the rules table shards them over fsdp and tensor only).
 Plus, in every policy, one layer's "none" set as the backward pass's working set (the layer being
 differentiated, recomputed if need be, and its gradients' temporaries) and the float32 logits and their gradient.
 This is an estimate; `tests/test_plan.py` compares it with XLA's `compiled.memory_analysis()` (docs/sharding.md).
@@ -56,7 +61,8 @@ from typing import Mapping
 import jax
 
 from llama import model
-from llama.config import ModelConfig, preset
+from llama.config import ATTENTION_IMPLS, ModelConfig, preset
+from llama.generate import PREFILL_CHUNK
 from llama.metrics import matmul_params  # noqa: F401  (one FLOPs formula for MFU logging and the planner)
 from llama.metrics import train_flops_per_token as training_flops_per_token
 from sharding import rules
@@ -147,6 +153,23 @@ def implied_mfu(flops: float, hours: float, peak_flops: float = H100_BF16_PEAK) 
     return flops / (hours * 3600.0 * peak_flops)
 
 
+def attention_bytes_per_token_layer(cfg: ModelConfig, seq_len: int, tensor: int, a: int) -> float:
+    """Attention's own bytes per query token per layer, beyond q, k, v and the output (module docstring)."""
+    N = cfg.n_heads / tensor
+    if cfg.attention_impl == "xla":
+        return (8 + a) * N * seq_len  # float32 scores, masked scores, probabilities in the compute dtype
+    return 4 * N  # the float32 log-sum-exp the backward reuses
+
+
+def attention_tile_bytes(cfg: ModelConfig, batch: float, seq_len: int, tensor: int, training: bool) -> float:
+    """The blockwise path's temporaries per layer, independent of T beyond one block (0 for xla, whose are per
+    token)."""
+    if cfg.attention_impl == "xla":
+        return 0.0
+    N, bq, bk = cfg.n_heads / tensor, min(cfg.attention_block_q, seq_len), min(cfg.attention_block_k, seq_len)
+    return batch * (4 * (4 if training else 2) * N * bq * bk + 4 * N * bq * cfg.head_dim)
+
+
 def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int, tensor: int, a: int) -> float:
     """Bytes the backward pass keeps per token per layer (module docstring)."""
     D, N, K, H, F, t = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, tensor
@@ -155,7 +178,7 @@ def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int,
         return a * D
     if remat == "save_matmuls":
         return a * (3 * D + N * H / t + 2 * K * H / kt + 2 * F / t)
-    scores = (8 + a) * N * seq_len / t if cfg.attention_impl == "xla" else 0.0
+    scores = attention_bytes_per_token_layer(cfg, seq_len, t, a)
     return a * (4 * D + 3 * N * H / t + 3 * K * H / kt + 4 * F / t) + scores
 
 
@@ -176,10 +199,11 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
          quantize: str | None = None, batch: int | None = None, seq_len: int = 8192, remat: str | None = None,
          device_memory: float = 80e9, tokens: float = 0.0, mfu: float = 0.0,
          peak_flops: float = H100_BF16_PEAK, param_dtype: str = "float32", attention: str | None = None,
-         cache_dtype: str | None = None) -> Plan:
-    """Per-device memory and training FLOPs (module docstring). attention: "xla" (materialised float32
-    scores) or "cudnn" (fused, none); default the config's. cache_dtype: the KV cache's (default `dtype`;
-    int8 adds a float32 scale per H-vector, `model.init_cache`)."""
+         cache_dtype: str | None = None, prefill_chunk: int | None = PREFILL_CHUNK) -> Plan:
+    """Per-device memory and training FLOPs (module docstring). attention: one of `ATTENTION_IMPLS` ("xla"
+    materialises the float32 scores; the others are blockwise); default the config's. cache_dtype: the KV
+    cache's (default `dtype`; int8 adds a float32 scale per H-vector, `model.init_cache`). prefill_chunk:
+    inference prompt tokens per prefill pass (None: the whole prompt at once)."""
     if mode not in ("training", "inference"):
         raise ValueError(f"--mode {mode!r}: expected training or inference")
     cfg = cfg.replace(attention_impl=attention or cfg.attention_impl)
@@ -203,8 +227,11 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         grads = sharded_bytes(specs, sizes, lambda p, s: 4)
         per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
         working = activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)  # one layer's backward
+        if cfg.attention_impl == "flash":
+            working += 4 * cfg.n_heads * cfg.head_dim / t  # its backward's float32 dQ accumulator
         logits = 2 * 4 * cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)  # float32 logits and their grad
-        acts = b_local * (local_t * (cfg.n_layers * per_layer + working + logits) + gathered_kv * (a + 4))
+        acts = (b_local * (local_t * (cfg.n_layers * per_layer + working + logits) + gathered_kv * (a + 4))
+                + attention_tile_bytes(cfg, b_local, local_t, t, training=True))
     else:
         if quantize == "int8":
             from llama import quant
@@ -220,7 +247,9 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         kv_spec = rules.fitted_spec(model.CACHE_AXES, cache.shape, sizes)
         kv_bytes = 1 + 4 / cfg.head_dim if cache_dtype == "int8" else _BYTES[cache_dtype or dtype]
         kv = 2 * math.prod(cache.shape) * kv_bytes / _shard_factor(kv_spec, sizes)
-        acts = b_local * (local_t * activation_bytes_per_token_layer(cfg, "none", seq_len, t, a) + gathered_kv * a)
+        chunk = min(seq_len, prefill_chunk or seq_len)  # one prefill pass at a time (llama.generate.prefill)
+        acts = (b_local * chunk * activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)
+                + attention_tile_bytes(cfg, b_local, chunk, t, training=False) + b_local * 4 * cfg.vocab_size)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
                 fsdp_gathered_bytes(cfg, sizes, a, mode, quantize), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
                 6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops)
@@ -278,8 +307,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=float, default=0.0, help="training token budget")
     ap.add_argument("--mfu", type=float, default=0.0, help="model FLOPs utilisation for device-hours")
     ap.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK / 1e12)
-    ap.add_argument("--attention", choices=("xla", "cudnn"), default=None,
-                    help="xla materialises the float32 scores; cudnn (GPU) does not. Default: the preset's")
+    ap.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
+                    help="xla materialises the float32 scores; flash (blockwise), cudnn (GPU), splash (TPU) do not. "
+                         "Default: the preset's")
+    ap.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                    help=f"inference: prompt tokens per prefill pass (default {PREFILL_CHUNK}; 0: all at once)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     mesh = MeshConfig.parse(args.mesh)
@@ -292,7 +324,7 @@ def main(argv=None) -> int:
                  batch=args.batch, seq_len=args.seq_len, remat=args.remat,
                  device_memory=parse_bytes(args.device_memory), tokens=args.tokens, mfu=args.mfu,
                  peak_flops=args.peak_tflops * 1e12, param_dtype=args.param_dtype, attention=args.attention,
-                 cache_dtype=args.cache_dtype)
+                 cache_dtype=args.cache_dtype, prefill_chunk=args.prefill_chunk or None)
     except ShardingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

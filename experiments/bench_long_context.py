@@ -1,0 +1,275 @@
+"""Long context on the CPU: prefill, a train step and decode of a Llama 3.1-architecture probe, against
+transformers' LlamaForCausalLM with sdpa attention, each run in its own process, the two sides alternated.
+
+    python -m experiments.bench_long_context                          # the issue-13 set (the 128K prefill takes minutes)
+    python -m experiments.bench_long_context --prefill 1024,2048 --train 1024 --decode 512:1024,512:4096 --quick
+
+The probe: dim 256, 2 layers, 8 query / 2 KV heads (head 32), FFN 768, vocab 4096, llama3 RoPE scaling, float32,
+batch 1, random weights (timings do not depend on them), max_seq_len 2^17 + 64 (a 131,072-token prompt and its
+first new token fit).
+- prefill T: ours is `generate`'s prefill (chunks of `--prefill-chunk`, a KV cache of T + 64 slots, logits at
+  the last token), timed after an ahead-of-time compile (reported apart); the peer is the same job in transformers
+  (`model(ids, use_cache=True, logits_to_keep=1)`, sdpa), timed after a 128-token warm-up call.
+- train T: value_and_grad of the mean next-token cross-entropy (ours: `model.forward`, flash attention with its
+  custom VJP; the peer: `loss.backward()`), one step timed after a compile / warm-up step.
+- decode P:S: ours only: 32 greedy decode steps starting at position P of an S-slot cache (the decode loop of
+  `generate`; the cache's contents do not change the cost), tokens/s. Issue 13's target: P=1024 in a 131,072-slot
+  cache at >= 80% of the speed of P=1024 in a 4,096-slot cache.
+Each job prints one JSON line: seconds, peak RSS (ru_maxrss of its own process) and the load average before it.
+
+    python -m experiments.bench_long_context --gpu    # one GPU (experiments/gpu_bench.sh): fused-kernel parity
+        # against "flash" at 4K (cudnn, bf16; flash against xla in float32), then Llama 3.1 8B-shape bf16 prefill
+        # (random weights, chunks of 4096) at 32K and 128K: time, attention TFLOP/s (causal attention FLOPs over
+        # the whole prefill time, a lower bound) and the device's peak memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+PROBE = dict(vocab_size=4096, dim=256, n_layers=2, n_heads=8, n_kv_heads=2, ffn_dim=768)
+MAX_SEQ = 2**17 + 64
+K = 1024
+
+
+def _cfg():
+    from llama.config import ModelConfig
+
+    return ModelConfig(**PROBE, max_seq_len=MAX_SEQ, bos_id=1, eos_ids=(2,), name="long-context-probe")
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _tokens(T: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(3, PROBE["vocab_size"], (1, T)).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ workers
+def ours_prefill(T: int, chunk: int) -> dict:
+    import jax
+
+    from llama import generate as G
+    from llama import model as M
+
+    cfg = _cfg()
+    params = M.init_params(cfg, jax.random.key(0))
+    res = G.generate(params, [_tokens(T)[0].tolist()], cfg=cfg, max_new_tokens=1, stop_ids=[], prefill_chunk=chunk)
+    return {"seconds": res.prefill_s, "compile_s": res.compile_s, "first_id": res.tokens[0][0]}
+
+
+def peer_prefill(T: int) -> dict:
+    import torch
+
+    model = _peer_model()
+    with torch.no_grad():
+        model(torch.from_numpy(_tokens(128)), use_cache=True, logits_to_keep=1)  # warm-up
+        t = time.perf_counter()
+        out = model(torch.from_numpy(_tokens(T)), use_cache=True, logits_to_keep=1)
+        seconds = time.perf_counter() - t
+    return {"seconds": seconds, "first_id": int(out.logits[0, -1].argmax())}
+
+
+def ours_train(T: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from llama import model as M
+
+    cfg = _cfg()
+    params = M.init_params(cfg, jax.random.key(0))
+    tokens = jnp.asarray(_tokens(T), jnp.int32)
+
+    def loss(p, t):
+        logits = M.forward(p, t[:, :-1], cfg=cfg)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, 1:, None], -1))
+
+    t0 = time.perf_counter()
+    step = jax.jit(jax.value_and_grad(loss)).lower(params, tokens).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    value, grads = jax.block_until_ready(step(params, tokens))
+    return {"seconds": time.perf_counter() - t0, "compile_s": compile_s, "loss": float(value)}
+
+
+def peer_train(T: int) -> dict:
+    import torch
+
+    model = _peer_model()
+    model.train()
+
+    def step(ids):
+        ids = torch.from_numpy(ids)
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss)
+
+    step(_tokens(128))  # warm-up
+    t = time.perf_counter()
+    value = step(_tokens(T))
+    return {"seconds": time.perf_counter() - t, "loss": value}
+
+
+def ours_decode(P: int, S: int, steps: int = 32) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from llama import generate as G
+    from llama import model as M
+    from llama.sampling import GREEDY
+
+    cfg = _cfg()
+    params = M.init_params(cfg, jax.random.key(0))
+
+    def state():
+        return G.DecodeState(cache=M.init_cache(cfg, 1, S), token=jnp.full((1,), 5, jnp.int32),
+                             position=jnp.full((1,), P, jnp.int32), out=jnp.full((1, steps + 1), -1, jnp.int32),
+                             n_out=jnp.ones((1,), jnp.int32), done=jnp.zeros((1,), bool),
+                             limit=jnp.full((1,), steps + 1, jnp.int32), stop=jnp.full((1, 1), -1, jnp.int32),
+                             step=jnp.ones((), jnp.int32), key=jax.random.key(0))
+
+    until = jnp.asarray(steps + 1, jnp.int32)
+    fn = G._decode_jit.lower(params, state(), until, cfg=cfg, sampling=GREEDY).compile()
+    jax.block_until_ready(fn(params, state(), until))  # warm-up
+    best = 0.0
+    for _ in range(3):
+        s = state()
+        jax.block_until_ready(s)
+        t = time.perf_counter()
+        jax.block_until_ready(fn(params, s, until))
+        best = max(best, steps / (time.perf_counter() - t))
+    return {"tokens_per_s": best}
+
+
+def _peer_model():
+    import torch
+    import transformers
+
+    from llama.config import to_hf_config
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(**to_hf_config(_cfg()))
+    hf._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(hf).float().eval()
+
+
+# ----------------------------------------------------------------------------------------------------- GPU
+def gpu(lengths=(32768, 131072)) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from llama import attention as A
+    from llama import generate as G
+    from llama import model as M
+    from llama.config import LLAMA31_8B
+
+    B, T, N, K, H = 1, 4096, 32, 8, 128
+    ks = jax.random.split(jax.random.key(0), 3)
+    q32 = jax.random.normal(ks[0], (B, T, N, H))
+    k32, v32 = (jax.random.normal(k, (B, T, K, H)) for k in ks[1:])
+    seg = jnp.asarray([[0] * 1000 + [1] * 3000 + [2] * 96])
+    run = lambda impl, q, k, v, s=None: jax.jit(  # noqa: E731
+        lambda q, k, v: A.attention(q, (k, v), segment_ids=s, impl=impl))(q, k, v)
+    with jax.default_matmul_precision("highest"):
+        for s in (None, seg):
+            err = float(jnp.abs(run("flash", q32, k32, v32, s) - run("xla", q32, k32, v32, s)).max())
+            print(json.dumps({"parity": "flash vs xla, float32", "T": T, "packed": s is not None, "max_abs": err}))
+    bf = [x.astype(jnp.bfloat16) for x in (q32, k32, v32)]
+    ref = run("flash", *bf).astype(jnp.float32)
+    for impl in [i for i in A.available() if i not in ("xla", "flash")]:
+        err = float(jnp.abs(run(impl, *bf).astype(jnp.float32) - ref).max())
+        print(json.dumps({"parity": f"{impl} vs flash, bf16 (8 mantissa bits: ~1e-2)", "T": T, "max_abs": err}))
+    cfg = LLAMA31_8B.replace(max_seq_len=max(lengths) + 64)
+    params = jax.jit(lambda: M.init_params(cfg, jax.random.key(0)))()
+    for T in lengths:
+        res = G.generate(params, [[1] + [3] * (T - 1)], cfg=cfg, max_new_tokens=1, stop_ids=[])
+        flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * T * T / 2  # QK^T and PV, causal half
+        stats = jax.devices()[0].memory_stats() or {}
+        print(json.dumps({"prefill_8b_bf16_T": T, "seconds": res.prefill_s, "compile_s": res.compile_s,
+                          "attention_tflops_per_s": flops / res.prefill_s / 1e12,
+                          "peak_gib": stats.get("peak_bytes_in_use", 0) / 2**30}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def _worker(job: list[str]) -> None:
+    kind, side, arg = job[0], job[1], job[2]
+    load = os.getloadavg()
+    if kind == "prefill":
+        out = ours_prefill(int(arg), int(job[3])) if side == "ours" else peer_prefill(int(arg))
+    elif kind == "train":
+        out = ours_train(int(arg)) if side == "ours" else peer_train(int(arg))
+    else:
+        P, S = (int(x) for x in arg.split(":"))
+        out = ours_decode(P, S)
+    print(json.dumps({"job": kind, "side": side, "arg": arg, **out, "peak_rss_mib": _peak_mib(),
+                      "loadavg_before": [round(x, 2) for x in load]}), flush=True)
+
+
+def _run(job: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "experiments.bench_long_context", "--worker", *job]
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"job": job[0], "side": job[1], "arg": job[2], "error": f"timeout after {timeout:.0f}s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        return {"job": job[0], "side": job[1], "arg": job[2],
+                "error": f"exit {p.returncode}: {(p.stderr or p.stdout).strip().splitlines()[-1:]}"}
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prefill", default="4096,16384,32768,131072", help="prefill lengths")
+    ap.add_argument("--train", default="16384,32768", help="train-step lengths ('' for none)")
+    ap.add_argument("--decode", default="1024:4096,1024:131072,32768:131072,131000:131072",
+                    help="decode position:cache slots pairs")
+    ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--peer", choices=("on", "off"), default="on", help="run transformers alongside")
+    ap.add_argument("--quick", action="store_true", help="a shorter timeout per job (a smoke run)")
+    ap.add_argument("--json", help="also write every job's result here")
+    ap.add_argument("--gpu", action="store_true", help="the GPU set (module docstring)")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.gpu:
+        return gpu()
+    if a.worker:
+        return _worker(a.worker)
+    sides = ("ours", "peer") if a.peer == "on" else ("ours",)
+    jobs = [["prefill", s, str(T), str(a.prefill_chunk)] for T in a.prefill.split(",") if T for s in sides]
+    jobs += [["train", s, str(T)] for T in a.train.split(",") if T for s in sides]
+    jobs += [["decode", "ours", d] for d in a.decode.split(",") if d]
+    print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()}", flush=True)
+    results = []
+    for job in jobs:  # per size: ours then the peer, each in a fresh process (A B A B ...)
+        r = _run(job, 300 if a.quick else 3600)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    print(f"\n| job | T / position:slots | ours | transformers sdpa | ours peak RSS | peer peak RSS | load before |")
+    print("|---|---|---|---|---|---|---|")
+    by = {(r["job"], r["arg"], r["side"]): r for r in results}
+    for kind, arg in dict.fromkeys((r["job"], r["arg"]) for r in results):
+        o, p = by.get((kind, arg, "ours"), {}), by.get((kind, arg, "peer"), {})
+        fmt = lambda r: r.get("error") or (f"{r['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in r else f"{r['seconds']:.2f} s")  # noqa: E731
+        rss = lambda r: f"{r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else "-"  # noqa: E731
+        print(f"| {kind} | {arg} | {fmt(o) if o else '-'} | {fmt(p) if p else '-'} | {rss(o)} | {rss(p)} | "
+              f"{o.get('loadavg_before', ['-'])[0]} / {p.get('loadavg_before', ['-'])[0]} |")
+    if a.json:
+        from llama.manifest import atomic_write
+
+        atomic_write(a.json, json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
