@@ -198,3 +198,61 @@ def test_planner_405b_at_128k_with_the_papers_cp_and_tp(capsys):
     assert "fits" in out and "context=16" in out and "PP 16" in out
     assert P.main(["--preset", "llama3.2-1b", "--mesh", "fsdp=2,context=4", "--mode", "training"]) == 0
     assert "(8 devices)" in capsys.readouterr().out  # context counts in the device total
+
+
+# --------------------------------------------------------------------------------------------- multi-host
+def losses_on_two_hosts_mesh(dcn_context: int) -> list[float]:
+    """Three steps of the trainer's step on fsdp=2 x context=4; with dcn_context=2 the context axis crosses the
+    two processes (K/V all-gathers over gloo). Each process places only its own rows."""
+    cfg = train_cfg("fsdp=2,context=4").replace(mesh=MeshConfig(fsdp=2, context=4, dcn_context=dcn_context))
+    mesh = make_mesh(cfg.mesh)
+    rows, n, p = packed_rows(), B // jax.process_count(), jax.process_index()
+    losses = []
+    with jax.set_mesh(mesh):
+        init_state, step = train.make_train_step(cfg, mesh)
+        state = init_state(0)
+        batch = input_pipeline.to_global_batch({k: v[p * n:(p + 1) * n] for k, v in rows.items()}, mesh)
+        for _ in range(3):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    return losses
+
+
+@pytest.mark.slow
+def test_two_processes_with_context_4_match_one():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_multihost import ROOT, _free_port
+
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, __file__, f"127.0.0.1:{port}", "2", str(i)], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    reference = losses_on_two_hosts_mesh(1)  # this process: 8 devices, one process
+    outs = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=600)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, f"worker failed:\n{err[-3000:]}"
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert outs[0] == outs[1]
+    # float32, another all-reduce order across processes (gloo): the 1e-5 bound of tests/test_multihost.py
+    np.testing.assert_allclose(outs[0], reference, rtol=1e-5)
+    assert reference[2] < reference[0]
+
+
+if __name__ == "__main__":  # a worker of the two-process test: COORDINATOR NUM_PROCESSES PROCESS_ID
+    import json
+    import sys
+
+    from sharding import distributed
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+    distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), timeout_s=60)
+    print(json.dumps(losses_on_two_hosts_mesh(2)))
