@@ -53,5 +53,14 @@ def from_load_balanced(x, context: int, axis: int = 1):
 
 
 def mesh_context(mesh) -> int:
-    """The `context` axis size of a mesh (1 when it has none)."""
-    return dict(mesh.shape).get("context", 1)
+    """The `context` axis size of a mesh (1 when it has none). A context axis whose devices belong to several
+    processes is an error: each process loads whole rows, so every context group must lie in one process (put
+    the nodes on `data` or `fsdp` with dcn_*, and CP inside a node, as tensor parallelism)."""
+    cp = dict(mesh.shape).get("context", 1)
+    if cp > 1 and len({d.process_index for d in mesh.devices.flat}) > 1:
+        groups = np.moveaxis(np.vectorize(lambda d: d.process_index)(mesh.devices),
+                             list(mesh.axis_names).index("context"), -1).reshape(-1, cp)
+        if any(len(set(g)) > 1 for g in groups):
+            raise ShardingError(f"mesh {dict(mesh.shape)}: the context axis spans several processes; each process "
+                                "loads whole rows, so keep context inside a node (dcn_* on data or fsdp)")
+    return cp

@@ -201,10 +201,11 @@ def test_planner_405b_at_128k_with_the_papers_cp_and_tp(capsys):
 
 
 # --------------------------------------------------------------------------------------------- multi-host
-def losses_on_two_hosts_mesh(dcn_context: int) -> list[float]:
-    """Three steps of the trainer's step on fsdp=2 x context=4; with dcn_context=2 the context axis crosses the
-    two processes (K/V all-gathers over gloo). Each process places only its own rows."""
-    cfg = train_cfg("fsdp=2,context=4").replace(mesh=MeshConfig(fsdp=2, context=4, dcn_context=dcn_context))
+def losses_on_two_hosts_mesh(dcn_fsdp: int) -> list[float]:
+    """Three steps of the trainer's step on fsdp=2 x context=4; with dcn_fsdp=2, fsdp crosses the two processes
+    and each process's 4 devices form one context group (as CP stays inside a node, like TP). Each process places
+    only its own rows."""
+    cfg = train_cfg("fsdp=2,context=4").replace(mesh=MeshConfig(fsdp=2, context=4, dcn_fsdp=dcn_fsdp))
     mesh = make_mesh(cfg.mesh)
     rows, n, p = packed_rows(), B // jax.process_count(), jax.process_index()
     losses = []
