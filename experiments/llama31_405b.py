@@ -22,10 +22,10 @@ tokens under context parallelism: 16,384 GPUs as fsdp 128 x context 16 x tensor 
 RoPE: theta 500,000 with llama3 scaling throughout (the paper changes no RoPE setting for long context).
 """
 
-from llama.config import LLAMA31_405B
-from llama.optim import LLAMA3_405B
 import math
 
+from llama.config import LLAMA31_405B
+from llama.optim import LLAMA3_405B
 from llama.train import DataConfig, Stage, TrainConfig, stage_schedule
 from sharding.rules import MeshConfig
 

@@ -6,18 +6,19 @@ tokens under context parallelism, on 64 GPUs (8 nodes x 8) as fsdp 8 x context 8
 The 8K part is experiments/llama31_8b.py's (512 rows x 8192 tokens, 8 micro-batches, llama.optim.LLAMA3_8B).
 The continuation follows the Llama 3 paper's section 3.4.2 (six stages from 8K to 128K, ~800B tokens, at the
 end of pre-training; described for 405B, the recipe the 8B also followed per the model card's 128K context).
-Not given by the paper, chosen here: stage lengths 16K, 32K, 48K, 64K, 96K, 128K, ~133B tokens each, starting
-800B tokens before the end of llama31_8b.py's horizon (1.2M steps x 4.2M tokens = 5.0T; Meta's 8B saw ~15T), and 64 rows per step in every long stage (the smallest multiple of 8 micro-batches x 8
-data-parallel ranks: one 128K row per micro-batch per rank, 8.4M tokens per step at 128K). A run made with this
+Not given by the paper, chosen here: stage lengths 16K, 32K, 48K, 64K, 96K, 128K, ~133B tokens each,
+starting 800B tokens before the end of llama31_8b.py's horizon (1.2M steps x 4.2M tokens = 5.0T; Meta's 8B saw
+~15T), and 64 rows per step in every long stage (the smallest multiple of 8 micro-batches x 8 data-parallel
+ranks: one 128K row per micro-batch per rank, 8.4M tokens per step at 128K). A run made with this
 file continues into its long stages by itself, and resumes across them exactly (tests/test_stages.py). Per GPU
 at 128K: 16,384 tokens of one row (`python -m sharding.plan --preset llama3.1-8b --mesh fsdp=8,context=8
 --mode training --seq-len 131072 --batch 8 --remat full`). RoPE: theta 500,000, llama3 scaling, unchanged.
 """
 
-from llama.config import LLAMA31_8B
-from llama.optim import LLAMA3_8B
 import math
 
+from llama.config import LLAMA31_8B
+from llama.optim import LLAMA3_8B
 from llama.train import DataConfig, Stage, TrainConfig, stage_schedule
 from sharding.rules import MeshConfig
 

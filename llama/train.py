@@ -569,7 +569,10 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     writer = llama_metrics.MetricsWriter(out) if primary else None
-    flops_per_step = llama_metrics.train_flops_per_token(cfg.model, scfg.seq_len) * scfg.batch_size * scfg.seq_len
+    def step_flops(c: TrainConfig) -> float:
+        return llama_metrics.train_flops_per_token(c.model, c.seq_len) * c.batch_size * c.seq_len
+
+    flops_per_step = step_flops(scfg)
     peak = llama_metrics.peak_flops(override=cfg.peak_flops)
     last_saved, status, stop = start, 0, False
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not primary)
@@ -580,7 +583,7 @@ def main(argv=None) -> int:
             data.close()
             data = open_data(stage, scfg)
             _, step_fn = make_train_step(scfg, mesh)
-            flops_per_step = llama_metrics.train_flops_per_token(cfg.model, scfg.seq_len) * scfg.batch_size * scfg.seq_len
+            flops_per_step = step_flops(scfg)
             say(f"\nstage {stage} from step {step}: {scfg.batch_size} rows x {scfg.seq_len} tokens")
         batch = input_pipeline.to_global_batch(next(data), mesh)
         state, m = step_fn(state, batch)
