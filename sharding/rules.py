@@ -38,7 +38,9 @@ RULES: Mapping[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "layers": None,  # the scanned axis is never sharded
     "norm": None,
-    "cache_sequence": None,
+    # Long-prompt serving: the KV cache's S slots split over `context` (1/CP of the cache per device); XLA
+    # partitions the cached attention's tile reads (no explicit cross-device flash-decoding combine yet).
+    "cache_sequence": ("context",),
 }
 
 # Mesh axes left out of every spec where their size is 1, so a mesh without context parallelism gives exactly

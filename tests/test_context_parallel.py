@@ -144,6 +144,26 @@ def test_train_step_equals_one_device_more_meshes(mesh_text):
     assert_same_step(mesh_text)
 
 
+@pytest.mark.slow
+def test_greedy_decoding_from_a_context_sharded_cache_equals_one_device():
+    from llama import generate
+    from sharding import rules
+
+    cfg = TINY.replace(name="tiny-shardable", dim=128, n_heads=16, n_kv_heads=8, head_dim=8, ffn_dim=256)
+    prompts = [[1, 17, 99, 4, 250], [1, 3, 3, 200, 7, 64, 31, 9, 122]]
+    params = model.init_params(cfg, jax.random.key(0))
+    want = generate.generate(params, prompts, cfg=cfg, max_new_tokens=12, stop_ids=[]).tokens
+    mesh = mesh_of("context=2,fsdp=2,tensor=2")
+    assert generate.cache_sharding(cfg, mesh, 2, 64).spec[3] == "context"  # S split over context
+    assert rules.RULES["cache_sequence"] == ("context",)
+    with jax.set_mesh(mesh):
+        got = generate.generate(generate.shard_params(params, cfg, mesh), prompts, cfg=cfg, max_new_tokens=12,
+                                stop_ids=[], mesh=mesh).tokens
+    # identical ids: logits agree to float32 rounding and the smallest top-1/top-2 gap on these sequences is
+    # far larger (tests/test_sharding.py's greedy test, the same model and prompts)
+    assert got == want
+
+
 # ------------------------------------------------------------------------------------------------ memory
 def compiled_temp_bytes(mesh_text: str, seq_len: int) -> int:
     """XLA's per-device temporary memory of the trainer's compiled step (compile only; nothing runs)."""
