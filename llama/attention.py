@@ -34,6 +34,12 @@ from llama.config import ATTENTION_IMPLS
 
 # The backends each fused kernel exists on; "xla" and "flash" are plain JAX and run everywhere.
 KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+# Tile sizes when the config says 0. On the CPU a 128 x 128 tile's float32 scores (64 KiB per head) stay in
+# cache: flash at T = 8192 (8/2 heads of 32) ran 4-5x faster than with 512 x 512 tiles and level with torch's
+# sdpa (docs/benchmarks.md); accelerators want fewer, larger tiles (each loop step is a kernel launch).
+DEFAULT_BLOCKS = {"cpu": (128, 128)}
+ACCELERATOR_BLOCKS = (512, 512)
+DECODE_TILE_FACTOR = 8  # a decode step (one query per row) reads key tiles 8x longer: fewer loop steps, same bytes
 
 
 class AttentionError(ValueError):
@@ -65,15 +71,22 @@ def check_impl(impl: str, backend: str | None = None) -> None:
                              f"process runs on {backend!r}, where the available ones are {available(backend)}")
 
 
+def block_sizes(block_q: int = 0, block_k: int = 0, backend: str | None = None) -> tuple[int, int]:
+    """The configured tile sizes, 0 replaced by the backend's default."""
+    default = DEFAULT_BLOCKS.get(backend or jax.default_backend(), ACCELERATOR_BLOCKS)
+    return block_q or default[0], block_k or default[1]
+
+
 def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots: jax.Array | None = None,
-              impl: str = "flash", block_q: int = 512, block_k: int = 512) -> jax.Array:
-    """q: [B, T, N, H] -> [B, T, N, H].
+              impl: str = "flash", block_q: int = 0, block_k: int = 0) -> jax.Array:
+    """q: [B, T, N, H] -> [B, T, N, H]. block_q, block_k: tile sizes (0: `block_sizes`' default).
 
     kv is either (k, v), [B, T, K, H] each, for causal self-attention over one (possibly packed) sequence
     (query and key slots 0..T-1; `segment_ids` [B, T] or None), which is differentiable; or a `CachedKV` for
     attention against a KV cache, where `q_slots` [B, T] are the queries' slots (= positions) and each query
     sees the cache slots <= its own."""
     check_impl(impl)
+    block_q, block_k = block_sizes(block_q, block_k)
     B, T, N, H = q.shape
     if isinstance(kv, CachedKV):
         if impl == "xla":
@@ -267,10 +280,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):
     """Blockwise attention of T queries at slots q_slots [B, T] against a cache of S slots: each query block reads
-    the cache tiles up to its largest slot only (a decode step at position p: ceil((p+1)/bk) tiles)."""
+    the cache tiles up to its largest slot only (a decode step at position p: ceil((p+1)/bk) tiles). Fewer
+    queries than a block take longer key tiles (up to DECODE_TILE_FACTOR x), keeping the tile's area."""
     B, T, N, H = q.shape
     S = kv.length
-    bq, bk = min(block_q, T), min(block_k, S)
+    bq = min(block_q, T)
+    bk = min(block_k * max(1, min(block_q // bq, DECODE_TILE_FACTOR)), S)
     Tq = _round_up(T, bq)
     K = kv.kv_heads
 

@@ -55,8 +55,8 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
     attention_impl: str = "flash"  # one of ATTENTION_IMPLS (llama/attention.py); "xla" is the dense reference
-    attention_block_q: int = 512  # flash tile sizes: queries and keys per block (any T; T is padded inside)
-    attention_block_k: int = 512
+    attention_block_q: int = 0  # flash tile: queries per block; 0 = per backend (llama/attention.py DEFAULT_BLOCKS)
+    attention_block_k: int = 0  # keys per tile; any T works (padded inside)
     name: str = "custom"
 
     def __post_init__(self):
@@ -65,8 +65,8 @@ class ModelConfig:
                 raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; give head_dim")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "head_dim", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ModelConfig.{name} must be positive (or 0: per backend), got {getattr(self, name)}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} (GQA)")
         if self.head_dim % 2:
@@ -76,8 +76,8 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"ModelConfig.attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         for name in ("attention_block_q", "attention_block_k"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ModelConfig.{name} must be positive (or 0: per backend), got {getattr(self, name)}")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}; expected one of {DTYPES}")

@@ -166,7 +166,10 @@ def attention_tile_bytes(cfg: ModelConfig, batch: float, seq_len: int, tensor: i
     token)."""
     if cfg.attention_impl == "xla":
         return 0.0
-    N, bq, bk = cfg.n_heads / tensor, min(cfg.attention_block_q, seq_len), min(cfg.attention_block_k, seq_len)
+    from llama.attention import ACCELERATOR_BLOCKS  # the planner sizes accelerators (0 = the backend's default)
+
+    bq, bk = cfg.attention_block_q or ACCELERATOR_BLOCKS[0], cfg.attention_block_k or ACCELERATOR_BLOCKS[1]
+    N, bq, bk = cfg.n_heads / tensor, min(bq, seq_len), min(bk, seq_len)
     return batch * (4 * (4 if training else 2) * N * bq * bk + 4 * N * bq * cfg.head_dim)
 
 

@@ -109,19 +109,23 @@ def test_flash_decode_and_chunk_against_partly_filled_cache(int8):
 
 def test_decode_never_reads_cache_tiles_past_the_furthest_position():
     """Tiles beyond the furthest query position are not read at all: NaN there leaves the result finite and
-    equal to the clean cache's (the dense reference, reading every slot, turns NaN)."""
-    B, N, K, H, S, bk = 2, 4, 2, 16, 512, 64
+    equal to the clean cache's (the dense reference, reading every slot, turns NaN). block_k 16 with one query
+    per row (8x longer decode tiles, DECODE_TILE_FACTOR): tiles of 128 slots."""
+    B, N, K, H, S = 2, 4, 2, 16, 512
     _, k, v, _ = qkv(B, 1, N, K, H, S=S, seed=3)
     q = qkv(B, 1, N, K, H, seed=4)[0]
-    slots = jnp.asarray([[70], [127]], jnp.int32)  # tiles 0 and 1 (slots 0..127) hold everything visible
-    poisoned = lambda x: x.at[:, 2 * bk:].set(jnp.nan)  # noqa: E731
-    run = lambda kk, vv, impl: A.attention(q, A.CachedKV(lambda s, n: (jax.lax.dynamic_slice_in_dim(kk, s, n, 1),  # noqa: E731
-                                                                        jax.lax.dynamic_slice_in_dim(vv, s, n, 1)),
-                                                        S, K), q_slots=slots, impl=impl, block_k=bk)
+    slots = jnp.asarray([[70], [127]], jnp.int32)  # tile 0 (slots 0..127) holds everything visible
+    poisoned = lambda x: x.at[:, 128:].set(jnp.nan)  # noqa: E731
+
+    def run(kk, vv, impl):
+        read = lambda s, n: (jax.lax.dynamic_slice_in_dim(kk, s, n, 1), jax.lax.dynamic_slice_in_dim(vv, s, n, 1))  # noqa: E731
+        return A.attention(q, A.CachedKV(read, S, K), q_slots=slots, impl=impl, block_q=8, block_k=16)
+
     clean = run(k, v, "xla")
     out = run(poisoned(k), poisoned(v), "flash")
     np.testing.assert_allclose(out, clean, atol=ATOL, rtol=0)
     assert bool(jnp.isnan(run(poisoned(k), poisoned(v), "xla")).any())
+    assert bool(jnp.isnan(run(k.at[:, 127:].set(jnp.nan), v, "flash")).any())  # slot 127 is read: NaN shows
 
 
 @pytest.mark.slow
@@ -178,7 +182,8 @@ def test_unknown_impl_and_missing_kernel_errors_name_the_option():
     with pytest.raises(A.AttentionError, match="unknown"):
         A.check_impl("sdpa")
     with pytest.raises(ConfigError, match="attention_block_k must be positive"):
-        TINY.replace(attention_block_k=0)
+        TINY.replace(attention_block_k=-1)
+    assert A.block_sizes(0, 0, "cpu") == (128, 128) and A.block_sizes(0, 64, "gpu") == (512, 64)
 
 
 def test_splash_interpret_mode_matches_reference_with_packed_rows():

@@ -81,7 +81,7 @@ def test_activation_estimate_against_xla_memory_analysis(remat):
     reference they were 0.80, 1.03, 1.13. The estimate does not model XLA's fusion and buffer reuse, so the bound
     is +-30%; the policies' order must match exactly."""
     cfg = TINY.replace(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=768, vocab_size=512,
-                       max_seq_len=1024, remat=remat)
+                       max_seq_len=1024, remat=remat, attention_block_q=512, attention_block_k=512)  # as on accelerators
     B, T = 4, 256
 
     def loss(p, tok):
