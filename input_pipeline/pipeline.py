@@ -231,8 +231,10 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
     """Process-local numpy batch [B_local, T] -> global jax.Arrays [B_local * process_count, T], batch over the
-    mesh's data and fsdp axes (`sharding.rules.batch_sharding`, via jax.make_array_from_process_local_data).
-    The implementation is `sharding.distributed.global_batch`, kept in one place."""
+    mesh's data and fsdp axes and T over `context` (`sharding.rules.batch_sharding`, via
+    jax.make_array_from_process_local_data). With a context axis > 1 the rows are first put in the causal
+    load-balanced order (input_pipeline/context.py). The placement is `sharding.distributed.global_batch`."""
+    from input_pipeline.context import mesh_context, to_load_balanced
     from sharding.distributed import global_batch
 
-    return global_batch(batch, mesh)
+    return global_batch(to_load_balanced(batch, mesh_context(mesh)), mesh)

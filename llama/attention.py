@@ -94,6 +94,12 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
             return _reference(q, k, v, q_slots, None, None)
         return _flash_cached(q, kv, q_slots, block_q, block_k)
     k, v = kv
+    # Context parallelism: under a mesh with a `context` axis > 1 the rows arrive in the load-balanced order
+    # (input_pipeline/context.py) and the wrapper all-gathers K, V over `context` (llama/context_parallel.py).
+    from llama import context_parallel
+
+    if context_parallel.context_size() > 1:
+        return context_parallel.attention(q, k, v, segment_ids, impl=impl, block_q=block_q, block_k=block_k)
     if impl == "xla":
         slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         return _reference(q, k, v, slots, segment_ids, segment_ids)
@@ -102,7 +108,8 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
     if impl == "splash":
         return _splash(q, k, v, segment_ids, block_q, block_k)
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    return _flash(q, k, v, seg, min(block_q, T), min(block_k, T))
+    slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return _flash(q, k, v, seg, seg, slots, min(block_q, T), min(block_k, T))
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -191,55 +198,62 @@ def _self_kv_reader(k, v, seg, bk):
     return read
 
 
-def _pad_self(q, k, v, seg, bq, bk):
-    """Pads T to a multiple of both block sizes; padded queries get slot -1, padded keys lie past n_valid."""
+def _pad_qk(q, k, v, q_seg, k_seg, q_slots, bq, bk):
+    """Pads the queries to a multiple of bq (padded queries get slot -1 and see nothing) and the keys to a
+    multiple of bk (padded keys lie past n_valid = S)."""
     B, T, N, H = q.shape
-    K = k.shape[2]
-    Tp = _round_up(T, np.lcm(bq, bk))
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    slots = jnp.where(jnp.arange(Tp) < T, jnp.arange(Tp, dtype=jnp.int32), -1)
-    return (pad(q).reshape(B, Tp, K, N // K, H), pad(k), pad(v), pad(seg), jnp.broadcast_to(slots, (B, Tp)))
+    S, K = k.shape[1], k.shape[2]
+    Tp, Sp = _round_up(T, bq), _round_up(S, bk)
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    slots = jnp.pad(q_slots, [(0, 0), (0, Tp - T)], constant_values=-1)
+    return pad(q, Tp).reshape(B, Tp, K, N // K, H), pad(k, Sp), pad(v, Sp), pad(q_seg, Tp), pad(k_seg, Sp), slots
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, seg, bq: int, bk: int):
-    """Causal self-attention, blockwise. q: [B, T, N, H], k, v: [B, T, K, H], seg: [B, T] int32."""
-    return _flash_fwd(q, k, v, seg, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int):
+    """Causal attention, blockwise, of T queries at slots q_slots [B, T] int32 against S keys at slots 0..S-1.
+    q: [B, T, N, H], k, v: [B, S, K, H], q_seg: [B, T], k_seg: [B, S] int32. Self-attention: S = T and q_slots
+    = 0..T-1; context parallelism (llama/context_parallel.py): a device's local queries in the load-balanced
+    order against all keys. q_slots must be nondecreasing along T (the backward's query-block skip relies on it)."""
+    return _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk)[0]
 
 
-def _flash_fwd(q, k, v, seg, bq, bk):
+def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk):
     B, T, N, H = q.shape
-    qg, kp, vp, segp, slots = _pad_self(q, k, v, seg, bq, bk)
-    Tp = qg.shape[1]
-    out, lse = _flash_forward(qg, slots, segp, _self_kv_reader(kp, vp, segp, bk), T, Tp // bk, bq, bk)
-    return out[:, :T].reshape(B, T, N, H), (q, k, v, seg, out, lse)
+    S = k.shape[1]
+    qg, kp, vp, q_segp, k_segp, slots = _pad_qk(q, k, v, q_seg, k_seg, q_slots, bq, bk)
+    out, lse = _flash_forward(qg, slots, q_segp, _self_kv_reader(kp, vp, k_segp, bk), S, kp.shape[1] // bk, bq, bk)
+    return out[:, :T].reshape(B, T, N, H), (q, k, v, q_seg, k_seg, q_slots, out, lse)
 
 
 def _flash_bwd(bq, bk, res, d_out):
     """FlashAttention-2's backward (Dao 2023, algorithm 2) in one pass over key tiles j: each visits the query
-    blocks whose last slot reaches it (i >= j*bk // bq), recomputes the tile's probabilities from the saved
-    log-sum-exp, and accumulates dK_j, dV_j in its carry and dQ in a float32 [B, T, K, G, H] carry. O(T) memory."""
-    q, k, v, seg, out, lse = res
+    blocks whose last slot reaches it (from the first block whose largest slot is >= j*bk; slots are
+    nondecreasing), recomputes the tile's probabilities from the saved log-sum-exp, and accumulates dK_j, dV_j in
+    its carry and dQ in a float32 [B, T, K, G, H] carry. O(T) memory."""
+    q, k, v, q_seg, k_seg, q_slots, out, lse = res
     B, T, N, H = q.shape
-    qg, kp, vp, segp, slots = _pad_self(q, k, v, seg, bq, bk)
-    Tp, K, G = qg.shape[1], kp.shape[2], N // kp.shape[2]
+    S = k.shape[1]
+    qg, kp, vp, q_segp, k_segp, slots = _pad_qk(q, k, v, q_seg, k_seg, q_slots, bq, bk)
+    Tp, Sp, K, G = qg.shape[1], kp.shape[1], kp.shape[2], N // kp.shape[2]
     dog = jnp.pad(d_out, [(0, 0), (0, Tp - T), (0, 0), (0, 0)]).reshape(B, Tp, K, G, H)
     # D_i = rowsum(dO * O), FlashAttention-2 eq. for dS = P * (dP - D)
     delta = jnp.einsum("BTKGH,BTKGH->BKGT", dog.astype(jnp.float32), out.astype(jnp.float32))
     scale = np.float32(1 / np.sqrt(H))
-    nq, nk = Tp // bq, Tp // bk
+    nq, nk = Tp // bq, Sp // bk
+    block_last = slots.reshape(B, nq, bq).max(axis=(0, 2))  # [nq] the largest slot of each query block
 
     def k_tile(dq, j):
         start = j * bk
         kb = jax.lax.dynamic_slice_in_dim(kp, start, bk, 1)
         vb = jax.lax.dynamic_slice_in_dim(vp, start, bk, 1)
-        k_seg = jax.lax.dynamic_slice_in_dim(segp, start, bk, 1)
+        k_seg_b = jax.lax.dynamic_slice_in_dim(k_segp, start, bk, 1)
 
         def step(i, carry):
             dq, dk, dv = carry
             sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis)  # noqa: E731
-            qb, dob, slot, q_seg = sl(qg, 1), sl(dog, 1), sl(slots, 1), sl(segp, 1)
-            mask = _tile_mask(slot, j, start, bk, T, q_seg, k_seg)
+            qb, dob, slot, q_seg_b = sl(qg, 1), sl(dog, 1), sl(slots, 1), sl(q_segp, 1)
+            mask = _tile_mask(slot, j, start, bk, S, q_seg_b, k_seg_b)
             s = jnp.einsum("BTKGH,BSKH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
             p = jnp.where(mask[:, None, None], jnp.exp(s - sl(lse, 3)[..., None]), 0.0)
             dp = jnp.einsum("BTKGH,BSKH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
@@ -251,13 +265,14 @@ def _flash_bwd(bq, bk, res, d_out):
             return dq, dk, dv
 
         zeros = jnp.zeros((B, bk, K, H), jnp.float32)
-        dq, dk, dv = jax.lax.fori_loop(start // bq, nq, step, (dq, zeros, zeros))
+        first = jnp.sum(block_last < start).astype(jnp.int32)  # self-attention (slots 0..T-1): start // bq
+        dq, dk, dv = jax.lax.fori_loop(first, nq, step, (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(k_tile, jnp.zeros((B, Tp, K, G, H), jnp.float32), jnp.arange(nk, dtype=jnp.int32))
-    unblock = lambda x: x.transpose(1, 0, 2, 3, 4).reshape(B, Tp, K, H)[:, :T]  # noqa: E731
+    unblock = lambda x: x.transpose(1, 0, 2, 3, 4).reshape(B, Sp, K, H)[:, :S]  # noqa: E731
     return (dq[:, :T].reshape(B, T, N, H).astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
-            None)
+            None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

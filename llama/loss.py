@@ -26,6 +26,10 @@ import jax.numpy as jnp
 from llama import model as llama_model
 from llama.config import ModelConfig
 
+# Tokens per chunk of the fused output layer + cross-entropy (TrainConfig.loss_chunk's default; the planner's too):
+# one chunk's float32 logits stay at 2.1 GB at Llama 3's vocabulary whatever the batch (docs/benchmarks.md).
+LOSS_CHUNK = 4096
+
 
 def head_params(params: dict, cfg: ModelConfig) -> dict:
     """The parameters `model.unembed` reads: the final norm and the output projection (the embedding when tied)."""

@@ -291,7 +291,10 @@ def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array | None
     """The last layer's output, before the final norm: [B, T, D] in the compute dtype. `forward` is
     `unembed(hidden_states(...))`; a loss that never materialises the whole [B, T, V] logits starts here."""
     B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None else positions
+    if positions is None:  # 0..T-1 in the row's own order; under context parallelism, the load-balanced one
+        from llama.context_parallel import default_positions
+
+        positions = default_positions(B, T)
     x, _ = _layers(params, embed(params, tokens, cfg), cfg, positions, segment_ids, None)
     return x
 

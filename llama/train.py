@@ -76,6 +76,19 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A stage of a staged schedule (Llama 3's batch ramp and long-context stages, paper sections 3.4.1-3.4.2):
+    from `start_step`, or from the step at which `start_tokens` tokens have been trained on, rows of `seq_len`
+    tokens, `batch_size` of them per step. Give exactly one start. At a boundary the trainer recompiles its step
+    and the input pipeline re-packs the stream at the new length (docs/long_context.md)."""
+
+    seq_len: int
+    batch_size: int
+    start_step: int | None = None
+    start_tokens: float | None = None
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
     optimizer: optim.OptimizerConfig = field(default_factory=optim.OptimizerConfig)
@@ -88,7 +101,7 @@ class TrainConfig:
     z_loss: float = 0.0  # weight of mean(logsumexp^2) (PaLM section 5 uses 1e-4); 0 disables
     # Tokens per chunk of the fused output layer + cross-entropy (llama.loss): the float32 logits exist for one
     # chunk at a time. 0 = the plain path (whole [B, T, V] logits). Default: see docs/benchmarks.md.
-    loss_chunk: int = 4096
+    loss_chunk: int = llama_loss.LOSS_CHUNK
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 100
@@ -98,6 +111,8 @@ class TrainConfig:
     peak_flops: float = 0.0  # per device, for MFU; 0 = look the device kind up in metrics.PEAK_BF16_FLOPS
     eval_every: int = 0  # held-out loss every this many steps and at the end (data.eval_*); 0 disables
     eval_batches: int = 4  # fixed eval batches of batch_size x seq_len (llama/eval.py make_eval_set)
+    # Later stages (Stage); the first stage is (seq_len, batch_size) from step 0. Empty: one stage.
+    stages: tuple[Stage, ...] = ()
 
     def __post_init__(self):
         def need(cond, msg):
@@ -119,6 +134,7 @@ class TrainConfig:
         need(0.0 <= self.data.eval_share < 1.0, f"data.eval_share={self.data.eval_share} must be in [0, 1)")
         need(not self.eval_every or bool(self.data.eval_paths or self.data.eval_share),
              f"eval_every={self.eval_every} needs eval data: data.eval_share (a held-out share) or data.eval_paths")
+        stage_schedule(self)  # the stages' own checks
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -133,7 +149,44 @@ class TrainConfig:
         d["optimizer"] = optim.OptimizerConfig(**d.get("optimizer", {}))
         d["mesh"] = MeshConfig(**d.get("mesh", {}))
         d["data"] = DataConfig(**d.get("data", {}))
+        d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
         return cls(**d)
+
+
+def stage_schedule(cfg: TrainConfig) -> list[tuple[int, int, int]]:
+    """[(start_step, seq_len, batch_size)] of every stage, the first from step 0, token starts resolved to the
+    first step at which that many tokens have been trained on. ConfigError for a stage that does not fit."""
+    out, tokens = [(0, cfg.seq_len, cfg.batch_size)], 0.0  # tokens: trained before out[-1] starts
+    context = cfg.mesh.context
+    for i, s in enumerate((None, *cfg.stages)):
+        where = "TrainConfig" if s is None else f"TrainConfig.stages[{i - 1}]"
+        if s is not None:
+            start0, T0, B0 = out[-1]
+            if (s.start_step is None) == (s.start_tokens is None):
+                raise ConfigError(f"{where}: give exactly one of start_step and start_tokens")
+            start = s.start_step if s.start_step is not None else \
+                start0 + max(0, math.ceil((s.start_tokens - tokens) / (T0 * B0)))
+            if start <= start0:
+                raise ConfigError(f"{where} starts at step {start}, not after the previous stage's start {start0}")
+            tokens += (start - start0) * T0 * B0
+            out.append((start, s.seq_len, s.batch_size))
+        _, T, B = out[-1]
+        if T <= 0 or B <= 0 or B % cfg.micro_batches or T > cfg.model.max_seq_len:
+            raise ConfigError(f"{where}: seq_len={T}, batch_size={B}: expected positive sizes, seq_len <= "
+                              f"model.max_seq_len={cfg.model.max_seq_len}, batch_size divisible by "
+                              f"micro_batches={cfg.micro_batches}")
+        if context > 1 and T % (2 * context):
+            raise ConfigError(f"{where}: seq_len={T} is not divisible by 2 x mesh.context = {2 * context} chunks "
+                              "(context parallelism's load-balanced layout, input_pipeline/context.py)")
+    return out
+
+
+def stage_at(cfg: TrainConfig, step: int) -> tuple[int, TrainConfig]:
+    """(index, config) of the stage that step `step` (0-based) trains in: cfg with that stage's seq_len and
+    batch_size."""
+    schedule = stage_schedule(cfg)
+    i = max(j for j, (start, _, _) in enumerate(schedule) if start <= step)
+    return i, cfg.replace(seq_len=schedule[i][1], batch_size=schedule[i][2])
 
 
 def load_experiment(path: str) -> TrainConfig:
@@ -551,22 +604,29 @@ def main(argv=None) -> int:
         with open(tok.path, "rb") as f:
             manifest.atomic_write(own, f.read())
     holdout = 0.0 if cfg.data.eval_paths else cfg.data.eval_share
-    data = input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,), holdout=holdout), tok,
-                                       seq_len=cfg.seq_len, global_batch_size=cfg.batch_size, seed=cfg.seed)
     eval_set = llama_eval.trainer_eval_set(cfg, source, tok, out) if cfg.eval_every else None
+
+    def open_data(stage: int, scfg: TrainConfig):
+        # Each stage packs the stream anew at its own length (seed + stage: stage 0 is the unstaged run's data).
+        return input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(source,), holdout=holdout), tok,
+                                           seq_len=scfg.seq_len, global_batch_size=scfg.batch_size,
+                                           seed=cfg.seed + stage)
 
     # Model, optimizer state and the step, sharded over the mesh; resume from the latest checkpoint.
     mesh = make_mesh(cfg.mesh)
-    init_fn, step_fn = make_train_step(cfg, mesh)
     mngr = checkpoint_manager(out, cfg)
     start = mngr.latest_step()
+    stage, scfg = stage_at(cfg, start or 0)
+    data = open_data(stage, scfg)
+    init_fn, step_fn = make_train_step(scfg, mesh)
     if start is None:
         state = init_fn(cfg.seed)
         say(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
             f"{jax.process_count()} process(es)")
     else:
         state, data_state, _ = restore_checkpoint(mngr, start, cfg, mesh)
-        data.set_state(data_state)
+        if stage_at(cfg, max(start - 1, 0))[0] == stage:  # else it ends the previous stage: open this one afresh
+            data.set_state(data_state)
         say(f"resuming {out} from step {start}")
     start = start or 0
     from llama import manifest
@@ -585,15 +645,18 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     writer = llama_metrics.MetricsWriter(out) if primary else None
-    flops_per_step = llama_metrics.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+
+    def step_flops(c: TrainConfig) -> float:
+        return llama_metrics.train_flops_per_token(c.model, c.seq_len) * c.batch_size * c.seq_len
+
     peak = llama_metrics.peak_flops(override=cfg.peak_flops)
     last_saved, status, stop, last_eval = start, 0, False, None
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not primary)
     t_prev = time.perf_counter()
 
-    def finish(done: int, m: dict) -> bool:
+    def finish(done: int, m: dict, stage: int, scfg: TrainConfig) -> bool:
         """Fetches step `done`'s metrics (waiting for it), shows and logs them; False, after saying so, when the
-        loss or the gradient norm is not finite."""
+        loss or the gradient norm is not finite. `stage`, `scfg`: the stage that step ran in."""
         nonlocal t_prev
         m = jax.device_get(m)
         now = time.perf_counter()
@@ -608,23 +671,29 @@ def main(argv=None) -> int:
                 file=sys.stderr)
             return False
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{cfg.batch_size * cfg.seq_len / dt:,.0f}")
+        bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{scfg.batch_size * scfg.seq_len / dt:,.0f}")
         if done % cfg.log_every == 0 or done == cfg.steps:
-            scalars = dict(m, step_time_s=dt, tokens_per_s=cfg.batch_size * cfg.seq_len / dt,
-                           mfu=flops_per_step / dt / (peak * mesh.size) if peak else None,
+            scalars = dict(m, step_time_s=dt, tokens_per_s=scfg.batch_size * scfg.seq_len / dt, stage=stage,
+                           mfu=step_flops(scfg) / dt / (peak * mesh.size) if peak else None,
                            memory_bytes=llama_metrics.memory_in_use(), first_step=float(done == start + 1))
             if writer:
                 writer.write(done, scalars)
         return True
 
-    pending = None  # (step number, its metrics, still on the device)
+    pending = None  # (step number, its metrics still on the device, its stage, its stage's config)
     for step in range(start, cfg.steps):
+        if stage_at(cfg, step)[0] != stage:  # a stage boundary: re-pack the data, recompile the step
+            stage, scfg = stage_at(cfg, step)
+            data.close()
+            data = open_data(stage, scfg)
+            _, step_fn = make_train_step(scfg, mesh)
+            say(f"\nstage {stage} from step {step}: {scfg.batch_size} rows x {scfg.seq_len} tokens")
         batch = input_pipeline.to_global_batch(next(data), mesh)
         state, m = step_fn(state, batch)  # dispatched: it runs while the host finishes the step before
         if pending is not None and not finish(*pending):
             status = 1
             break
-        done, pending = step + 1, (step + 1, m)
+        done, pending = step + 1, (step + 1, m, stage, scfg)
         if eval_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             # `state` is step `done`'s here (the next step is not dispatched yet); the eval waits for it
             last_eval = (done, llama_eval.evaluate(state.params, eval_set, cfg=cfg.model, mesh=mesh))

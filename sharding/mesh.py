@@ -1,9 +1,11 @@
-"""The device mesh: three named axes, sizes from config, laid out for the machine's interconnect.
+"""The device mesh: four named axes, sizes from config, laid out for the machine's interconnect.
 
 Axes (MESH_AXES, slowest-varying first): `data` (pure data parallelism: parameters replicated), `fsdp` (data
-parallelism with parameters, gradients and optimizer state sharded ZeRO-3 style) and `tensor` (Megatron-style
-tensor parallelism over heads and the FFN hidden dimension). The fastest-varying axis sits on the closest
-devices, so tensor parallelism, which communicates every layer, stays inside a node.
+parallelism with parameters, gradients and optimizer state sharded ZeRO-3 style), `context` (context
+parallelism: the sequence of every activation split over devices, K/V all-gathered in attention;
+llama/context_parallel.py) and `tensor` (Megatron-style tensor parallelism over heads and the FFN hidden
+dimension). The fastest-varying axes sit on the closest devices, so tensor and context parallelism, which
+communicate every layer, stay inside a node (Llama 3's order, paper section 3.3.2: [TP, CP, PP, DP]).
 
 Multi-node / multi-slice ("hybrid") meshes: `MeshConfig.dcn_*` say how many nodes (GPU processes or TPU slices,
 JAX's "granules") each axis spans; the rest of the axis lies inside a node. The mesh is then built by
@@ -21,11 +23,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 
 class ShardingError(ValueError):
     """A mesh, rule or array whose sizes do not fit together. The message names what and by how much."""
+
+
+def _text(sizes: dict[str, int]) -> str:
+    """'data=2,fsdp=4,tensor=1' (context only when it is used, so meshes without CP read as before)."""
+    return ",".join(f"{a}={s}" for a, s in sizes.items() if a != "context" or s != 1)
 
 
 def _divisors(n: int) -> list[int]:
@@ -36,9 +43,9 @@ def _divisors(n: int) -> list[int]:
 class MeshConfig:
     """Mesh axis sizes (totals over all devices); at most one may be -1 to take the remaining devices.
 
-    dcn_data / dcn_fsdp / dcn_tensor: how many nodes (processes on GPU/CPU, slices on multi-slice TPU) the axis
-    spans; each must divide the axis size and their product must equal the number of nodes. All 1 (default):
-    one node, or a multi-node job whose slowest axis simply follows the process order.
+    dcn_data / dcn_fsdp / dcn_context / dcn_tensor: how many nodes (processes on GPU/CPU, slices on multi-slice
+    TPU) the axis spans; each must divide the axis size and their product must equal the number of nodes. All 1
+    (default): one node, or a multi-node job whose slowest axis simply follows the process order.
     """
 
     data: int = 1
@@ -47,10 +54,12 @@ class MeshConfig:
     dcn_data: int = 1
     dcn_fsdp: int = 1
     dcn_tensor: int = 1
+    context: int = 1  # last, so positional MeshConfig(data, fsdp, tensor) calls keep their meaning
+    dcn_context: int = 1
 
     @classmethod
     def parse(cls, text: str, dcn: str = "") -> "MeshConfig":
-        """'data=2,fsdp=-1,tensor=2' (axes left out are 1) and optionally dcn='data=2'."""
+        """'data=2,fsdp=-1,context=2,tensor=2' (axes left out are 1) and optionally dcn='data=2'."""
 
         def sizes(s: str, what: str) -> dict[str, int]:
             out = {}
@@ -71,12 +80,17 @@ class MeshConfig:
 
     @property
     def dcn(self) -> dict[str, int]:
-        return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "tensor": self.dcn_tensor}
+        return {a: getattr(self, f"dcn_{a}") for a in MESH_AXES}
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The requested sizes (-1 unresolved), in MESH_AXES order."""
+        return {a: getattr(self, a) for a in MESH_AXES}
 
     def shape(self, n_devices: int) -> dict[str, int]:
         """Resolved axis sizes for `n_devices` devices, or a ShardingError saying what would fit."""
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-        text = ",".join(f"{a}={s}" for a, s in sizes.items())
+        sizes = self.sizes
+        text = _text(sizes)
         fill = [a for a, s in sizes.items() if s == -1]
         if len(fill) > 1:
             raise ShardingError(f"mesh {text}: at most one axis may be -1 (fill the remaining devices)")
@@ -96,19 +110,19 @@ class MeshConfig:
 
     def _suggest(self, n: int) -> str:
         """Concrete meshes that fit n devices, keeping as many of the requested sizes as possible."""
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = self.sizes
         options = []
-        for free in MESH_AXES:  # keep two axes as asked (if they divide n), fill the third
+        for free in MESH_AXES:  # keep the other axes as asked (if they divide n), fill this one
             kept = {a: s for a, s in sizes.items() if a != free and s != -1}
             prod = math.prod(kept.values())
             if n % prod == 0:
                 options.append({**{a: 1 for a in MESH_AXES}, **kept, free: n // prod})
         if not options:
             t = max(d for d in _divisors(n) if d <= max(self.tensor, 1))
-            options.append({"data": 1, "fsdp": n // t, "tensor": t})
+            options.append({**{a: 1 for a in MESH_AXES}, "fsdp": n // t, "tensor": t})
         seen, text = set(), []
         for o in options:
-            s = ",".join(f"{a}={o[a]}" for a in MESH_AXES)
+            s = _text({a: o[a] for a in MESH_AXES})
             if s not in seen:
                 seen.add(s)
                 text.append(s)

@@ -34,6 +34,10 @@ Saved bytes per token per layer (a = bytes of the compute dtype; t = tensor size
   a*(D + (N + 2K)*H/t + D + 2F/t + D);
 - "none": every intermediate the backward pass reads: a*(4D + (3N + 3K)*H/t + 4F/t) plus attention's own
   per-token bytes (above: ((4 or 8) + a)*N*T/t for xla, 4*N/t for the blockwise and fused paths).
+Context parallelism (training, context = c > 1, llama/context_parallel.py): each device keeps T/c of every row's
+tokens, so all of the above is per local token, T/c of them; attention adds one layer's all-gathered K and V
+for the whole row, a*2*K*H/t per token of T, and their float32 gradients before the reduce-scatter. Parameters
+are not sharded over `context` (the rules table shards them over fsdp and tensor only).
 Plus, in every policy, one layer's "none" set as the backward pass's working set (the layer being
 differentiated, recomputed if need be, and its gradients' temporaries) and the logits and their gradient, 2a*V/t.
 This is an estimate, calibrated against XLA's TPU compiler (`python -m sharding.compile`, docs/sharding.md);
@@ -62,6 +66,7 @@ import jax
 from llama import cli, model
 from llama.config import ATTENTION_IMPLS, ModelConfig, preset
 from llama.generate import PREFILL_CHUNK
+from llama.loss import LOSS_CHUNK
 from llama.metrics import matmul_params  # noqa: F401  (one FLOPs formula for MFU logging and the planner)
 from llama.metrics import train_flops_per_token as training_flops_per_token
 from sharding import rules
@@ -226,17 +231,22 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
          quantize: str | None = None, batch: int | None = None, seq_len: int = 8192, remat: str | None = None,
          device_memory: float = 80e9, tokens: float = 0.0, mfu: float = 0.0,
          peak_flops: float = H100_BF16_PEAK, param_dtype: str = "float32", attention: str | None = None,
-         cache_dtype: str | None = None, prefill_chunk: int | None = PREFILL_CHUNK) -> Plan:
+         cache_dtype: str | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
+         loss_chunk: int = LOSS_CHUNK) -> Plan:
     """Per-device memory and training FLOPs (module docstring). attention: one of `ATTENTION_IMPLS` ("xla"
     materialises the float32 scores; the others are blockwise); default the config's. cache_dtype: the KV
     cache's (default `dtype`; int8 adds a float32 scale per H-vector, `model.init_cache`). prefill_chunk:
-    inference prompt tokens per prefill pass (None: the whole prompt at once)."""
+    inference prompt tokens per prefill pass (None: the whole prompt at once). loss_chunk: training tokens per chunk
+    of the fused output layer + loss (`TrainConfig.loss_chunk`; 0: whole logits)."""
     if mode not in ("training", "inference"):
         raise ValueError(f"--mode {mode!r}: expected training or inference")
     cfg = cfg.replace(attention_impl=attention or cfg.attention_impl)
     sizes = mesh.shape(n_devices)
-    dp, t = sizes["data"] * sizes["fsdp"], sizes["tensor"]
+    dp, t, cp = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes.get("context", 1)
     remat = remat or cfg.remat
+    local_t = seq_len / cp  # context parallelism: each device's share of a row's tokens
+    kt = t if cfg.n_kv_heads % t == 0 else 1
+    gathered_kv = 0.0 if cp == 1 else 2 * cfg.n_kv_heads * cfg.head_dim / kt * seq_len  # elements, one layer
     a = _BYTES[dtype]
     specs = model.param_specs(cfg)
     if batch is None:
@@ -259,11 +269,15 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         working = activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)  # one layer's backward
         if cfg.attention_impl == "flash":
             working += 4 * cfg.n_heads * cfg.head_dim / t  # its backward's float32 dQ accumulator
-        # the output projection's result and its gradient, in the compute dtype (the float32 cast fuses into
-        # the log-softmax that reads it); 2 x 4 bytes over-estimated XLA's TPU temporaries (1B and 8B at 8K)
-        logits = 2 * a * cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)
-        acts = (b_local * seq_len * (cfg.n_layers * per_layer + working + logits)
-                + attention_tile_bytes(cfg, b_local, seq_len, t, training=True))
+        # The output projection and its gradient. Whole (loss_chunk 0): in the compute dtype per token (the float32
+        # cast fuses into the log-softmax that reads it; 2 x 4 bytes over-estimated XLA's TPU temporaries, 1B and
+        # 8B at 8K). Fused (llama/loss.py): float32 logits and their gradient for one chunk of loss_chunk tokens.
+        vocab_local = cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)
+        tokens_local = b_local * local_t
+        head = (2 * a * vocab_local * tokens_local if not loss_chunk
+                else 2 * 4 * vocab_local * min(loss_chunk, tokens_local))
+        acts = (b_local * (local_t * (cfg.n_layers * per_layer + working) + gathered_kv * (a + 4)) + head
+                + attention_tile_bytes(cfg, b_local, local_t, t, training=True))
     else:
         if quantize == "int8":
             from llama import quant
@@ -304,6 +318,9 @@ def format_plan(p: Plan) -> str:
         lines += [f"  KV cache        {gb(p.kv_cache_bytes)}"]
     lines += [f"  total           {gb(p.total_bytes)}  of {p.device_memory / 1e9:.1f} GB: "
               + ("fits" if p.fits else f"does NOT fit (needs {p.total_bytes / p.device_memory:.2f}x)")]
+    if p.mode == "training" and p.mesh.get("context", 1) > 1:
+        lines += ["  (no pipeline parallelism in this project: Llama 3 trained 405B at 128K tokens with PP 16 as well "
+                  "(paper Table 4); here fsdp takes its devices, so weights are all-gathered every layer instead)"]
     if p.mode == "training":
         lines += [f"training FLOPs: {p.flops_per_token:.4g} per token (6P + 12 L N H T)"]
         if p.tokens:
@@ -351,8 +368,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     mesh = MeshConfig.parse(args.mesh)
-    fixed = [s for s in (mesh.data, mesh.fsdp, mesh.tensor) if s != -1]
-    n = args.devices or (math.prod(fixed) if -1 not in (mesh.data, mesh.fsdp, mesh.tensor) else None)
+    fixed = [s for s in mesh.sizes.values() if s != -1]
+    n = args.devices or (math.prod(fixed) if -1 not in mesh.sizes.values() else None)
     if n is None:
         ap.error("--mesh has a -1 axis: give --devices")
     try:

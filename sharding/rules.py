@@ -25,7 +25,10 @@ from sharding.mesh import MESH_AXES, MeshConfig, ShardingError, make_mesh  # noq
 # Logical axis -> mesh axes (a tuple shards over their product; None replicates). The whole table.
 RULES: Mapping[str, tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),  # activations and input batches: data parallel over both
-    "sequence": None,  # no sequence/context parallelism (see docs/sharding.md)
+    # Context parallelism: the sequence of activations at layer boundaries and of input batches is split over
+    # `context` (in the load-balanced order of input_pipeline/context.py); attention all-gathers K and V
+    # (llama/context_parallel.py). Without a context axis (size 1) this shards nothing.
+    "sequence": ("context",),
     "act_embed": None,  # the residual stream's D at layer boundaries: whole on every device (Megatron)
     "embed": ("fsdp",),  # parameters: ZeRO-3 style sharding of the model dimension
     "vocab": ("tensor",),
@@ -35,8 +38,14 @@ RULES: Mapping[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "layers": None,  # the scanned axis is never sharded
     "norm": None,
-    "cache_sequence": None,
+    # Long-prompt serving: the KV cache's S slots split over `context` (1/CP of the cache per device); XLA
+    # partitions the cached attention's tile reads (no explicit cross-device flash-decoding combine yet).
+    "cache_sequence": ("context",),
 }
+
+# Mesh axes left out of every spec where their size is 1, so a mesh without context parallelism gives exactly
+# the specs (and HLO) it gave before the axis existed.
+OPTIONAL_AXES = ("context",)
 
 ACTIVATION_AXES = ("batch", "sequence", "act_embed")  # the residual stream [B, T, D] between layers
 LOGITS_AXES = ("batch", "sequence", "vocab")  # [B, T, V]
@@ -84,10 +93,17 @@ def check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh) -> Non
                                 f"mesh or the rule for this axis")
 
 
+def _drop_unused(spec: P, mesh_shape: Mapping[str, int]) -> P:
+    """`spec` without the OPTIONAL_AXES of size 1 (or absent from the mesh)."""
+    unused = {a for a in OPTIONAL_AXES if mesh_shape.get(a, 1) == 1}
+    per_dim = [() if d is None else (d,) if isinstance(d, str) else tuple(d) for d in spec]
+    return _spec([tuple(a for a in d if a not in unused) for d in per_dim])
+
+
 def named_sharding(mesh: Mesh, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
                    name: str = "array", rules: Mapping[str, Any] = RULES) -> NamedSharding:
     """Strict: the spec from the rules, checked against `shape` when given."""
-    spec = logical_to_spec(logical_axes, rules)
+    spec = _drop_unused(logical_to_spec(logical_axes, rules), dict(mesh.shape))
     if shape is not None:
         check_divisible(name, shape, spec, mesh)
     return NamedSharding(mesh, spec)
@@ -102,6 +118,8 @@ def fitted_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh_s
     for name, size in zip(logical_axes, shape):
         kept, n = [], 1
         for a in _mesh_axes(name, rules):
+            if a in OPTIONAL_AXES and mesh_shape.get(a, 1) == 1:
+                continue
             if size % (n * mesh_shape[a]) == 0:
                 kept.append(a)
                 n *= mesh_shape[a]

@@ -36,8 +36,8 @@ def test_manifest_records_config_versions_mesh_seeds_env_and_data(tmp_path, monk
     assert env["jax"]["backend"] == "cpu" and env["jax"]["device_count"] == 8 and env["jax"]["process_count"] == 1
     assert "--xla_gpu_deterministic_ops=true" in env["xla_flags"]
     assert "XLA_FLAGS" in env["env"] and "SOME_API_TOKEN" not in env["env"]
-    assert m["mesh"]["axis_names"] == ["data", "fsdp", "tensor"]
-    assert m["mesh"]["shape"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert m["mesh"]["axis_names"] == ["data", "fsdp", "context", "tensor"]
+    assert m["mesh"]["shape"] == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     assert len(m["git"]["commit"]) == 40 and isinstance(m["git"]["dirty"], bool)
     f, d = m["data"]
     assert f["kind"] == "file" and f["size"] == 3000 and len(f["sha256_head"]) == 64

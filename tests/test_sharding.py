@@ -44,12 +44,13 @@ def tokens():
 
 # ------------------------------------------------------------------------------------------------- mesh
 def test_mesh_config_parse_and_fill():
-    assert MeshConfig.parse("data=2,fsdp=-1,tensor=2").shape(8) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert MeshConfig.parse("tensor=8").shape(8) == {"data": 1, "fsdp": 1, "tensor": 8}
-    assert MeshConfig().shape(8) == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert MeshConfig.parse("data=4,fsdp=2", dcn="data=2").dcn == {"data": 2, "fsdp": 1, "tensor": 1}
+    assert MeshConfig.parse("data=2,fsdp=-1,tensor=2").shape(8) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
+    assert MeshConfig.parse("tensor=8").shape(8) == {"data": 1, "fsdp": 1, "context": 1, "tensor": 8}
+    assert MeshConfig().shape(8) == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
+    assert MeshConfig.parse("fsdp=2,context=4").shape(8) == {"data": 1, "fsdp": 2, "context": 4, "tensor": 1}
+    assert MeshConfig.parse("data=4,fsdp=2", dcn="data=2").dcn == {"data": 2, "fsdp": 1, "context": 1, "tensor": 1}
     mesh = make_mesh(MeshConfig.parse("data=2,fsdp=2,tensor=2"))
-    assert mesh.axis_names == rules.MESH_AXES and dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh.axis_names == rules.MESH_AXES and dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
     with pytest.raises(ShardingError, match="expected comma-separated AXIS=SIZE"):
         MeshConfig.parse("model=8")
 

@@ -1,0 +1,286 @@
+"""Long-context retrieval: synthetic passkeys and needle in a haystack, on a grid of lengths x depths.
+
+    python -m llama.passkey passkey --checkpoint RUN_OR_MODEL_DIR [--lengths 256,1024,4096]
+        [--depths 0,0.25,0.5,0.75,1] [--samples 8] [--mesh context=2] [--out DIR]
+    python -m llama.passkey needle  --checkpoint DIR [--corpus haystack.txt] ...
+    python -m llama.passkey corpus  --out passkeys.txt --docs 2000 --max-words 3000   (training text)
+
+passkey (Mohtashami & Jaggi 2023, "Landmark Attention", section 4.2): a random 5-digit key in a sentence
+("The pass key is 71432. Remember it. 71432 is the pass key.") hidden at a given depth inside repeated filler
+("The grass is green. The sky is blue. ..."), asked for at the end ("What is the pass key? The pass key is").
+needle (G. Kamradt's "needle in a haystack", 2023): the sentence "The special magic number is 71432." at a given
+depth inside a window of real text (default: the CPython documentation topics shipped with Python, the
+trainer's embedded corpus), asked for at the end.
+
+Every prompt is exactly `length` tokens including the answer, so a grid cell is one batch of fixed T (and
+context parallelism's 2 x CP chunks divide it whenever they divide the length). Scoring, stated in the
+results: a sample is correct when greedy decoding reproduces every token of the answer (" 71432"), computed in
+one forward pass with the answer teacher-forced (the same thing: greedy decoding continues with the answer's
+tokens exactly when each is the argmax given the ones before). Reported per cell: exact-match accuracy and the
+answer's mean negative log-likelihood per token. Outputs in --out: results.json, heatmap.png, manifest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will "
+         "quiz you about the important information there.")
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+NEEDLE = " The special magic number is {key}."
+NEEDLE_QUESTION = " What is the special magic number? The special magic number is"
+SCORING = ("exact match: greedy decoding reproduces every token of the answer ' KEY' (one forward pass, answer "
+           "teacher-forced; a sample counts 1 when each answer token is the argmax given the tokens before it)")
+TASKS = ("passkey", "needle")
+
+
+class PasskeyError(ValueError):
+    """A grid or corpus that cannot be built (names the flag and what was expected)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    tokens: list[int]  # the prompt followed by the answer: exactly `length` tokens
+    n_answer: int  # the answer's tokens are the last n_answer
+    key: str
+    length: int
+    depth: float
+
+
+def _enc(tok, text: str) -> list[int]:
+    return list(tok.encode(text, bos=False, eos=False))
+
+
+def make_sample(task: str, tok, length: int, depth: float, rng: np.random.Generator,
+                haystack: list[int] | None = None) -> Sample:
+    """One prompt of exactly `length` tokens: BOS, (passkey: the intro,) filler or haystack with the key sentence
+    at `depth` (0 = first, 1 = last), the question and the answer."""
+    key = str(rng.integers(10000, 100000))
+    answer = _enc(tok, " " + key)
+    if task == "passkey":
+        head, line, question = _enc(tok, INTRO), _enc(tok, PASSKEY.format(key=key)), _enc(tok, PASSKEY_QUESTION)
+        unit = _enc(tok, FILLER)
+    else:
+        head, line, question = [], _enc(tok, NEEDLE.format(key=key)), _enc(tok, NEEDLE_QUESTION)
+        unit = None
+    budget = length - 1 - len(head) - len(line) - len(question) - len(answer)
+    if budget < 0:
+        raise PasskeyError(f"--lengths {length}: too short for the {task} prompt (at least "
+                           f"{length - budget} tokens with this tokenizer)")
+    if unit is not None:  # repeated filler; the key goes between two filler sentences
+        fill = (unit * (budget // len(unit) + 1))[:budget]
+        cut = min(int(round(depth * budget / len(unit))) * len(unit), budget)
+    else:  # a random window of the haystack
+        if len(haystack) < budget:
+            raise PasskeyError(f"--corpus: {len(haystack)} tokens, fewer than the {budget} a {length}-token needle "
+                               "prompt needs; give a longer text")
+        start = int(rng.integers(0, len(haystack) - budget + 1))
+        fill, cut = haystack[start:start + budget], int(round(depth * budget))
+    tokens = [tok.bos_id] + head + fill[:cut] + line + fill[cut:] + question + answer
+    assert len(tokens) == length
+    return Sample(tokens, len(answer), key, length, depth)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _predict(params, tokens, targets, *, cfg):
+    """Greedy next tokens and the log-probability of the targets (the next tokens): [B, T] each. Only [B, T]
+    leaves the device, never the [B, T, V] logits."""
+    from llama import model
+
+    logits = model.forward(params, tokens, cfg=cfg)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+    return jnp.argmax(logits, -1).astype(jnp.int32), logp
+
+
+def score(params, cfg, samples: list[Sample], mesh=None) -> tuple[float, float]:
+    """(exact-match accuracy, mean answer NLL per token) of same-length samples, as one batch. On a mesh the
+    rows are split over its batch axes and, with context > 1, put in the load-balanced order first."""
+    from input_pipeline.context import from_load_balanced, mesh_context, to_load_balanced
+
+    rows = np.asarray([s.tokens for s in samples], np.int32)
+    n = len(rows)
+    if mesh is not None:  # pad the batch to a multiple of the data axes (the extra rows are ignored)
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = np.concatenate([rows, np.repeat(rows[:1], -n % dp, 0)])
+    batch = {"tokens": rows, "targets": np.roll(rows, -1, axis=1)}  # the last target is unused
+    if mesh is not None:
+        from sharding.rules import batch_sharding
+
+        cp = mesh_context(mesh)
+        with jax.set_mesh(mesh):
+            placed = {k: jax.device_put(v, batch_sharding(mesh, 2)) for k, v in to_load_balanced(batch, cp).items()}
+            out = _predict(params, placed["tokens"], placed["targets"], cfg=cfg)
+            pred, logp = (from_load_balanced(np.asarray(x), cp) for x in out)
+    else:
+        pred, logp = (np.asarray(x) for x in _predict(params, batch["tokens"], batch["targets"], cfg=cfg))
+    correct, nll = [], []
+    for i, s in enumerate(samples):
+        a = s.n_answer
+        # the answer's tokens rows[i, T-a:] are predicted at positions T-a-1 .. T-2
+        correct.append(bool((pred[i, -a - 1:-1] == rows[i, -a:]).all()))
+        nll.append(float(-logp[i, -a - 1:-1].mean()))
+    return float(np.mean(correct)), float(np.mean(nll))
+
+
+def default_haystack() -> str:
+    """The embedded corpus: the CPython documentation topics (pydoc_data.topics), as the trainer uses."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def evaluate(task: str, params, cfg, tok, *, lengths, depths, samples: int = 8, seed: int = 0, mesh=None,
+             haystack_text: str | None = None) -> dict:
+    """The grid: accuracy[d][l] and nll[d][l] for depths x lengths (None where a length exceeds the model's
+    max_seq_len). The same seed gives the same keys and windows."""
+    if task not in TASKS:
+        raise PasskeyError(f"task {task!r}: expected one of {TASKS}")
+    if not lengths or not depths or samples < 1 or any(not 0 <= d <= 1 for d in depths):
+        raise PasskeyError(f"--lengths {lengths}, --depths {depths}, --samples {samples}: expected lengths, depths "
+                           "in [0, 1] and at least one sample")
+    haystack = _enc(tok, haystack_text or default_haystack()) if task == "needle" else None
+    acc = [[None] * len(lengths) for _ in depths]
+    nll = [[None] * len(lengths) for _ in depths]
+    for j, L in enumerate(lengths):
+        if L > cfg.max_seq_len:
+            continue
+        for i, d in enumerate(depths):
+            rng = np.random.default_rng([seed, L, int(d * 1000)])
+            batch = [make_sample(task, tok, L, d, rng, haystack) for _ in range(samples)]
+            acc[i][j], nll[i][j] = score(params, cfg, batch, mesh)
+    return {"task": task, "scoring": SCORING, "lengths": list(lengths), "depths": list(depths),
+            "samples_per_cell": samples, "seed": seed, "accuracy": acc, "answer_nll": nll,
+            "skipped_lengths": [L for L in lengths if L > cfg.max_seq_len], "model": cfg.name,
+            "max_seq_len": cfg.max_seq_len}
+
+
+def heatmap(results: dict, path: str, title: str | None = None) -> str:
+    """Accuracy over depth (rows) x length (columns), written to a temp file and renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = np.array([[np.nan if a is None else a for a in row] for row in results["accuracy"]], float)
+    fig, ax = plt.subplots(figsize=(1.2 * len(results["lengths"]) + 2, 0.6 * len(results["depths"]) + 1.5), dpi=110)
+    im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(results["lengths"])), [str(n) for n in results["lengths"]])
+    ax.set_yticks(range(len(results["depths"])), [f"{d:.0%}" for d in results["depths"]])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("key depth")
+    for (i, j), a in np.ndenumerate(acc):
+        ax.text(j, i, "-" if np.isnan(a) else f"{a:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax, label="exact-match accuracy")
+    ax.set_title(title or f"{results['task']}: {results['model']}")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(results: dict, out: str, *, mesh=None, extra: dict | None = None) -> dict[str, str]:
+    """results.json, heatmap.png and manifest.json in `out` (each written to a temp file and renamed)."""
+    from llama import manifest
+
+    os.makedirs(out, exist_ok=True)
+    paths = {"results": manifest.atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n"),
+             "heatmap": heatmap(results, os.path.join(out, "heatmap.png"))}
+    paths["manifest"] = manifest.write_manifest(out, mesh=mesh, seeds={"samples": results["seed"]},
+                                                extra={"task": results["task"], **(extra or {})})
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ training text
+def training_corpus(path: str, *, docs: int, max_words: int, seed: int = 0) -> str:
+    """Passkey documents for pre-training (the CPU experiment): filler of 20..max_words words with a key at a
+    random depth, the question and the answer, one document per record, separated by <|endoftext|>."""
+    from llama import manifest
+    from llama.train import CORPUS_SEPARATOR
+
+    rng = np.random.default_rng(seed)
+    n_filler = len(FILLER.split())
+    out = []
+    for _ in range(docs):
+        key = str(rng.integers(10000, 100000))
+        units = int(rng.integers(1, max(2, max_words // n_filler)))
+        cut = int(rng.integers(0, units + 1))
+        out.append(INTRO + FILLER * cut + PASSKEY.format(key=key) + FILLER * (units - cut) + PASSKEY_QUESTION
+                   + f" {key}.")
+    return manifest.atomic_write(path, f"\n{CORPUS_SEPARATOR}\n".join(out))
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PasskeyError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PasskeyError(f"{flag} {text!r}: expected comma-separated numbers in [0, 1]") from None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llama.passkey", description=__doc__.split("\n\n")[0])
+    ap.add_argument("task", choices=TASKS + ("corpus",))
+    ap.add_argument("--checkpoint", help="a model checkpoint or training run directory")
+    ap.add_argument("--tokenizer", help="tokenizer file (default: the checkpoint's tokenizer.model, else Llama 3's)")
+    ap.add_argument("--lengths", default="256,1024,4096", help="context lengths in tokens, comma-separated")
+    ap.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="key depths in [0, 1], comma-separated")
+    ap.add_argument("--samples", type=int, default=8, help="prompts per cell")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus", help="needle: the haystack text file (default: the CPython docs topics)")
+    ap.add_argument("--mesh", help="e.g. context=4 or fsdp=2,context=4 (default: one device)")
+    ap.add_argument("--out", help="output directory (default runs/<task>)")
+    ap.add_argument("--docs", type=int, default=2000, help="corpus: number of documents")
+    ap.add_argument("--max-words", type=int, default=200, help="corpus: the longest filler, in words")
+    args = ap.parse_args(argv)
+    try:
+        if args.task == "corpus":
+            print(training_corpus(args.out or "passkeys.txt", docs=args.docs, max_words=args.max_words, seed=args.seed))
+            return 0
+        if not args.checkpoint:
+            raise PasskeyError("--checkpoint is required for passkey and needle")
+        from llama.generate import load_for_inference, load_tokenizer_for
+
+        cfg, params, mesh = load_for_inference(args.checkpoint, mesh_text=args.mesh)
+        tok = load_tokenizer_for(args.checkpoint, args.tokenizer)
+        text = None
+        if args.corpus:
+            if not os.path.isfile(args.corpus):
+                raise PasskeyError(f"--corpus {args.corpus}: file not found")
+            text = open(args.corpus, encoding="utf-8", errors="replace").read()
+        results = evaluate(args.task, params, cfg, tok, lengths=_ints(args.lengths, "--lengths"),
+                           depths=_floats(args.depths, "--depths"), samples=args.samples, seed=args.seed, mesh=mesh,
+                           haystack_text=text)
+        out = args.out or os.path.join("runs", args.task)
+        paths = write_results(results, out, mesh=mesh, extra={"checkpoint": os.path.abspath(args.checkpoint),
+                                                              "corpus": args.corpus or "pydoc_data.topics"})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for d, row in zip(results["depths"], results["accuracy"]):
+        print(f"depth {d:5.0%}: " + "  ".join("  -  " if a is None else f"{a:.2f}" for a in row))
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Passkey and needle-in-a-haystack evaluation: prompts of exactly the grid's length with the key where the depth
+says, the scoring's indexing against an oracle, the same scores on a context-parallel mesh as on one device,
+and the CLI's results.json, heatmap.png and manifest.json."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import require_shared
+from llama import model, passkey
+from llama.config import TINY
+from llama.tokenizer import load_tokenizer
+from sharding.mesh import MeshConfig, make_mesh
+
+CFG = TINY.replace(vocab_size=512, attention_block_q=16, attention_block_k=16)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(require_shared("assets", "llama2c_stories260K", "tok512.model"))
+
+
+@pytest.mark.parametrize("task", passkey.TASKS)
+def test_prompts_have_the_length_and_the_key_at_the_depth(tok, task):
+    hay = passkey._enc(tok, passkey.default_haystack()[:20000]) if task == "needle" else None
+    for depth in (0.0, 0.5, 1.0):
+        s = passkey.make_sample(task, tok, 256, depth, np.random.default_rng(0), hay)
+        assert len(s.tokens) == 256 and s.tokens[0] == tok.bos_id
+        assert s.tokens[-s.n_answer:] == passkey._enc(tok, " " + s.key)
+        text = tok.decode(s.tokens[1:])
+        # the key sentence's character position within the filler / haystack (after the intro, before the question)
+        lo = text.index("information there.") + len("information there.") if task == "passkey" else 0
+        hi = text.rindex("What is the")
+        line = (passkey.PASSKEY if task == "passkey" else passkey.NEEDLE).format(key=s.key).strip()
+        where = (text.index(line) - lo) / (hi - lo - len(line))
+        assert abs(where - depth) < 0.15, (task, depth, where)
+        assert text.endswith(f"is {s.key}")
+    with pytest.raises(passkey.PasskeyError, match="--lengths 16: too short for the passkey prompt"):
+        passkey.make_sample("passkey", tok, 16, 0.5, np.random.default_rng(0))
+
+
+def test_scoring_against_an_oracle(tok, monkeypatch):
+    samples = [passkey.make_sample("passkey", tok, 256, 0.5, np.random.default_rng(i)) for i in range(3)]
+
+    def oracle(params, tokens, targets, *, cfg):  # predicts every next token right but row 1's last answer token
+        nxt = np.roll(np.asarray(tokens), -1, axis=1)
+        nxt[1, -2] += 1
+        return nxt, np.full(nxt.shape, -0.5, np.float32)
+
+    monkeypatch.setattr(passkey, "_predict", oracle)
+    acc, nll = passkey.score(None, CFG, samples)
+    assert acc == pytest.approx(2 / 3) and nll == pytest.approx(0.5)
+
+
+def test_scores_on_a_context_parallel_mesh_equal_one_device(tok):
+    params = model.init_params(CFG, jax.random.key(0))
+    samples = [passkey.make_sample("passkey", tok, 256, d, np.random.default_rng(1)) for d in (0.2, 0.8)]
+    with jax.default_matmul_precision("highest"):
+        one = passkey.score(params, CFG, samples)
+        cp = passkey.score(params, CFG, samples, make_mesh(MeshConfig(fsdp=2, context=4)))
+    assert cp[0] == one[0] and cp[1] == pytest.approx(one[1], rel=1e-5)  # float32 reduction order only
+
+
+def test_cli_writes_results_heatmap_and_manifest(tmp_path, tok):
+    from llama.checkpoint import save_model
+
+    ckpt = str(tmp_path / "model")
+    save_model(ckpt, CFG, model.init_params(CFG, jax.random.key(0)))
+    shutil.copy(tok.path, os.path.join(ckpt, "tokenizer.model"))
+    out = str(tmp_path / "needle")
+    assert passkey.main(["needle", "--checkpoint", ckpt, "--lengths", "128,512", "--depths", "0,1", "--samples", "2",
+                         "--out", out]) == 0
+    r = json.load(open(os.path.join(out, "results.json")))
+    assert r["lengths"] == [128, 512] and r["skipped_lengths"] == [512]  # TINY's max_seq_len is 256
+    assert [row[1] for row in r["accuracy"]] == [None, None] and all(0 <= row[0] <= 1 for row in r["accuracy"])
+    assert "exact match" in r["scoring"]
+    assert os.path.getsize(os.path.join(out, "heatmap.png")) > 1000
+    assert json.load(open(os.path.join(out, "manifest.json")))["extra"]["task"] == "needle"
+    assert passkey.main(["passkey", "--checkpoint", ckpt, "--depths", "2"]) == 2  # a depth outside [0, 1]
