@@ -64,7 +64,7 @@ def query_logprobs(params, tokens, positions, segment_ids, q_pos, q_tok, *, cfg:
 
     tokens, positions, segment_ids: [B, T]; q_pos, q_tok: [B, Q] (q_pos None: Q = T, query i reads position
     i, the layout of a training batch with q_tok = targets). Returns float32 logp [B, Q], bool greedy [B, Q].
-    The one loss of this project's evaluation: the trainer's held-out loss calls it too.
+    Task scoring (ppl, choice) reads it; the trainer's held-out loss is the trainer's own loss (`_nll_sums`).
     """
     logits = model.forward(params, tokens, positions, segment_ids, cfg=cfg)  # [B, T, V] float32
     if q_pos is not None:
@@ -77,10 +77,14 @@ _query_jit = jax.jit(query_logprobs, static_argnames=("cfg",))
 
 
 def _nll_sums(params, batch, *, cfg: ModelConfig):
-    logp, _ = query_logprobs(params, batch["tokens"], batch["positions"], batch["segment_ids"], None,
-                             batch["targets"], cfg=cfg)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return -jnp.sum(logp * mask), jnp.sum(mask)
+    """(summed next-token loss, token count) of a training-layout batch: the trainer's own loss (llama/loss.py, the
+    output layer fused with the cross-entropy over chunks, so no [B, T, V] logits exist)."""
+    from llama import loss as llama_loss
+
+    h = model.hidden_states(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=cfg)
+    _, (nll_sum, _) = llama_loss.next_token_loss(params, h, batch["targets"], batch["loss_mask"], cfg=cfg,
+                                                 chunk=llama_loss.LOSS_CHUNK)
+    return nll_sum, jnp.sum(batch["loss_mask"].astype(jnp.float32))
 
 
 _nll_sums_jit = jax.jit(_nll_sums, static_argnames=("cfg",))
