@@ -82,7 +82,8 @@ class TrainConfig:
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many and scanned
     z_loss: float = 0.0  # weight of mean(logsumexp^2) (PaLM section 5 uses 1e-4); 0 disables
     # Tokens per chunk of the fused output layer + cross-entropy (llama.loss): the float32 logits exist for one
-    # chunk at a time. 0 = the plain path (whole [B, T, V] logits). Default: see docs/benchmarks.md.
+    # chunk at a time. 0 = the plain path (whole [B, T, V] logits). 4096: a chunk's logits stay at 2.1 GB at
+    # Llama 3's vocabulary whatever the batch, and its matmul is still large (docs/benchmarks.md).
     loss_chunk: int = 4096
     seed: int = 0
     log_every: int = 10
