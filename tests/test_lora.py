@@ -122,3 +122,17 @@ def test_bad_configs_and_inputs_are_clear_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["orbax-to-peft", str(tmp_path / "empty"), str(tmp_path / "peft")]) == 2
     assert "not a LoRA adapter checkpoint" in capsys.readouterr().err
+
+
+def test_adapters_shard_like_their_base_weight():
+    from jax.sharding import PartitionSpec as P
+
+    from sharding.mesh import MeshConfig, make_mesh
+    from sharding.rules import param_shardings
+
+    mesh = make_mesh(MeshConfig.parse("data=2,fsdp=2,tensor=2"))
+    sh = param_shardings(lora.adapter_specs(CFG, LCFG), mesh)
+    # A keeps the base's input axes (D over fsdp; wo's heads over tensor), B its output axes; the rank is whole.
+    assert sh["wq"]["a"].spec == P(None, "fsdp", None) and sh["wq"]["b"].spec == P(None, None, "tensor", None)
+    assert sh["wo"]["a"].spec == P(None, "tensor", None, None) and sh["wo"]["b"].spec == P(None, None, "fsdp")
+    assert sh["w_down"]["a"].spec == P(None, "tensor", None) and sh["w_down"]["b"].spec == P(None, None, "fsdp")
