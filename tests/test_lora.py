@@ -136,3 +136,22 @@ def test_adapters_shard_like_their_base_weight():
     assert sh["wq"]["a"].spec == P(None, "fsdp", None) and sh["wq"]["b"].spec == P(None, None, "tensor", None)
     assert sh["wo"]["a"].spec == P(None, "tensor", None, None) and sh["wo"]["b"].spec == P(None, None, "fsdp")
     assert sh["w_down"]["a"].spec == P(None, "tensor", None) and sh["w_down"]["b"].spec == P(None, None, "fsdp")
+
+
+def test_peft_export_is_atomic_and_overwrites_only_a_peft_adapter(tmp_path, capsys):
+    lora.save_adapters(str(tmp_path / "ad"), CFG, LCFG, random_adapters())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["orbax-to-peft", str(tmp_path / "ad"), str(tmp_path / "mine"), "--overwrite"]) == 2
+    assert "not a PEFT adapter directory" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    assert main(["orbax-to-peft", str(tmp_path / "ad"), str(tmp_path / "peft")]) == 0
+    assert main(["orbax-to-peft", str(tmp_path / "ad"), str(tmp_path / "peft")]) == 2  # exists, no --overwrite
+    assert main(["orbax-to-peft", str(tmp_path / "ad"), str(tmp_path / "peft"), "--overwrite", "--dtype", "bfloat16"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "mine", "peft"]  # no staging directory left
+    from llama.tensor_files import read_safetensors_header
+
+    header = read_safetensors_header(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert len(header) == 2 * len(lora.TARGETS) * CFG.n_layers
+    assert header["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"].shape == (4, CFG.n_heads * CFG.head_dim)
+    assert header["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (CFG.dim, 4)
