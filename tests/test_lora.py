@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft  # requirements-test.txt: the reference this export is checked against
 import pytest
 import torch
 
@@ -52,7 +53,6 @@ def test_init_declaration_and_forward_equals_merged():
 
 
 def test_peft_export_matches_peft_and_transformers(tmp_path, capsys):
-    peft = pytest.importorskip("peft")
     params, ad = random_params(CFG), random_adapters()
     save_model(str(tmp_path / "base"), CFG, params)
     convert("orbax-to-hf", str(tmp_path / "base"), str(tmp_path / "hf"), progress=False)
