@@ -48,6 +48,11 @@ def test_init_declaration_and_forward_equals_merged():
     adapted = our_logits(CFG, lora.apply(params, ad, LCFG), tokens)
     np.testing.assert_allclose(adapted, our_logits(CFG, lora.merge(params, ad, LCFG), tokens), atol=TOL, rtol=0)
     assert np.abs(adapted - our_logits(CFG, params, tokens)).max() > 100 * TOL  # the adapters matter
+    # The KV-cache path goes through the same model.linear.
+    cached, _ = model.forward_cached(lora.apply(params, ad, LCFG), jnp.asarray(tokens),
+                                     jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+                                     model.init_cache(CFG, tokens.shape[0], tokens.shape[1]), cfg=CFG)
+    np.testing.assert_allclose(np.asarray(cached), adapted, atol=TOL, rtol=0)
     # A fresh adapter (B = 0) leaves the model as it was.
     np.testing.assert_array_equal(our_logits(CFG, lora.apply(params, fresh, LCFG), tokens), our_logits(CFG, params, tokens))
 
