@@ -11,6 +11,7 @@ permuted once on the way in (facts sheet 4.1-4.2). Everything here is numpy on t
                             [--quantize int8]   (to orbax: an int8 checkpoint, served as it is)
     e.g. hf-to-orbax HF_DIR CKPT; orbax-to-hf CKPT_OR_RUN HF_DIR; meta-to-orbax META_DIR CKPT;
     llama2c-to-hf stories260K.bin HF_DIR. See docs/checkpoints.md.
+    python -m llama.convert orbax-to-peft ADAPTERS PEFT_DIR [--base-model HF_DIR]   (LoRA: docs/post_training.md)
 """
 
 from __future__ import annotations
@@ -455,6 +456,61 @@ def write_hf(dst: str, cfg: ModelConfig, state: Mapping[str, np.ndarray], *, whe
     return files
 
 
+# --------------------------------------------------------------------------------------- LoRA -> PEFT
+PEFT_PREFIX = "base_model.model."  # PeftModel wraps LlamaForCausalLM (peft/utils/save_and_load.py drops the adapter name)
+
+
+def peft_state(cfg: ModelConfig, lcfg, adapters: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """This project's adapters (llama/lora.py) -> PEFT LoRA tensors: `...q_proj.lora_A.weight` [r, in] and
+    `...lora_B.weight` [out, r], torch layout like the weights in TABLE (wq's rows are already rotate-half)."""
+    by_param = {t.param[-1]: t for t in TABLE if t.param[0] == "layers"}
+    state = {}
+    for target in lcfg.targets:
+        t, a, b = by_param[target], np.asarray(adapters[target]["a"]), np.asarray(adapters[target]["b"])
+        for i, name in enumerate(hf_names(t, cfg)):
+            module = PEFT_PREFIX + name.removesuffix(".weight")
+            state[module + ".lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, lcfg.rank).T)
+            state[module + ".lora_B.weight"] = np.ascontiguousarray(b[i].reshape(lcfg.rank, -1).T)
+    return state
+
+
+def write_peft(src: str, dst: str, *, dtype: str | None = None, overwrite: bool = False,
+               base_model: str | None = None) -> dict[str, Any]:
+    """A LoRA adapter checkpoint (llama.lora.save_adapters) -> a PEFT adapter directory: adapter_config.json and
+    adapter_model.safetensors, staged then renamed. `base_model` (default: the base recorded with the adapters)
+    goes to base_model_name_or_path; point it at this project's orbax-to-hf export of the base."""
+    from llama import lora
+    from llama.checkpoint import commit_dir, staging_dir
+
+    start = time.time()
+    manifest.check_no_overlap(dst, {"SRC": src}, "DST")
+    cfg, lcfg, adapters, base = lora.load_adapters(src)
+    if overwrite:
+        manifest.check_replaceable(dst, "DST", lambda d: os.path.isfile(os.path.join(d, "adapter_config.json")),
+                                   "a PEFT adapter directory (adapter_config.json)")
+    out_dtype = np.dtype(dtype or "float32")
+    state = {n: x.astype(out_dtype) for n, x in peft_state(cfg, lcfg, adapters).items()}
+    by_param = {t.param[-1]: t for t in TABLE}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lcfg.rank, "lora_alpha": lcfg.alpha,
+              "lora_dropout": lcfg.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+              "inference_mode": True, "base_model_name_or_path": base_model or base,
+              "target_modules": sorted(by_param[t].hf.split(".")[-2] for t in lcfg.targets)}
+    tmp = staging_dir(dst, overwrite)
+    try:
+        plan = [(n, x.shape, x.dtype) for n, x in state.items()]
+        write_safetensors_shards(tmp, iter(state.items()), plan, shard_bytes=2**62)  # one file
+        os.replace(os.path.join(tmp, "model.safetensors"), os.path.join(tmp, "adapter_model.safetensors"))
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        commit_dir(tmp, dst)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise manifest.naming(e, dst)
+    return {"direction": "orbax-to-peft", "src": src, "dst": os.path.abspath(dst), "dtype": str(out_dtype),
+            "params": sum(x.size for x in state.values()), "rank": lcfg.rank, "targets": config["target_modules"],
+            "files": ["adapter_config.json", "adapter_model.safetensors"], "seconds": round(time.time() - start, 2)}
+
+
 def convert(direction: str, src: str, dst: str, *, dtype: str | None = None, shard_bytes: int = 5 * 2**30,
             overwrite: bool = False, progress: bool = True, quantize: str | None = None) -> dict[str, Any]:
     """One conversion, e.g. convert("hf-to-orbax", "Llama-3.1-8B", "ckpt/8b", dtype="bfloat16"). Returns a
@@ -513,7 +569,8 @@ def _stored_bytes(cfg: ModelConfig, quantize: str | None) -> int:
 def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="python -m llama.convert", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("direction", help="SRC-to-DST with SRC in hf, meta, llama2c, orbax and DST in hf, orbax")
+    ap.add_argument("direction", help="SRC-to-DST with SRC in hf, meta, llama2c, orbax and DST in hf, orbax; or "
+                    "orbax-to-peft (a LoRA adapter checkpoint, llama/lora.py, to a PEFT adapter directory)")
     ap.add_argument("src")
     ap.add_argument("dst")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the source's dtype")
@@ -521,7 +578,16 @@ def main(argv=None) -> int:
                     help="largest safetensors shard for *-to-hf (default 5GB = 5 GiB; KB/MB/GB are powers of 1024)")
     ap.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once done)")
     ap.add_argument("--quantize", choices=("int8",), help="*-to-orbax: store int8 linear weights (llama/quant.py)")
+    ap.add_argument("--base-model", help="orbax-to-peft: base_model_name_or_path in adapter_config.json "
+                    "(default: the base recorded with the adapters)")
     args = ap.parse_args(argv)
+    if args.direction == "orbax-to-peft":
+        if args.quantize:
+            raise ConvertError("--quantize: orbax-to-peft exports LoRA adapters, which are not quantized")
+        s = write_peft(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, base_model=args.base_model)
+        print(f"wrote {s['dst']} (orbax-to-peft, {s['dtype']}): LoRA rank {s['rank']} on {', '.join(s['targets'])}, "
+              f"{s['params']:,} parameters in {s['seconds']} s\n  files: {', '.join(s['files'])}")
+        return 0
     summary = convert(args.direction, args.src, args.dst, dtype=args.dtype, shard_bytes=args.shard_size,
                       overwrite=args.overwrite, quantize=args.quantize)  # errors: cli.command (exit 2)
     c = summary["config"]

@@ -13,6 +13,7 @@ checkpoints (interleaved pairs) are permuted once at conversion time (facts shee
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -112,10 +113,30 @@ def int8_symmetric(x: jax.Array, axes: tuple[int, ...]) -> QuantizedWeight:
     return QuantizedWeight(q=jnp.clip(jnp.round(x32 / scale), -127, 127).astype(jnp.int8), scale=scale)
 
 
+@jax.tree_util.register_dataclass
+@dataclass
+class LoraWeight:
+    """A frozen weight plus a low-rank update (llama/lora.py): W + scale * A @ B, never materialised. `base` is a
+    weight or a QuantizedWeight; a: [in..., r], b: [r, out...] (each with the leading L axis while stacked)."""
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+
 def linear(eqn: str, x: jax.Array, w) -> jax.Array:
-    """Every projection goes through here, so int8 weights need no second code path. For int8 the
-    matmul reads the int8 tensor and converts it inside the fused dot; the per-channel scale is applied to
-    the (much smaller) output."""
+    """Every projection goes through here, so int8 weights and LoRA adapters need no second code path. For int8
+    the matmul reads the int8 tensor and converts it inside the fused dot; the per-channel scale is applied to
+    the (much smaller) output. For LoRA the adapter path is (x A) B, rank-r wide (R: the rank axis)."""
+    if isinstance(w, LoraWeight):
+        ins, out = eqn.split("->")
+        xs, ws = ins.split(",")
+        w_in, w_out = "".join(a for a in ws if a in xs), "".join(a for a in ws if a not in xs)
+        rest = "".join(a for a in xs if a not in ws)  # B, T
+        xa = jnp.einsum(f"{xs},{w_in}R->{rest}R", x, w.a.astype(x.dtype))
+        delta = jnp.einsum(f"{rest}R,R{w_out}->{out}", xa, w.b.astype(x.dtype))
+        return linear(eqn, x, w.base) + (w.scale * delta).astype(x.dtype)
     if isinstance(w, QuantizedWeight):
         out = jnp.einsum(eqn, x, w.q.astype(x.dtype))
         out_axes = eqn.split("->")[1]
