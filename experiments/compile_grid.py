@@ -25,7 +25,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("1b-decode-v5e4", ["--preset", "llama3.2-1b", "--mode", "decode", "--topology", "v5e:2x2", "--mesh", "tensor=4"]),
     ("8b-train-v5p8", ["--preset", "llama3.1-8b", "--mode", "training", "--topology", "v5p:2x2x2", "--mesh", "fsdp=8",
                        "--remat", "full"]),
-    ("8b-prefill-v5e4", ["--preset", "llama3.1-8b", "--mode", "prefill", "--topology", "v5e:2x2", "--mesh", "tensor=4"]),
+    ("8b-prefill-v5e4", ["--preset", "llama3.1-8b", "--mode", "prefill", "--topology", "v5e:2x2", "--mesh",
+                         "tensor=4"]),
     ("8b-decode-v5e4", ["--preset", "llama3.1-8b", "--mode", "decode", "--topology", "v5e:2x2", "--mesh", "tensor=4"]),
     ("8b-decode-int8-v5e4", ["--preset", "llama3.1-8b", "--mode", "decode", "--topology", "v5e:2x2", "--mesh",
                              "tensor=4", "--quantize", "int8"]),
@@ -78,8 +79,9 @@ def replan(r: dict) -> dict:
     from sharding.mesh import MeshConfig
 
     cfg = preset(r["model"])
-    cfg = cfg.replace(param_dtype=r["param_dtype"], compute_dtype=r["compute_dtype"], attention_impl=r["attention_impl"],
-                      remat=r["remat"] or cfg.remat, max_seq_len=max(cfg.max_seq_len, r["seq_len"]))
+    cfg = cfg.replace(param_dtype=r["param_dtype"], compute_dtype=r["compute_dtype"],
+                      attention_impl=r["attention_impl"], remat=r["remat"] or cfg.remat,
+                      max_seq_len=max(cfg.max_seq_len, r["seq_len"]))
     case = C.Case(r["mode"], r["batch"], r["seq_len"], r["quantize"], r["cache_dtype"],
                   micro_batches=r.get("micro_batches") or 1)
     r.setdefault("planner_at_run", r["planner"])
@@ -101,7 +103,8 @@ def table(results: list[dict]) -> str:
             continue
         if r["xla"] is None:  # XLA's TPU compiler refused: it does not fit
             oom, mesh = r["xla_out_of_memory"], ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
-            need = f"needs {oom['required_bytes'] / 1e9:.1f} GB {oom['what']}" if "required_bytes" in oom else oom["message"]
+            need = (f"needs {oom['required_bytes'] / 1e9:.1f} GB {oom['what']}" if "required_bytes" in oom
+                    else oom["message"])
             rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | | | | XLA: {need} | {gb(r['planner']['total'])} | | "
                         f"{r['hbm_bytes'] / 2**30:.0f} | NO | {r['compile_s']:.0f} | |")
             continue

@@ -121,7 +121,8 @@ def topology_devices(topology: str) -> list:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as e:  # noqa: BLE001  (libtpu's errors are JaxRuntimeError/RuntimeError with its text)
         raise CompileError(f"--topology {topology!r}: libtpu cannot build this topology ({str(e).strip()[:300]}); "
-                           f"expected e.g. v5e:2x2, v5p:2x2x1, v6e:16x16, v4:2x2x2 (a shape the chip comes in)") from None
+                           f"expected e.g. v5e:2x2, v5p:2x2x1, v6e:16x16, v4:2x2x2 (a shape the chip comes in)"
+                           ) from None
 
 
 def chip_info(device) -> tuple[str, float, float | None]:

@@ -11,7 +11,7 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
   the embedding stays in --dtype); training keeps float32 master parameters (as `llama.train` does);
 - optimizer state: AdamW's mu and nu, sharded and typed like the parameters (optax's default);
 - gradients: float32, sharded like the parameters (`llama.train.compute_grads` accumulates in float32); and the
-  update temporaries: the weight gradients in the compute dtype before that cast and AdamW's float32 update;
+  update temporaries: the weight gradients in the compute dtype, before that cast;
 - activations: what the backward pass keeps, per layer and token, for the remat policy (below), times
   L x local batch x T, plus one layer's working set and the logits; inference: one layer's forward working set
   (`inference_bytes_per_token`) for one prefill chunk (`--prefill-chunk` tokens, llama.generate's default 4096)
@@ -97,7 +97,7 @@ class Plan:
     tokens: float = 0.0
     mfu: float = 0.0
     peak_flops: float = H100_BF16_PEAK
-    update_bytes: float = 0.0  # training: the weight gradients in the compute dtype and AdamW's float32 update
+    update_bytes: float = 0.0  # training: the weight gradients in the compute dtype, before their float32 cast
 
     @property
     def total_bytes(self) -> float:
@@ -260,11 +260,11 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         opt = 2 * params  # AdamW mu and nu, like the parameters
         grads = sharded_bytes(specs, sizes, lambda p, s: 4)
         # Besides the float32 gradients, the step holds the weights' gradients as the backward's matmuls produce
-        # them (compute dtype, before the cast) and AdamW's float32 update tree before it is applied: (a + 4)
-        # bytes per parameter. Without it the planner under-estimated XLA's TPU temporaries for the 405B step by
-        # 16.4 GB on 256 chips and 7.2 GB on 4096 (the difference, 9.2 GB, is 1.55x the gradients' 5.9 GB
-        # difference; docs/sharding.md).
-        update = grads * (a + 4) / 4
+        # them, in the compute dtype before the cast: a bytes per parameter. Fitted on five TPU compiles (1B on 8
+        # and 4 chips, 8B on 8, 405B on 256 and 4096; docs/sharding.md): temp ratios 1.04 / 1.11 / 0.98 / 1.24 /
+        # 1.15 with it, 1.05 / 1.21 / 1.05 / 1.32 / 1.16 without; a float32 update tree as well (a + 4) fits the
+        # 405B steps better (1.11, 1.14) but over-estimates 8B (0.86) and 1B on 4 chips (0.84).
+        update = grads * a / 4
         per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
         working = activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)  # one layer's backward
         if cfg.attention_impl == "flash":

@@ -69,6 +69,7 @@ def test_1b_train_step_and_decode_compile_for_tpu_and_match_the_planner(topology
     train = _compile(LLAMA32_1B, topology, mesh, "training", batch=4, seq_len=2048)
     _check_memory_parsed(train, chips, kind)
     x, p = train["xla"], train["planner"]
+    print(f"{topology} {mesh}: XLA temp {x['temp'] / 1e9:.2f} GB, planner {p['temp'] / 1e9:.2f} GB")
     assert x["argument"] == pytest.approx(p["argument"], rel=0.02)
     assert x["temp"] == pytest.approx(p["temp"], rel=0.15)
     decode = _compile(LLAMA32_1B, topology, mesh, "decode", batch=4, seq_len=2048)
