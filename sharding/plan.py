@@ -19,8 +19,8 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
 - attention (llama/attention.py): "xla" materialises the float32 scores and the probabilities, (4 + a)*N*S bytes
   per query token in bf16 (the mask fuses into the scores' fusion) and (8 + a)*N*S in float32 (S = T, the keys it
   attends to); "flash", "cudnn" and "splash" keep a float32 log-sum-exp per query head (4*N) and, per layer
-  whatever T, a few float32 tiles [B, N, block_q, block_k] (scores, probabilities; in the backward also dP and dS:
-  4 of them) plus the float32 [B, block_q, N, H] output accumulator; flash's backward adds a float32 dQ
+  whatever T, a few float32 tiles [B, N, block_q, block_k] (scores and probabilities; in the backward the
+  probabilities, dP and dS: 3 of them) plus the float32 [B, block_q, N, H] output accumulator; flash's backward adds a float32 dQ
   accumulator (4*N*H per token);
 - KV cache (inference): [L, B, K, S, H] in --dtype (or --cache-dtype; int8: 1 + 4/H bytes per element), with
   the cache's fitted sharding (KV heads over tensor only where they divide, batch over data x fsdp only where it
@@ -180,7 +180,11 @@ def attention_tile_bytes(cfg: ModelConfig, batch: float, seq_len: int, tensor: i
 
     bq, bk = cfg.attention_block_q or ACCELERATOR_BLOCKS[0], cfg.attention_block_k or ACCELERATOR_BLOCKS[1]
     N, bq, bk = cfg.n_heads / tensor, min(bq, seq_len), min(bk, seq_len)
-    return batch * (4 * (4 if training else 2) * N * bq * bk + 4 * N * bq * cfg.head_dim)
+    # float32 tiles alive at once: forward, the scores and the probabilities; backward (attention._flash_bwd), the
+    # probabilities, dP and dS (the scores fuse into the probabilities' exp). Counting four in the backward
+    # over-estimated XLA's CPU temporaries once the kernel took query slots (tests/test_plan.py, save_matmuls: 104.6
+    # vs 80.3 MB); with three the three policies measure 0.85-1.20.
+    return batch * (4 * (3 if training else 2) * N * bq * bk + 4 * N * bq * cfg.head_dim)
 
 
 def activation_bytes_per_token_layer(cfg: ModelConfig, remat: str, seq_len: int, tensor: int, a: int) -> float:

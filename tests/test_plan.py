@@ -77,7 +77,7 @@ def test_cli(capsys):
 @pytest.mark.parametrize("remat", ["none", "save_matmuls", "full"])
 def test_activation_estimate_against_xla_memory_analysis(remat):
     """Planner activations vs XLA's temp allocation for the gradient of the loss (one CPU device, float32).
-    Measured ratios with the default flash attention 1.06 (full), 0.90 (none), 1.20 (save_matmuls); with the xla
+    Measured ratios with the default flash attention 0.93 (full), 0.85 (none), 1.20 (save_matmuls); with the xla
     reference they were 0.80, 1.03, 1.13. The estimate does not model XLA's fusion and buffer reuse, so the bound
     is +-30%; the policies' order must match exactly."""
     cfg = TINY.replace(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=768, vocab_size=512,
@@ -97,7 +97,8 @@ def test_activation_estimate_against_xla_memory_analysis(remat):
 def test_8b_inference_at_128k_fits_one_80gb_gpu_with_flash_and_not_with_the_reference():
     """Issue 13: Llama 3.1 8B, bf16, one sequence of 131,072 tokens on one 80 GB device. The blockwise path
     (chunked prefill, O(T) attention) fits; the reference's float32 scores do not, even chunked, and over the
-    whole prompt at once they are the 5.5 TB the issue measured."""
+    whole prompt at once one layer's float32 scores alone are 4 x N x T^2 = 2.2 TB (the issue's 5.5 TB came from
+    the training working set the planner used for inference before its calibration against XLA's TPU compiler)."""
     one = MeshConfig(data=1, fsdp=1, tensor=1)
     kw = dict(mode="inference", dtype="bfloat16", seq_len=131072, device_memory=80e9)
     flash = P.plan(LLAMA31_8B, one, 1, attention="flash", **kw)
@@ -105,4 +106,4 @@ def test_8b_inference_at_128k_fits_one_80gb_gpu_with_flash_and_not_with_the_refe
     assert flash.kv_cache_bytes == pytest.approx(2 * 32 * 8 * 131072 * 128 * 2)  # K and V, [L, B, K, S, H] bf16
     assert not P.plan(LLAMA31_8B, one, 1, attention="xla", **kw).fits
     whole = P.plan(LLAMA31_8B, one, 1, attention="xla", prefill_chunk=None, **kw)
-    assert whole.total_bytes == pytest.approx(5.5e12, rel=0.05)
+    assert whole.activations_bytes == pytest.approx(4 * 32 * 131072**2, rel=0.02)  # float32 [N, T, T] of one layer
