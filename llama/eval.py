@@ -5,6 +5,7 @@
     python -m llama.eval ppl      --checkpoint RUN --heldout --out OUT            # the trainer's eval set exactly
     python -m llama.eval choice   --checkpoint CKPT --task task.jsonl [--num-fewshot 5] --out OUT
     python -m llama.eval generate --checkpoint CKPT --task qa.jsonl --stop '\\n' --max-new-tokens 32 --out OUT
+    python -m llama.eval passkey|needle --checkpoint CKPT --lengths 1024,4096 [--mesh context=4]   (llama/passkey.py)
 
 Scoring rules, each as lm-eval does it (lm_eval/api/model.py TemplateLM, api/task.py process_results,
 models/huggingface.py, utils.get_rolling_token_windows):
@@ -696,6 +697,11 @@ def main(argv=None) -> int:
     from llama.generate import load_for_inference, load_tokenizer_for
     from llama.tokenizer import check_vocab
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("passkey", "needle"):  # long-context retrieval grids (issue 14): llama/passkey.py
+        from llama import passkey
+
+        return passkey.main(argv)
     a = parse_args(argv)
     tok = load_tokenizer_for(a.checkpoint, a.tokenizer)  # first: a missing tokenizer fails before any loading
     cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh)
@@ -731,8 +737,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ValueError as e:  # EvalError, CheckpointError, TokenizerError, DataError: they name the input
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from llama import cli
+
+    sys.exit(cli.command(main)())  # EvalError, CheckpointError, OSError, ...: one "error:" line naming the input, 2

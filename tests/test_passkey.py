@@ -81,3 +81,6 @@ def test_cli_writes_results_heatmap_and_manifest(tmp_path, tok):
     assert os.path.getsize(os.path.join(out, "heatmap.png")) > 1000
     assert json.load(open(os.path.join(out, "manifest.json")))["extra"]["task"] == "needle"
     assert passkey.main(["passkey", "--checkpoint", ckpt, "--depths", "2"]) == 2  # a depth outside [0, 1]
+    from llama import eval as llama_eval  # the same grids under the evaluation command
+
+    assert llama_eval.main(["needle", "--checkpoint", ckpt, "--depths", "2"]) == 2
