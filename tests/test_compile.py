@@ -82,7 +82,7 @@ def test_cli_json_and_manifest(tmp_path, capsys):
     assert C.main(["--preset", "tiny", "--topology", "v5e:2x2", "--mesh", "tensor=2,fsdp=2", "--mode", "prefill",
                    "--seq-len", "128", "--batch", "2", "--json", "--out", str(tmp_path)]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["mode"] == "prefill" and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2} and r["chip"] == "v5e"
+    assert r["mode"] == "prefill" and r["mesh"] == {"data": 1, "fsdp": 2, "context": 1, "tensor": 2} and r["chip"] == "v5e"
     assert r["hbm_bytes"] == 16 * 2**30 and set(r["collectives"]) == set(C.COLLECTIVES)
     (out,) = os.listdir(tmp_path)
     saved = json.load(open(tmp_path / out / "results.json"))

@@ -1,7 +1,7 @@
 """Planner vs XLA's TPU compiler over a grid of models, modes and meshes (docs/sharding.md, "Compiled for TPU").
 
-    python -m experiments.compile_grid [--only 405b] [--timeout 900] [--out runs/compile_grid]
-    python -m experiments.compile_grid --table          # the table from the results already in --out
+    python -m experiments.bench_compile_grid [--only 405b] [--timeout 900] [--out runs/compile_grid]
+    python -m experiments.bench_compile_grid --table          # the table from the results already in --out
 
 Each case is one `python -m sharding.compile ... --json` in its own process (a big model's compile holds a few GB
 of host memory; a case that runs out of time is recorded as such). Results: OUT/<case>.json, and OUT/table.md
