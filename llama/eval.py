@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama import model
-from llama.config import ModelConfig
+from llama.config import ATTENTION_IMPLS, ModelConfig
 
 ROW_BUCKET = 64  # row lengths (and query counts) round up to this: nearby sizes share one compiled program
 MARKER = "llama.eval"  # manifest.extra["tool"] of an eval output; only such a directory is ever replaced
@@ -661,6 +661,8 @@ def parse_args(argv):
     common.add_argument("--checkpoint", required=True, help="Orbax model checkpoint or training run (latest step)")
     common.add_argument("--tokenizer", help="tokenizer file (default: CHECKPOINT/tokenizer.model, else Llama 3's)")
     common.add_argument("--mesh", help="e.g. data=1,fsdp=8,tensor=1 (default: one device)")
+    common.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
+                        help="attention implementation (default: the checkpoint's config; llama/attention.py)")
     common.add_argument("--batch-size", type=int, default=16, help="packed rows (choice, ppl) or prompts per batch")
     common.add_argument("--limit", type=int, help="only the first N examples / documents")
     common.add_argument("--name", help="task name in results.json (default: the file's name)")
@@ -705,6 +707,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     tok = load_tokenizer_for(a.checkpoint, a.tokenizer)  # first: a missing tokenizer fails before any loading
     cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh)
+    if a.attention_impl:
+        cfg = cfg.replace(attention_impl=a.attention_impl)
     check_vocab(tok, cfg.vocab_size)
     progress = None if a.no_progress else a.cmd
     config = {"command": a.cmd, "args": vars(a), "model": cfg, "tokenizer": str(tok.path)}

@@ -115,7 +115,11 @@ def check_ppl_parity(stories, tmp_path, limit, context):
     orbax, hf, tasks_dir, paths, tok = stories
     out = str(tmp_path / "ppl")
     run_cli(["ppl", "--checkpoint", orbax, "--tokenizer", str(tok.path), "--data", paths["story_text"], "--format",
-             "jsonl", "--context", str(context), "--limit", str(limit), "--out", out, "--no-progress"])
+             "jsonl", "--context", str(context), "--limit", str(limit), "--out", out, "--no-progress",
+             "--attention-impl", "xla"])
+    # The scoring is compared on the reference attention path. flash equals it within 1e-5 per logit
+    # (tests/test_attention.py), but a document's log-likelihood sums hundreds of float32 log-probs: with flash
+    # the worst of 24 documents differed from transformers by 1.02e-4 nats (2026-12-03), at the 1e-4 bound.
     ours = read_jsonl(os.path.join(out, "samples_story_text.jsonl"))
     mine = json.load(open(os.path.join(out, "results.json")))["story_text"]
     assert max(s["tokens"] for s in ours) > 2 * context  # several windows per document
