@@ -22,6 +22,8 @@ builds a [T, S] array.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -56,14 +58,32 @@ class CachedKV:
     kv_heads: int
 
 
+_TARGET = contextvars.ContextVar("attention_target_backend", default=None)
+
+
+@contextlib.contextmanager
+def target_backend(platform: str | None):
+    """Trace for another platform than this process's: ahead-of-time compilation for compile-only TPU devices
+    (sharding/compile.py) checks and sizes the kernels for the target, not for the CPU it runs on."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def _backend() -> str:
+    return _TARGET.get() or jax.default_backend()
+
+
 def available(backend: str | None = None) -> tuple[str, ...]:
-    backend = backend or jax.default_backend()
+    backend = backend or _backend()
     return tuple(i for i in ATTENTION_IMPLS if backend in KERNEL_BACKENDS.get(i, (backend,)))
 
 
 def check_impl(impl: str, backend: str | None = None) -> None:
     """An error naming the option and what is available, instead of a deep traceback from inside a kernel."""
-    backend = backend or jax.default_backend()
+    backend = backend or _backend()
     if impl not in ATTENTION_IMPLS:
         raise AttentionError(f"attention_impl={impl!r} is unknown; expected one of {ATTENTION_IMPLS}")
     if impl not in available(backend):
@@ -73,7 +93,7 @@ def check_impl(impl: str, backend: str | None = None) -> None:
 
 def block_sizes(block_q: int = 0, block_k: int = 0, backend: str | None = None) -> tuple[int, int]:
     """The configured tile sizes, 0 replaced by the backend's default."""
-    default = DEFAULT_BLOCKS.get(backend or jax.default_backend(), ACCELERATOR_BLOCKS)
+    default = DEFAULT_BLOCKS.get(backend or _backend(), ACCELERATOR_BLOCKS)
     return block_q or default[0], block_k or default[1]
 
 

@@ -372,12 +372,15 @@ def compile_case(model_cfg, mesh_cfg, mesh, case: Case, *, topology: str = "", t
     chip, hbm, peak = chip_info(devices[0])
     label = f"compiling {model_cfg.name} {case.mode} for {topology or chip} ({len(devices)} chips)"
     t0 = time.perf_counter()
-    if case.mode == "training":
-        lowered = lower_training(train_cfg, mesh)
-    elif case.mode in ("prefill", "decode"):
-        lowered = lower_inference(model_cfg, mesh, case)
-    else:
-        raise CompileError(f"--mode {case.mode!r}: expected one of {MODES}")
+    from llama import attention
+
+    with attention.target_backend(devices[0].platform):  # the kernels are chosen for the target, not this CPU
+        if case.mode == "training":
+            lowered = lower_training(train_cfg, mesh)
+        elif case.mode in ("prefill", "decode"):
+            lowered = lower_inference(model_cfg, mesh, case)
+        else:
+            raise CompileError(f"--mode {case.mode!r}: expected one of {MODES}")
     t1 = time.perf_counter()
     oom = None
     with _Progress(label, progress):

@@ -154,3 +154,4 @@ def test_a_program_that_cannot_fit_is_reported_with_xlas_figures(capsys, tmp_pat
     oom = r["xla_out_of_memory"]
     assert oom["what"] == "HLO temporaries" and oom["required_bytes"] > 64 * 2**30
     assert oom["available_bytes"] == pytest.approx(15.75 * 2**30, rel=0.01)
+
