@@ -36,10 +36,11 @@ from llama.config import ATTENTION_IMPLS
 
 # The backends each fused kernel exists on; "xla" and "flash" are plain JAX and run everywhere.
 KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
-# Tile sizes when the config says 0. On the CPU a 128 x 128 tile's float32 scores (64 KiB per head) stay in
-# cache: flash at T = 8192 (8/2 heads of 32) ran 4-5x faster than with 512 x 512 tiles and level with torch's
-# sdpa (docs/benchmarks.md); accelerators want fewer, larger tiles (each loop step is a kernel launch).
-DEFAULT_BLOCKS = {"cpu": (128, 128)}
+# Tile sizes when the config says 0. On the CPU, with heads-major tiles, 256 x 256 (8 heads x 256 KiB of float32
+# scores, in the core's L2) ran flash's forward and gradient at T = 8192-16384 faster than 128 x 128 (loop
+# overhead) and 512 x 512 (out of cache) (docs/benchmarks.md); accelerators want fewer, larger tiles (each loop
+# step is a kernel launch).
+DEFAULT_BLOCKS = {"cpu": (256, 256)}
 ACCELERATOR_BLOCKS = (512, 512)
 DECODE_TILE_FACTOR = 8  # a decode step (one query per row) reads key tiles 8x longer: fewer loop steps, same bytes
 
@@ -154,17 +155,17 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _online_softmax_step(carry, qb, kb, vb, mask, scale):
-    """One key tile of the online softmax (FlashAttention's forward; float32 statistics).
-    carry: o [B, K, G, bq, H] float32, m, l [B, K, G, bq]; qb: [B, bq, K, G, H]; kb, vb: [B, bk, K, H];
+    """One key tile of the online softmax (FlashAttention's forward; float32 statistics), heads-major:
+    carry: o [B, K, G, bq, H] float32, m, l [B, K, G, bq]; qb: [B, K, G, bq, H]; kb, vb: [B, K, bk, H];
     mask: [B, bq, bk]."""
     o, m, l = carry
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(-1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen no key yet: exp(-inf) = 0, no NaN
     p = jnp.exp(s - m_safe[..., None])
     corr = jnp.exp(m - m_safe)
-    pv = jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
     return o * corr[..., None] + pv, m_new, l * corr + p.sum(-1)
 
 
@@ -180,16 +181,20 @@ def _tile_mask(q_slot, j, start, bk, n_valid, q_seg, k_seg):
     return mask
 
 
-def _flash_forward(qg, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int):
-    """Blockwise forward. qg: [B, Tq, K, G, H] with Tq a multiple of bq; q_slots: [B, Tq] (-1: a padded query,
-    which sees nothing); q_seg: [B, Tq] or None; read_kv(j) -> (start, k, v [B, bk, K, H], k_seg [B, bk] or
-    None) for key tile j. Query block i visits key tiles 0..max(its slots) // bk only (a dynamic trip count).
-    Returns out [B, Tq, K, G, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing)."""
-    B, Tq, K, G, H = qg.shape
+def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int):
+    """Blockwise forward, heads-major. qh: [B, K, G, Tq, H] with Tq a multiple of bq; q_slots: [B, Tq] (-1: a
+    padded query, which sees nothing); q_seg: [B, Tq] or None; read_kv(j) -> (start, k, v [B, K, bk, H], k_seg
+    [B, bk] or None) for key tile j. Query block i visits key tiles 0..max(its slots) // bk only (a dynamic trip
+    count). Returns out [B, K, G, Tq, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing).
+
+    Heads-major tiles ([B, K, G, bq, H] against [B, K, bk, H]) make both of a tile's products plain batched
+    matmuls over contiguous rows; with [B, T, K, G, H] slices each product paid for a layout change, and flash at
+    T = 8192 on the CPU ran 2.8x slower (docs/benchmarks.md)."""
+    B, K, G, Tq, H = qh.shape
     scale = np.float32(1 / np.sqrt(H))
 
     def q_block(i):
-        qb = jax.lax.dynamic_slice_in_dim(qg, i * bq, bq, 1)
+        qb = jax.lax.dynamic_slice_in_dim(qh, i * bq, bq, 3)
         slot = jax.lax.dynamic_slice_in_dim(q_slots, i * bq, bq, 1)
         seg = None if q_seg is None else jax.lax.dynamic_slice_in_dim(q_seg, i * bq, bq, 1)
 
@@ -203,30 +208,39 @@ def _flash_forward(qg, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
         seen = l > 0
         out = o / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
-        return out.transpose(0, 3, 1, 2, 4).astype(qg.dtype), lse
+        return out.astype(qh.dtype), lse
 
-    out, lse = jax.lax.map(q_block, jnp.arange(Tq // bq, dtype=jnp.int32))  # [nq, B, bq, K, G, H], [nq, B, K, G, bq]
-    return (out.transpose(1, 0, 2, 3, 4, 5).reshape(B, Tq, K, G, H),
+    out, lse = jax.lax.map(q_block, jnp.arange(Tq // bq, dtype=jnp.int32))  # [nq, B, K, G, bq, H], [nq, B, K, G, bq]
+    return (out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tq, H),
             lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, Tq))
 
 
-def _self_kv_reader(k, v, seg, bk):
+def _self_kv_reader(kh, vh, seg, bk):
+    """Key tile j of heads-major kh, vh [B, K, S, H] and seg [B, S]."""
     def read(j):
         start = j * bk
-        return (start, jax.lax.dynamic_slice_in_dim(k, start, bk, 1), jax.lax.dynamic_slice_in_dim(v, start, bk, 1),
+        return (start, jax.lax.dynamic_slice_in_dim(kh, start, bk, 2), jax.lax.dynamic_slice_in_dim(vh, start, bk, 2),
                 jax.lax.dynamic_slice_in_dim(seg, start, bk, 1))
     return read
 
 
-def _pad_qk(q, k, v, q_seg, k_seg, q_slots, bq, bk):
-    """Pads the queries to a multiple of bq (padded queries get slot -1 and see nothing) and the keys to a
-    multiple of bk (padded keys lie past n_valid = S)."""
+def _heads_major(q, k, v, q_seg, k_seg, q_slots, bq, bk):
+    """q [B, T, N, H] -> [B, K, G, Tp, H] padded to a multiple of bq (padded queries get slot -1 and see nothing);
+    k, v [B, S, K, H] -> [B, K, Sp, H] padded to a multiple of bk (padded keys lie past n_valid = S)."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     Tp, Sp = _round_up(T, bq), _round_up(S, bk)
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
     slots = jnp.pad(q_slots, [(0, 0), (0, Tp - T)], constant_values=-1)
-    return pad(q, Tp).reshape(B, Tp, K, N // K, H), pad(k, Sp), pad(v, Sp), pad(q_seg, Tp), pad(k_seg, Sp), slots
+    qh = pad(q, Tp).reshape(B, Tp, K, N // K, H).transpose(0, 2, 3, 1, 4)
+    kh, vh = (pad(x, Sp).transpose(0, 2, 1, 3) for x in (k, v))
+    return qh, kh, vh, pad(q_seg, Tp), pad(k_seg, Sp), slots
+
+
+def _tokens_major(xh, T):
+    """[B, K, G, Tp, H] -> [B, T, N, H]: the inverse of `_heads_major` for queries."""
+    B, K, G, _, H = xh.shape
+    return xh[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
@@ -239,59 +253,59 @@ def _flash(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int):
 
 
 def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk):
-    B, T, N, H = q.shape
-    S = k.shape[1]
-    qg, kp, vp, q_segp, k_segp, slots = _pad_qk(q, k, v, q_seg, k_seg, q_slots, bq, bk)
-    out, lse = _flash_forward(qg, slots, q_segp, _self_kv_reader(kp, vp, k_segp, bk), S, kp.shape[1] // bk, bq, bk)
-    return out[:, :T].reshape(B, T, N, H), (q, k, v, q_seg, k_seg, q_slots, out, lse)
+    T, S = q.shape[1], k.shape[1]
+    qh, kh, vh, q_segp, k_segp, slots = _heads_major(q, k, v, q_seg, k_seg, q_slots, bq, bk)
+    out, lse = _flash_forward(qh, slots, q_segp, _self_kv_reader(kh, vh, k_segp, bk), S, kh.shape[2] // bk, bq, bk)
+    # Residuals in the padded heads-major layout the backward reads (the same bytes as q, k, v and the output);
+    # k_seg unpadded, as its shape carries S.
+    return _tokens_major(out, T), (qh, kh, vh, q_segp, k_seg, slots, out, lse)
 
 
 def _flash_bwd(bq, bk, res, d_out):
     """FlashAttention-2's backward (Dao 2023, algorithm 2) in one pass over key tiles j: each visits the query
     blocks whose last slot reaches it (from the first block whose largest slot is >= j*bk; slots are
     nondecreasing), recomputes the tile's probabilities from the saved log-sum-exp, and accumulates dK_j, dV_j in
-    its carry and dQ in a float32 [B, T, K, G, H] carry. O(T) memory."""
-    q, k, v, q_seg, k_seg, q_slots, out, lse = res
-    B, T, N, H = q.shape
-    S = k.shape[1]
-    qg, kp, vp, q_segp, k_segp, slots = _pad_qk(q, k, v, q_seg, k_seg, q_slots, bq, bk)
-    Tp, Sp, K, G = qg.shape[1], kp.shape[1], kp.shape[2], N // kp.shape[2]
-    dog = jnp.pad(d_out, [(0, 0), (0, Tp - T), (0, 0), (0, 0)]).reshape(B, Tp, K, G, H)
+    its carry and dQ in a float32 [B, K, G, Tp, H] carry. O(T) memory; heads-major like the forward."""
+    qh, kh, vh, q_segp, k_seg, slots, out, lse = res
+    B, K, G, Tp, H = qh.shape
+    T, S, Sp = d_out.shape[1], k_seg.shape[1], kh.shape[2]
+    k_segp = jnp.pad(k_seg, [(0, 0), (0, Sp - S)])
+    dog = jnp.pad(d_out, [(0, 0), (0, Tp - T), (0, 0), (0, 0)]).reshape(B, Tp, K, G, H).transpose(0, 2, 3, 1, 4)
     # D_i = rowsum(dO * O), FlashAttention-2 eq. for dS = P * (dP - D)
-    delta = jnp.einsum("BTKGH,BTKGH->BKGT", dog.astype(jnp.float32), out.astype(jnp.float32))
+    delta = jnp.einsum("BKGTH,BKGTH->BKGT", dog.astype(jnp.float32), out.astype(jnp.float32))
     scale = np.float32(1 / np.sqrt(H))
     nq, nk = Tp // bq, Sp // bk
     block_last = slots.reshape(B, nq, bq).max(axis=(0, 2))  # [nq] the largest slot of each query block
 
     def k_tile(dq, j):
         start = j * bk
-        kb = jax.lax.dynamic_slice_in_dim(kp, start, bk, 1)
-        vb = jax.lax.dynamic_slice_in_dim(vp, start, bk, 1)
+        kb = jax.lax.dynamic_slice_in_dim(kh, start, bk, 2)
+        vb = jax.lax.dynamic_slice_in_dim(vh, start, bk, 2)
         k_seg_b = jax.lax.dynamic_slice_in_dim(k_segp, start, bk, 1)
 
         def step(i, carry):
             dq, dk, dv = carry
             sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis)  # noqa: E731
-            qb, dob, slot, q_seg_b = sl(qg, 1), sl(dog, 1), sl(slots, 1), sl(q_segp, 1)
+            qb, dob, slot, q_seg_b = sl(qh, 3), sl(dog, 3), sl(slots, 1), sl(q_segp, 1)
             mask = _tile_mask(slot, j, start, bk, S, q_seg_b, k_seg_b)
-            s = jnp.einsum("BTKGH,BSKH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
+            s = jnp.einsum("BKGTH,BKSH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
             p = jnp.where(mask[:, None, None], jnp.exp(s - sl(lse, 3)[..., None]), 0.0)
-            dp = jnp.einsum("BTKGH,BSKH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("BKGTH,BKSH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
             ds = p * (dp - sl(delta, 3)[..., None]) * scale
-            dv += jnp.einsum("BKGTS,BTKGH->BSKH", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
-            dk += jnp.einsum("BKGTS,BTKGH->BSKH", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
-            dq_b = jnp.einsum("BKGTS,BSKH->BTKGH", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
-            dq = jax.lax.dynamic_update_slice_in_dim(dq, sl(dq, 1) + dq_b, i * bq, 1)
+            dv += jnp.einsum("BKGTS,BKGTH->BKSH", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+            dk += jnp.einsum("BKGTS,BKGTH->BKSH", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
+            dq_b = jnp.einsum("BKGTS,BKSH->BKGTH", ds.astype(kb.dtype), kb, preferred_element_type=jnp.float32)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, sl(dq, 3) + dq_b, i * bq, 3)
             return dq, dk, dv
 
-        zeros = jnp.zeros((B, bk, K, H), jnp.float32)
+        zeros = jnp.zeros((B, K, bk, H), jnp.float32)
         first = jnp.sum(block_last < start).astype(jnp.int32)  # self-attention (slots 0..T-1): start // bq
         dq, dk, dv = jax.lax.fori_loop(first, nq, step, (dq, zeros, zeros))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(k_tile, jnp.zeros((B, Tp, K, G, H), jnp.float32), jnp.arange(nk, dtype=jnp.int32))
-    unblock = lambda x: x.transpose(1, 0, 2, 3, 4).reshape(B, Sp, K, H)[:, :S]  # noqa: E731
-    return (dq[:, :T].reshape(B, T, N, H).astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
+    dq, (dk, dv) = jax.lax.scan(k_tile, jnp.zeros((B, K, G, Tp, H), jnp.float32), jnp.arange(nk, dtype=jnp.int32))
+    unblock = lambda x: x.transpose(1, 0, 3, 2, 4).reshape(B, Sp, K, H)[:, :S]  # [nk, B, K, bk, H] -> [B, S, K, H]  # noqa: E731
+    return (_tokens_major(dq, T).astype(qh.dtype), unblock(dk).astype(kh.dtype), unblock(dv).astype(vh.dtype),
             None, None, None)
 
 
@@ -311,13 +325,13 @@ def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):
 
     def read(j):
         start = jnp.minimum(j * bk, S - bk)  # the last tile is clamped inside the cache; _tile_mask drops the overlap
-        kb, vb = kv.read(start, bk)
-        return start, kb, vb, None
+        kb, vb = kv.read(start, bk)  # [B, bk, K, H]; the cache is [.., K, S, H], so XLA cancels the two transposes
+        return start, kb.transpose(0, 2, 1, 3), vb.transpose(0, 2, 1, 3), None
 
-    qp = jnp.pad(q, [(0, 0), (0, Tq - T), (0, 0), (0, 0)])
+    qh = jnp.pad(q, [(0, 0), (0, Tq - T), (0, 0), (0, 0)]).reshape(B, Tq, K, N // K, H).transpose(0, 2, 3, 1, 4)
     slots = jnp.pad(q_slots.astype(jnp.int32), [(0, 0), (0, Tq - T)], constant_values=-1)
-    out, _ = _flash_forward(qp.reshape(B, Tq, K, N // K, H), slots, None, read, S, -(-S // bk), bq, bk)
-    return out[:, :T].reshape(B, T, N, H)
+    out, _ = _flash_forward(qh, slots, None, read, S, -(-S // bk), bq, bk)
+    return _tokens_major(out, T)
 
 
 # ------------------------------------------------------------------------------------------ splash (TPU)

@@ -183,7 +183,7 @@ def test_unknown_impl_and_missing_kernel_errors_name_the_option():
         A.check_impl("sdpa")
     with pytest.raises(ConfigError, match="attention_block_k must be positive"):
         TINY.replace(attention_block_k=-1)
-    assert A.block_sizes(0, 0, "cpu") == (128, 128) and A.block_sizes(0, 64, "gpu") == (512, 64)
+    assert A.block_sizes(0, 0, "cpu") == (256, 256) and A.block_sizes(0, 64, "gpu") == (512, 64)
 
 
 def test_splash_interpret_mode_matches_reference_with_packed_rows():
