@@ -336,6 +336,32 @@ def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):
 
 # ------------------------------------------------------------------------------------------ splash (TPU)
 def _splash(q, k, v, segment_ids, block_q: int, block_k: int, interpret: bool = False):
+    """Splash attention (`_splash_local`) for q [B, T, N, H], k, v [B, T, K, H], segment_ids [B, T] or None.
+
+    A Pallas kernel is a custom call that GSPMD cannot partition: traced under a mesh (`jax.set_mesh`, as the
+    trainer's step and sharding.compile are) it would gather every row and head onto each device, or fail to
+    lower. So under a mesh the kernel runs inside a `shard_map` on each device's own rows and heads, split the way
+    the rules table shards the activations around it (sharding/rules.py: "batch" over data x fsdp, heads over
+    tensor; fitted, so an axis that does not divide B or K is left out and that dimension is whole on every
+    device). Attention is independent per row and per KV head group, so no collective is needed; the sequence is
+    whole here (context > 1 dispatches to llama/context_parallel.py before this, with the same pattern)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    local = functools.partial(_splash_local, block_q=block_q, block_k=block_k, interpret=interpret)
+    B, T = q.shape[:2]
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    if mesh.empty:
+        return local(q, k, v, seg)
+    from sharding import rules
+
+    sizes = dict(mesh.shape)
+    # Heads fitted on K: with N = K * G and q's heads grouped [K, G], a split of K is the same split of N.
+    heads = rules.fitted_spec(("batch", None, "kv_heads", None), k.shape, sizes)
+    rows = rules.fitted_spec(("batch", None), seg.shape, sizes)
+    return jax.shard_map(local, in_specs=(heads, heads, heads, rows), out_specs=heads,
+                         check_vma=False)(q, k, v, seg)  # Pallas calls carry no varying-axes types
+
+
+def _splash_local(q, k, v, seg, block_q: int, block_k: int, interpret: bool = False):
     """TPU splash attention (Pallas/Mosaic): a causal MultiHeadMask over the G query heads of each KV head (the
     MQA kernel, vmapped over batch and KV heads, so K/V are not repeated) and SegmentIds for packed rows. T is
     padded to a multiple of the blocks (at least 128, the Mosaic tile); padded slots are their own segment."""
@@ -348,7 +374,6 @@ def _splash(q, k, v, segment_ids, block_q: int, block_k: int, interpret: bool = 
     bq, bk = min(block_q, _round_up(T, 128)), min(block_k, _round_up(T, 128))
     Tp = _round_up(T, np.lcm.reduce([bq, bk, 128]))
     pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     seg = jnp.pad(seg, [(0, 0), (0, Tp - T)], constant_values=-1)
     blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
