@@ -88,7 +88,8 @@ def replan(r: dict) -> dict:
     r["hbm_bytes"] = next((b for _, n, b in C.TPU_CHIPS if n == r["chip"]), r["hbm_bytes"])  # today's table
     if r["xla"] is not None:
         r["fits"] = r["xla"]["total"] <= r["hbm_bytes"]
-    r["planner"] = C.planner_components(cfg, MeshConfig(**r["mesh"]), r["chips"], case, cfg.remat, r["hbm_bytes"])
+    r["planner"] = C.planner_components(cfg, MeshConfig(**r["mesh"]), r["chips"], case, cfg.remat, r["hbm_bytes"],
+                                        loss_chunk=r.get("loss_chunk"))
     return r
 
 

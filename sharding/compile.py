@@ -283,9 +283,12 @@ def memory(compiled) -> dict[str, int]:
     return out
 
 
-def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float) -> dict[str, float]:
+def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float,
+                       loss_chunk: int | None = None) -> dict[str, float]:
     """sharding.plan's estimate for the same case, grouped the way XLA reports memory: what the program
-    takes as arguments, what it returns beyond them, and its temporaries."""
+    takes as arguments, what it returns beyond them, and its temporaries. loss_chunk: the TrainConfig's (default
+    llama.loss.LOSS_CHUNK)."""
+    from llama.loss import LOSS_CHUNK
     from sharding import plan as P
 
     mode = "training" if case.mode == "training" else "inference"
@@ -293,7 +296,7 @@ def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float
     batch = case.batch // case.micro_batches if case.mode == "training" else case.batch
     p = P.plan(cfg, mesh_cfg, n, mode=mode, dtype=cfg.compute_dtype, quantize=case.quantize, batch=batch,
                seq_len=case.seq_len, remat=remat, device_memory=hbm, param_dtype=cfg.param_dtype,
-               cache_dtype=case.cache_dtype)
+               cache_dtype=case.cache_dtype, loss_chunk=LOSS_CHUNK if loss_chunk is None else loss_chunk)
     out = {"params": p.params_bytes, "optimizer": p.optimizer_bytes, "grads": p.grads_bytes, "update": p.update_bytes,
            "activations": p.activations_bytes, "kv_cache": p.kv_cache_bytes, "gathered": p.gathered_bytes}
     if case.mode == "training":  # the state comes in donated and goes out aliased to it
@@ -398,7 +401,8 @@ def compile_case(model_cfg, mesh_cfg, mesh, case: Case, *, topology: str = "", t
 
         atomic_write(hlo_path, hlo)
     hbm = None if hbm != hbm else hbm  # unknown (CPU)
-    plan = planner_components(model_cfg, mesh_cfg, len(devices), case, model_cfg.remat, hbm or 0.0)
+    plan = planner_components(model_cfg, mesh_cfg, len(devices), case, model_cfg.remat, hbm or 0.0,
+                              loss_chunk=train_cfg.loss_chunk if train_cfg is not None else None)
     flops = model_flops(model_cfg, case)
     return {
         "model": model_cfg.name, "mode": case.mode, "topology": topology, "chip": chip,
@@ -407,6 +411,7 @@ def compile_case(model_cfg, mesh_cfg, mesh, case: Case, *, topology: str = "", t
         "compute_dtype": model_cfg.compute_dtype, "param_dtype": model_cfg.param_dtype, "quantize": case.quantize,
         "cache_dtype": case.cache_dtype, "attention_impl": model_cfg.attention_impl,
         "micro_batches": case.micro_batches if case.mode == "training" else None,
+        "loss_chunk": train_cfg.loss_chunk if train_cfg is not None else None,
         "lower_s": t1 - t0, "compile_s": t2 - t1, "xla": xla, "planner": plan, "hbm_bytes": hbm,
         "fits": False if oom else None if hbm is None else bool(xla["total"] <= hbm), "xla_out_of_memory": oom,
         "collectives": count_collectives(hlo) if oom is None else None,

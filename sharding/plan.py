@@ -97,7 +97,8 @@ class Plan:
     tokens: float = 0.0
     mfu: float = 0.0
     peak_flops: float = H100_BF16_PEAK
-    update_bytes: float = 0.0  # training: the weight gradients in the compute dtype, before their float32 cast
+    update_bytes: float = 0.0  # training: the compute-dtype copy of the float32 weights (LoRA on int8: one layer's)
+    lora: bool = False  # training LoRA adapters on a frozen base (optimizer state and gradients: adapters only)
 
     @property
     def total_bytes(self) -> float:
@@ -148,6 +149,19 @@ def sharded_bytes(specs, sizes: Mapping[str, int], dtype_of) -> float:
         rules.check_divisible(name, spec.shape, pspec, _SizesMesh(sizes))
         total += math.prod(spec.shape) / _shard_factor(pspec, sizes) * dtype_of(path, spec)
     return total
+
+
+def weights_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, quantize: str | None) -> float:
+    """Per-device bytes of weights stored for use, not trained: in the compute dtype (a bytes), or with
+    quantize="int8" q int8 + float32 scales (`llama.quant.quantized_specs`; the embedding stays at a)."""
+    if quantize == "int8":
+        from llama import quant
+
+        kind = lambda path: jax.tree_util.keystr(path).rsplit(".", 1)[-1]  # noqa: E731  (q / scale / other)
+        return sharded_bytes(quant.quantized_specs(cfg), sizes, lambda path, s: {"q": 1, "scale": 4}.get(kind(path), a))
+    if quantize:
+        raise ValueError(f"--quantize {quantize!r}: only int8 is implemented (llama.quant)")
+    return sharded_bytes(model.param_specs(cfg), sizes, lambda p, s: a)
 
 
 def device_hours(flops: float, mfu: float, peak_flops: float = H100_BF16_PEAK) -> float:
@@ -211,10 +225,11 @@ def inference_bytes_per_token(cfg: ModelConfig, seq_len: int, tensor: int, a: in
     return max(a * (D + N * H / t + 2 * K * H / kt) + scores, a * (2 * D + 2 * F / t))
 
 
-def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode: str, quantize: str | None) -> float:
+def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode: str, quantize: str | None,
+                        fused_loss: bool = False) -> float:
     """With fsdp > 1 each weight is all-gathered (D made whole) just before use: the embedding table (the model
     gathers it whole, `model.embed`) and one layer's weights at a time, at the compute dtype (int8 for int8
-    weights), split over tensor only; training also holds their float32 gradients before the reduce-scatter."""
+    weights), split over tensor only; training also holds their gradients before the reduce-scatter."""
     if sizes["fsdp"] == 1:
         return 0.0
     t = sizes["tensor"]
@@ -223,7 +238,14 @@ def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode
     if mode == "training":
         # Each gathered weight and its gradient, both in the compute dtype: the float32 cast of the gradient comes
         # after the reduction. (a + 4) over-estimated the 8B step's gathers by 1.5 GB (docs/sharding.md).
-        return (emb + n) * 2 * a
+        # The fused output layer + loss (llama/loss.py) takes the output table's gradient chunk by chunk into a
+        # float32 accumulator sharded like the parameter (XLA's TPU buffers: f32[V/t, D/fsdp], counted in the
+        # gradients), so no whole gradient of it exists: each gathered table once, at a. With a tied embedding
+        # (Llama 3.2 1B) that is one table: counting two put the planner 16-19% over XLA's temporaries of the
+        # 1B step on v5e:2x2, v5p:2x2x1 and v5p:2x2x2; untied (8B) the embedding and the output layer are both
+        # gathered (counting one put it 16% under on v5p:2x2x2; 2026-12-04, docs/sharding.md).
+        if fused_loss:
+            return emb * (1 if cfg.tie_embeddings else 2) * a + n * 2 * a
     # int8 weights are gathered as int8; the embedding only when it is the tied (quantized) output projection,
     # otherwise it stays in the compute dtype (llama.quant): counting it at 1 byte under-estimated the 405B int8
     # decode's gathers by 40% (v6e:4x4, fsdp=2 x tensor=8).
@@ -236,12 +258,14 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
          device_memory: float = 80e9, tokens: float = 0.0, mfu: float = 0.0,
          peak_flops: float = H100_BF16_PEAK, param_dtype: str = "float32", attention: str | None = None,
          cache_dtype: str | None = None, prefill_chunk: int | None = PREFILL_CHUNK,
-         loss_chunk: int = LOSS_CHUNK) -> Plan:
+         loss_chunk: int = LOSS_CHUNK, lora=None) -> Plan:
     """Per-device memory and training FLOPs (module docstring). attention: one of `ATTENTION_IMPLS` ("xla"
     materialises the float32 scores; the others are blockwise); default the config's. cache_dtype: the KV
     cache's (default `dtype`; int8 adds a float32 scale per H-vector, `model.init_cache`). prefill_chunk:
     inference prompt tokens per prefill pass (None: the whole prompt at once). loss_chunk: training tokens per chunk
-    of the fused output layer + loss (`TrainConfig.loss_chunk`; 0: whole logits)."""
+    of the fused output layer + loss (`TrainConfig.loss_chunk`; 0: whole logits). lora: a `llama.lora.LoraConfig`
+    (training only): the base is frozen in `dtype` (or int8 with quantize="int8") and only the adapters are
+    trained."""
     if mode not in ("training", "inference"):
         raise ValueError(f"--mode {mode!r}: expected training or inference")
     cfg = cfg.replace(attention_impl=attention or cfg.attention_impl)
@@ -257,42 +281,62 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         batch = dp if mode == "training" else 1
     b_local = batch / dp if batch % dp == 0 else batch  # a batch that does not divide is replicated (fitted)
     opt = grads = kv = update = 0.0
-    if mode == "training":
+    if lora is not None and mode != "training":
+        raise ValueError("--lora applies to --mode training")
+    if mode == "training" and lora is not None:
+        # LoRA (llama/lora.py): the base weights are frozen, stored in the compute dtype (or int8, QLoRA-like),
+        # with no float32 master copy, gradient or optimizer state; the adapters (`adapter_specs`, sharded like
+        # the weights they adapt) are float32 with float32 gradients and AdamW mu and nu. The backward still
+        # runs through every layer for the adapters' input gradients, so the activations below are those of
+        # full training; only the base's weight gradients are not computed.
+        from llama import lora as llama_lora
+
+        adapters = sharded_bytes(llama_lora.adapter_specs(cfg, lora), sizes, lambda p, s: 4)
+        params = weights_bytes(cfg, sizes, a, quantize) + adapters
+        opt, grads = 2 * adapters, adapters
+        if quantize == "int8":  # each layer's int8 weights are dequantized to the compute dtype for its matmuls
+            update = sharded_bytes(specs["layers"], sizes, lambda p, s: a) / cfg.n_layers
+    elif mode == "training":
         if quantize:
-            raise ValueError("--quantize applies to inference only")
+            raise ValueError("--quantize applies to inference, or to training with --lora (a frozen int8 base)")
         params = sharded_bytes(specs, sizes, lambda p, s: _BYTES[param_dtype])
         opt = 2 * params  # AdamW mu and nu, like the parameters
         grads = sharded_bytes(specs, sizes, lambda p, s: 4)
-        # Besides the float32 gradients, the step holds the weights' gradients as the backward's matmuls produce
-        # them, in the compute dtype before the cast: a bytes per parameter. Fitted on five TPU compiles (1B on 8
-        # and 4 chips, 8B on 8, 405B on 256 and 4096; docs/sharding.md): temp ratios 1.04 / 1.11 / 0.98 / 1.24 /
-        # 1.15 with it, 1.05 / 1.21 / 1.05 / 1.32 / 1.16 without; a float32 update tree as well (a + 4) fits the
-        # 405B steps better (1.11, 1.14) but over-estimates 8B (0.86) and 1B on 4 chips (0.84).
+        # Besides the float32 gradients the step holds a compute-dtype copy of the float32 master weights, cast
+        # for the forward and backward matmuls: a bytes per parameter (XLA's TPU buffers: `convert` to bf16
+        # [L, ...] of every layer weight, 1B on v5p:2x2x1, 2026-12-04). Fitted on five TPU compiles (1B on 8 and
+        # 4 chips, 8B on 8, 405B on 256 and 4096; docs/sharding.md): temp ratios 1.04 / 1.11 / 0.98 / 1.24 /
+        # 1.15 with it, 1.05 / 1.21 / 1.05 / 1.32 / 1.16 without.
         update = grads * a / 4
+    if mode == "training":
         per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
         working = activation_bytes_per_token_layer(cfg, "none", seq_len, t, a)  # one layer's backward
         if cfg.attention_impl == "flash":
             working += 4 * cfg.n_heads * cfg.head_dim / t  # its backward's float32 dQ accumulator
-        # The output projection and its gradient. Whole (loss_chunk 0): in the compute dtype per token (the float32
-        # cast fuses into the log-softmax that reads it; 2 x 4 bytes over-estimated XLA's TPU temporaries, 1B and
-        # 8B at 8K). Fused (llama/loss.py): float32 logits and their gradient for one chunk of loss_chunk tokens.
         vocab_local = cfg.vocab_size / (t if cfg.vocab_size % t == 0 else 1)
-        tokens_local = b_local * local_t
-        head = (2 * a * vocab_local * tokens_local if not loss_chunk
-                else 2 * 4 * vocab_local * min(loss_chunk, tokens_local))
-        acts = (b_local * (local_t * (cfg.n_layers * per_layer + working) + gathered_kv * (a + 4)) + head
-                + attention_tile_bytes(cfg, b_local, local_t, t, training=True))
-    else:
-        if quantize == "int8":
-            from llama import quant
-
-            specs = quant.quantized_specs(cfg)
-            kind = lambda path: jax.tree_util.keystr(path).rsplit(".", 1)[-1]  # noqa: E731  (q / scale / other)
-            params = sharded_bytes(specs, sizes, lambda path, s: {"q": 1, "scale": 4}.get(kind(path), a))
-        elif quantize:
-            raise ValueError(f"--quantize {quantize!r}: only int8 is implemented (llama.quant)")
+        saved = b_local * local_t * cfg.n_layers * per_layer  # what the layers keep for the backward
+        tiles = attention_tile_bytes(cfg, b_local, local_t, t, training=True)
+        if not loss_chunk:
+            # The whole logits and their gradient, in the compute dtype per token (the float32 cast fuses into the
+            # log-softmax that reads it; 2 x 4 bytes over-estimated XLA's TPU temporaries, 1B and 8B at 8K),
+            # counted beside one layer's backward working set (measured so on the xla attention path).
+            head = 2 * a * vocab_local * b_local * local_t
+            acts = saved + b_local * (local_t * working + gathered_kv * (a + 4)) + head + tiles
         else:
-            params = sharded_bytes(specs, sizes, lambda p, s: a)
+            # The fused output layer + loss (llama/loss.py, `next_token_loss`): each row is cut into n chunks of c
+            # positions with n = ceil(T / (loss_chunk // B)), B the (micro-)batch's global rows, so a device
+            # holds its b_local rows' c positions at a time: about loss_chunk / (data x fsdp) tokens, not
+            # loss_chunk (counting loss_chunk per device put the planner 68-74% over XLA on the 1B step with 4
+            # devices). Per chunk: the float32 logits (exp fuses into them) and the logit gradient in the
+            # compute dtype that the output layer's pullback reads (XLA's TPU buffers: f32 and bf16
+            # [b_local, c, V/t]), 4 + a bytes per logit. The loss runs between the forward and the layers'
+            # backward and keeps only the [B, T, D] hidden-state gradient, so its chunk and a layer's backward
+            # working set are never alive together: the larger of the two counts.
+            n_chunks = -(-seq_len // max(1, loss_chunk // batch))
+            head = (4 + a) * vocab_local * b_local * -(-seq_len // n_chunks) / cp
+            acts = (saved + max(b_local * local_t * working, head) + b_local * gathered_kv * (a + 4) + tiles)
+    else:
+        params = weights_bytes(cfg, sizes, a, quantize)
         cache = jax.ShapeDtypeStruct(model.cache_shape(cfg, batch, seq_len), dtype)
         kv_spec = rules.fitted_spec(model.CACHE_AXES, cache.shape, sizes)
         kv_bytes = 1 + 4 / cfg.head_dim if cache_dtype == "int8" else _BYTES[cache_dtype or dtype]
@@ -301,8 +345,9 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         acts = (b_local * chunk * inference_bytes_per_token(cfg, seq_len, t, a)
                 + attention_tile_bytes(cfg, b_local, chunk, t, training=False) + b_local * 4 * cfg.vocab_size)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
-                fsdp_gathered_bytes(cfg, sizes, a, mode, quantize), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
-                6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops, update)
+                fsdp_gathered_bytes(cfg, sizes, a, mode, quantize, fused_loss=bool(loss_chunk)), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
+                6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops, update,
+                lora is not None)
 
 
 def format_plan(p: Plan) -> str:
@@ -311,7 +356,7 @@ def format_plan(p: Plan) -> str:
     lines = [f"{p.preset}  {p.mode}  mesh {mesh} ({p.n_devices} devices)  batch {p.batch} x {p.seq_len} tokens"
              + (f"  remat {p.remat}" if p.mode == "training" else ""),
              "per device:",
-             f"  parameters      {gb(p.params_bytes)}"]
+             f"  parameters      {gb(p.params_bytes)}" + ("  (frozen base + float32 adapters)" if p.lora else "")]
     if p.mode == "training":
         lines += [f"  optimizer state {gb(p.optimizer_bytes)}", f"  gradients       {gb(p.grads_bytes)}",
                   f"  update temps    {gb(p.update_bytes)}"]
@@ -369,8 +414,27 @@ def main(argv=None) -> int:
                          "Default: the preset's")
     ap.add_argument("--prefill-chunk", type=cli.number(0, integer=True), default=PREFILL_CHUNK,
                     help=f"inference: prompt tokens per prefill pass (default {PREFILL_CHUNK}; 0: all at once)")
+    ap.add_argument("--loss-chunk", type=cli.number(0, integer=True), default=LOSS_CHUNK,
+                    help=f"training: tokens per chunk of the fused output layer + loss (default {LOSS_CHUNK}; 0: "
+                         "whole logits)")
+    ap.add_argument("--lora", type=cli.number(1, integer=True), default=None, metavar="RANK",
+                    help="training: LoRA of this rank on a frozen base (--dtype, or int8 with --quantize int8)")
+    ap.add_argument("--lora-targets", default=None,
+                    help="comma-separated from wq,wk,wv,wo,w_gate,w_up,w_down (default: llama.lora.LoraConfig's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    lora = None
+    if args.lora_targets and not args.lora:
+        ap.error("--lora-targets needs --lora RANK")
+    if args.lora:
+        from llama.config import ConfigError
+        from llama.lora import LoraConfig
+
+        try:
+            lora = LoraConfig(rank=args.lora, **({"targets": tuple(args.lora_targets.split(","))}
+                                                 if args.lora_targets else {}))
+        except ConfigError as e:
+            raise cli.UsageError(f"--lora-targets: {e}") from None
     mesh = MeshConfig.parse(args.mesh)
     fixed = [s for s in mesh.sizes.values() if s != -1]
     n = args.devices or (math.prod(fixed) if -1 not in mesh.sizes.values() else None)
@@ -384,7 +448,8 @@ def main(argv=None) -> int:
              batch=args.batch, seq_len=args.seq_len, remat=args.remat,
              device_memory=parse_bytes(args.device_memory), tokens=args.tokens, mfu=args.mfu or 0.0,
              peak_flops=args.peak_tflops * 1e12, param_dtype=args.param_dtype, attention=args.attention,
-             cache_dtype=args.cache_dtype, prefill_chunk=args.prefill_chunk or None)
+             cache_dtype=args.cache_dtype, prefill_chunk=args.prefill_chunk or None, lora=lora,
+             loss_chunk=args.loss_chunk)
     if args.json:
         print(json.dumps({**asdict(p), "total_bytes": p.total_bytes, "fits": p.fits, "total_flops": p.total_flops,
                           "device_hours": p.device_hours}, indent=2))
