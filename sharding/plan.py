@@ -11,7 +11,7 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
   the embedding stays in --dtype); training keeps float32 master parameters (as `llama.train` does);
 - optimizer state: AdamW's mu and nu, sharded and typed like the parameters (optax's default);
 - gradients: float32, sharded like the parameters (`llama.train.compute_grads` accumulates in float32); and the
-  update temporaries: the weight gradients in the compute dtype, before that cast;
+  update temporaries: the compute-dtype copy of the float32 weights that the matmuls read;
 - activations: what the backward pass keeps, per layer and token, for the remat policy (below), times
   L x local batch x T, plus one layer's working set and the logits; inference: one layer's forward working set
   (`inference_bytes_per_token`) for one prefill chunk (`--prefill-chunk` tokens, llama.generate's default 4096)
@@ -39,7 +39,12 @@ tokens, so all of the above is per local token, T/c of them; attention adds one 
 for the whole row, a*2*K*H/t per token of T, and their float32 gradients before the reduce-scatter. Parameters
 are not sharded over `context` (the rules table shards them over fsdp and tensor only).
 Plus, in every policy, one layer's "none" set as the backward pass's working set (the layer being
-differentiated, recomputed if need be, and its gradients' temporaries) and the logits and their gradient, 2a*V/t.
+differentiated, recomputed if need be, and its gradients' temporaries) and the output layer: with whole logits
+(loss_chunk 0) the logits and their gradient, 2a*V/t per token, beside it; with the fused output layer + loss
+(llama/loss.py, the default) one chunk of about loss_chunk / (data x fsdp) tokens at (4 + a)*V/t bytes each, instead
+of it when larger (the two are never alive together).
+LoRA (`lora=`, `--lora RANK`): the base frozen in the compute dtype or int8, float32 adapters with float32
+gradients and AdamW state (`llama.lora.adapter_specs`), the activations of full training.
 This is an estimate, calibrated against XLA's TPU compiler (`python -m sharding.compile`, docs/sharding.md);
 `tests/test_plan.py` also compares it with the CPU compiler's `compiled.memory_analysis()`.
 
