@@ -3,7 +3,7 @@ embedded passkeys, extend it through stages at 1,024 and 4,096 tokens, and measu
 length before and after the extension.
 
     python -m experiments.cpu_passkey [--out runs/cpu_passkey] [--lengths 256,1024,4096]
-    (the training alone: python -m llama.train --config experiments/cpu_passkey.py --out runs/cpu_passkey
+    (the training alone: python -m llama.train --config experiments/cpu_passkey.py --out runs/cpu_passkey/train
      after `python -m llama.passkey corpus --out runs/cpu_passkey/passkeys.txt`)
 
 Data: 4,000 documents of Mohtashami & Jaggi's passkey format (llama.passkey.training_corpus: a log-uniform number
@@ -16,8 +16,9 @@ the model only ever sees keys within 256 tokens of their question. Stages: 1,000
 150 steps of 4 x 1,024, then 100 steps of 1 x 4,096 (the same tokens per step, 4,096). 16K tokens works the same
 way (add a Stage) but takes longer than minutes on 2 cores.
 
-The driver trains to the end of each stage (one run directory, resumed at each boundary), evaluates passkey
-retrieval (llama.passkey, 5 depths x 8 samples per length) and writes OUT/passkey_by_stage.json and .png.
+The driver trains to the end of each stage (one run directory, OUT/train, resumed at each boundary; llama.train
+writes nothing but its own files there), evaluates passkey retrieval (llama.passkey, 5 depths x 8 samples per
+length) into OUT/passkey_stage<k>/ and writes OUT/passkey_by_stage.json and .png.
 """
 
 import argparse
@@ -61,14 +62,14 @@ def main(argv=None):
     corpus = os.path.join(args.out, "passkeys.txt")
     if not os.path.exists(corpus):
         _run("-m", "llama.passkey", "corpus", "--out", corpus, "--docs", "4000", "--max-words", "3000")
-    me = os.path.abspath(__file__)
+    me, run = os.path.abspath(__file__), os.path.join(args.out, "train")
     results = {}
     ends = [start for start, _, _ in stage_schedule(CONFIG)[1:]] + [CONFIG.steps]
     for stage, end in enumerate(ends):
-        _run("-m", "llama.train", "--config", me, "--out", args.out, "--set", f"steps={end}",
+        _run("-m", "llama.train", "--config", me, "--out", run, "--set", f"steps={end}",
              f"data.paths={corpus}")
         ev = os.path.join(args.out, f"passkey_stage{stage}")
-        _run("-m", "llama.passkey", "passkey", "--checkpoint", args.out, "--lengths", args.lengths,
+        _run("-m", "llama.passkey", "passkey", "--checkpoint", run, "--lengths", args.lengths,
              "--samples", str(args.samples), "--out", ev)
         r = json.load(open(os.path.join(ev, "results.json")))
         results[f"stage {stage} (step {end}, T={stage_schedule(CONFIG)[stage][1]})"] = {
