@@ -12,7 +12,7 @@ answer), tokenized by a 512-piece SentencePiece BPE trained on them; the evaluat
 way (one text, whole sentences), so the answer's ids are those seen in training. Model: Llama 3.1's architecture at 2 layers x 128 dims. RoPE:
 theta 500,000, no scaling, unchanged across the stages (as Llama 3 does for its long-context stages, paper
 section 3.4.2); positions restart per document and documents are masked apart (section 3.2), so at 256 tokens
-the model only ever sees keys within 256 tokens of their question. Stages: 1,000 steps of 16 x 256 tokens, then
+the model only ever sees keys within 256 tokens of their question. Stages: 3,000 steps of 16 x 256 tokens, then
 150 steps of 4 x 1,024, then 100 steps of 1 x 4,096 (the same tokens per step, 4,096). 16K tokens works the same
 way (add a Stage) but takes longer than minutes on 2 cores.
 
@@ -39,11 +39,11 @@ MODEL = ModelConfig(name="llama3.1-cpu-passkey", vocab_size=512, dim=128, n_laye
 
 CONFIG = TrainConfig(
     model=MODEL,
-    optimizer=OptimizerConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=50, decay_steps=1200, weight_decay=0.1),
+    optimizer=OptimizerConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=50, decay_steps=3200, weight_decay=0.1),
     mesh=MeshConfig(data=1, fsdp=1, tensor=1),
     data=DataConfig(paths=os.path.join(OUT, "passkeys.txt"), separator="<|endoftext|>", tokenizer=None),
-    steps=1250, batch_size=16, seq_len=256,
-    stages=(Stage(seq_len=1024, batch_size=4, start_step=1000), Stage(seq_len=4096, batch_size=1, start_step=1150)),
+    steps=3250, batch_size=16, seq_len=256,
+    stages=(Stage(seq_len=1024, batch_size=4, start_step=3000), Stage(seq_len=4096, batch_size=1, start_step=3150)),
     log_every=50, checkpoint_every=50, keep_checkpoints=2, sample_tokens=0,
 )
 
