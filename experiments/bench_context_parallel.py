@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -45,7 +46,7 @@ def collective_bytes(hlo: str) -> list[int]:
     for line in hlo.splitlines():
         m = _COLLECTIVE.search(line)
         if m:
-            sizes = [_BYTES[t] * eval("*".join(d.split(",")) or "1") for t, d in _SHAPE.findall(m.group(1))]
+            sizes = [_BYTES[t] * math.prod(int(n) for n in d.split(",") if n) for t, d in _SHAPE.findall(m.group(1))]
             out.append(max(sizes, default=0))
     return out
 
@@ -102,8 +103,9 @@ def decode_worker(cp: int, slots: int, timed: bool, baseline: bool) -> dict:
     out = {"context": cp, "slots": slots,
            "path": "one device" if cp == 1 else "baseline (XLA partitioner)" if baseline else "cached_attention"}
     with jax.set_mesh(mesh):
-        shaped = lambda tree, sh: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),  # noqa: E731
-                                               tree, sh)
+        def shaped(tree, shardings):  # abstract arrays already placed: compile only, nothing allocated
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
         params = shaped(model.abstract_params(cfg), generate.param_shardings(cfg, mesh))
         cache = jax.eval_shape(lambda: model.init_cache(cfg, 1, slots))
         cache = shaped(cache, rules.cache_shardings(mesh, cache))
