@@ -316,6 +316,14 @@ def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):
     """Blockwise attention of T queries at slots q_slots [B, T] against a cache of S slots: each query block reads
     the cache tiles up to its largest slot only (a decode step at position p: ceil((p+1)/bk) tiles). Fewer
     queries than a block take longer key tiles (up to DECODE_TILE_FACTOR x), keeping the tile's area."""
+    return cached_attention_lse(q, kv, q_slots, block_q, block_k)[0]
+
+
+def cached_attention_lse(q, kv: CachedKV, q_slots, block_q: int, block_k: int) -> tuple[jax.Array, jax.Array]:
+    """`_flash_cached` with its softmax statistics: (out [B, T, N, H], normalised over the slots this query sees
+    in `kv`; lse [B, T, N] float32, the log-sum-exp of its scores there, 0 where it sees none). Partial results
+    over disjoint slot ranges combine exactly from these (flash-decoding across devices,
+    llama/context_parallel.py `cached_attention`). A query whose slot is negative reads no tile."""
     B, T, N, H = q.shape
     S = kv.length
     bq = min(block_q, T)
@@ -330,8 +338,8 @@ def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):
 
     qh = jnp.pad(q, [(0, 0), (0, Tq - T), (0, 0), (0, 0)]).reshape(B, Tq, K, N // K, H).transpose(0, 2, 3, 1, 4)
     slots = jnp.pad(q_slots.astype(jnp.int32), [(0, 0), (0, Tq - T)], constant_values=-1)
-    out, _ = _flash_forward(qh, slots, None, read, S, -(-S // bk), bq, bk)
-    return _tokens_major(out, T)
+    out, lse = _flash_forward(qh, slots, None, read, S, -(-S // bk), bq, bk)
+    return _tokens_major(out, T), lse[:, :, :, :T].transpose(0, 3, 1, 2).reshape(B, T, N)
 
 
 # ------------------------------------------------------------------------------------------ splash (TPU)

@@ -106,3 +106,72 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
         return attn._flash(q, kg, vg, seg, k_seg, slots, bq, bk)
 
     return jax.shard_map(local, in_specs=(heads, heads, heads, rows), out_specs=heads, check_vma=False)(q, k, v, seg)
+
+
+# ------------------------------------------------------------------------------- decoding from a sharded cache
+def cache_spec(cache: dict) -> P:
+    """The PartitionSpec the rules table gives the [L, B, K, S, H] cache on the current mesh (sharding/rules.py's
+    fitted `cache_sequence` -> `context`, batch over data x fsdp, KV heads over tensor where each divides)."""
+    from llama.model import CACHE_AXES
+    from sharding.rules import fitted_spec
+
+    mesh = jax.sharding.get_abstract_mesh()
+    return fitted_spec(CACHE_AXES, cache["k"].shape, dict(mesh.shape))
+
+
+def splits_cache(cache: dict) -> bool:
+    """Whether the cache's slots are split over `context` (context > 1 and S divisible by it). Otherwise the fitted
+    rules replicate S on `context` (every device holds every slot), and one device's cached attention is exact,
+    with nothing to combine, so the model takes its ordinary path."""
+    if context_size() == 1:
+        return False
+    spec = cache_spec(cache)
+    return len(spec) > 3 and spec[3] is not None and AXIS in (spec[3] if isinstance(spec[3], tuple) else (spec[3],))
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, cache: dict, layer: jax.Array,
+                     *, block_q: int, block_k: int) -> tuple[jax.Array, dict]:
+    """Write this step's K, V into layer `layer` of a cache whose S slots are split over `context`, and attend to
+    it: flash-decoding across devices. q: [B, T, N, H], k, v: [B, T, K, H] (after RoPE), positions: [B, T] (each
+    token's cache slot) -> (o [B, T, N, H], the cache).
+
+    Device i owns slots i*S/CP .. (i+1)*S/CP - 1. Inside one shard_map it writes the new tokens whose slots it owns
+    (a token elsewhere gets an out-of-range slot, and the scatter drops it), then runs the project's cached flash
+    attention (llama/attention.py) over its local slots only, reading tiles up to the query's local slot, and
+    returns its partial output o_i (normalised over its slots) and log-sum-exp lse_i. The exact softmax over all
+    slots is then sum_i exp(lse_i - M) o_i / sum_i exp(lse_i - M) with M = max_i lse_i (Dao et al., "Flash-Decoding
+    for long-context inference", 2023; the rescaling of FlashAttention-2's online softmax, Dao 2023): one pmax
+    and two psums over `context` of [B, T, N] statistics and the [B, T, N, H] output. The cache never moves, so
+    each device holds and reads 1/CP of it. A device none of whose slots a query sees (they all lie after its
+    position) contributes weight 0. int8 caches work unchanged: the write and read are the model's own
+    (_write_cache, _cached_kv), applied to the local shard.
+
+    Prefill runs the same function with T > 1: each device writes the prompt slots it owns, and the queries'
+    outputs combine the same way. Every implementation reads the cache with the flash kernel here ("xla", the
+    dense reference, too; the fused kernels already do for cached inference)."""
+    from llama import attention as attn
+    from llama import model
+
+    spec = cache_spec(cache)
+    cp = context_size()
+    batch, tensor = spec[1], spec[2]  # the cache's own: q, k, v and positions follow it, so nothing reshards
+    S = cache["k"].shape[3]
+    Sl = S // cp
+    heads, rows = P(batch, None, tensor, None), P(batch, None)
+    cache_specs = {name: P(None, batch, tensor, AXIS, None) for name in cache}
+
+    def local(q, k, v, positions, cache, layer):
+        lo = jax.lax.axis_index(AXIS) * Sl
+        mine = (positions >= lo) & (positions < lo + Sl)
+        cache = model._write_cache(cache, layer, k, v, jnp.where(mine, positions - lo, Sl))  # Sl: dropped
+        out, lse = attn.cached_attention_lse(q, model._cached_kv(cache, layer, k.dtype), positions - lo,
+                                             block_q, block_k)
+        lse = jnp.where((positions >= lo)[:, :, None], lse, -jnp.inf)  # slot lo is seen iff any slot here is
+        m = jax.lax.pmax(lse, AXIS)  # finite: the device holding slot 0 sees every query's (positions >= 0)
+        w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
+        num = jax.lax.psum(w[..., None] * out.astype(jnp.float32), AXIS)
+        den = jax.lax.psum(w, AXIS)
+        return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q.dtype), cache
+
+    return jax.shard_map(local, in_specs=(heads, heads, heads, rows, cache_specs, P()),
+                         out_specs=(heads, cache_specs), check_vma=False)(q, k, v, positions, cache, layer)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama import attention as attn
+from llama import context_parallel
 from llama.config import ModelConfig
 from sharding.rules import ACTIVATION_AXES, constrain
 
@@ -207,6 +208,9 @@ def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Arra
     blocks = dict(impl=cfg.attention_impl, block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
     if cache is None:
         o = attn.attention(q, (k, v), segment_ids=segment_ids, **blocks)
+    elif context_parallel.splits_cache(cache):  # slots split over `context`: flash-decoding across devices
+        bq, bk = attn.block_sizes(cfg.attention_block_q, cfg.attention_block_k)
+        o, cache = context_parallel.cached_attention(q, k, v, positions, cache, layer, block_q=bq, block_k=bk)
     else:
         cache = _write_cache(cache, layer, k, v, positions)
         o = attn.attention(q, _cached_kv(cache, layer, k.dtype), q_slots=positions, **blocks)

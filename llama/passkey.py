@@ -12,8 +12,10 @@ needle (G. Kamradt's "needle in a haystack", 2023): the sentence "The special ma
 depth inside a window of real text (default: the CPython documentation topics shipped with Python, the
 trainer's embedded corpus), asked for at the end.
 
-Every prompt is exactly `length` tokens including the answer, so a grid cell is one batch of fixed T (and
-context parallelism's 2 x CP chunks divide it whenever they divide the length). Scoring, stated in the
+Every prompt is as many whole filler sentences (haystack words) as fit `length` tokens with the answer, encoded
+as one text as the trainer encodes a document, then padded with EOS after the answer to exactly `length` tokens,
+so a grid cell is one batch of fixed T (and context parallelism's 2 x CP chunks divide it whenever they divide
+the length). Scoring, stated in the
 results: a sample is correct when greedy decoding reproduces every token of the answer (" 71432"), computed in
 one forward pass with the answer teacher-forced (the same thing: greedy decoding continues with the answer's
 tokens exactly when each is the argmax given the ones before). Reported per cell: exact-match accuracy and the
@@ -26,6 +28,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -51,45 +54,76 @@ class PasskeyError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    tokens: list[int]  # the prompt followed by the answer: exactly `length` tokens
-    n_answer: int  # the answer's tokens are the last n_answer
+    tokens: list[int]  # BOS, the prompt and the answer (the first `end` tokens), then EOS up to exactly `length`
+    n_answer: int  # the answer's tokens are tokens[end - n_answer:end]
     key: str
     length: int
     depth: float
+    end: int
+
+
+# The filler as whole sentences: a prompt holds a whole number of them on either side of the key, as the training
+# documents do, so no sentence is ever cut.
+FILLER_SENTENCES = tuple(re.findall(r" [^.]+\.", FILLER))
 
 
 def _enc(tok, text: str) -> list[int]:
     return list(tok.encode(text, bos=False, eos=False))
 
 
+def passkey_text(key: str, n: int, n_before: int) -> str:
+    """A passkey document without its answer: the intro, n filler sentences (cycling) with the key sentence after
+    the first n_before, and the question. Training documents (`training_corpus`) are this plus " KEY."; prompts
+    are this plus " KEY", encoded as one text in both, so the answer's ids are the same in training and eval."""
+    fill = [FILLER_SENTENCES[i % len(FILLER_SENTENCES)] for i in range(n)]
+    return INTRO + "".join(fill[:n_before]) + PASSKEY.format(key=key) + "".join(fill[n_before:]) + PASSKEY_QUESTION
+
+
+def _words(text: str) -> list[str]:
+    """The haystack cut into words, each with the whitespace before it ("".join gives the text back)."""
+    return re.findall(r"\s*\S+", text)
+
+
 def make_sample(task: str, tok, length: int, depth: float, rng: np.random.Generator,
-                haystack: list[int] | None = None) -> Sample:
-    """One prompt of exactly `length` tokens: BOS, (passkey: the intro,) filler or haystack with the key sentence
-    at `depth` (0 = first, 1 = last), the question and the answer."""
+                haystack: list[str] | None = None) -> Sample:
+    """One prompt of at most `length` tokens, padded with EOS after the answer to exactly `length` (the model is
+    causal: tokens after the answer change no prediction of it). passkey: the intro, whole filler sentences with
+    the key sentence after round(depth x n) of them (0 = first, 1 = last), the question, the answer; needle: a
+    random window of whole words of the haystack (`_words`) with the needle sentence at that depth.
+
+    The prompt text is encoded as one string, as the trainer encodes a document: encoding the pieces one by one
+    would start each with SentencePiece's dummy-prefix space ("▁") and give ids the model never saw in training
+    (" 71432" alone encodes as "▁", "▁", "7", ...; inside a text as "▁", "7", ...). The number of sentences or
+    words is the largest that fits (a binary search over whole-text encodings)."""
     key = str(rng.integers(10000, 100000))
-    answer = _enc(tok, " " + key)
     if task == "passkey":
-        head, line, question = _enc(tok, INTRO), _enc(tok, PASSKEY.format(key=key)), _enc(tok, PASSKEY_QUESTION)
-        unit = _enc(tok, FILLER)
+        limit = length
+        text = lambda n: passkey_text(key, n, int(round(depth * n)))  # noqa: E731
     else:
-        head, line, question = [], _enc(tok, NEEDLE.format(key=key)), _enc(tok, NEEDLE_QUESTION)
-        unit = None
-    budget = length - 1 - len(head) - len(line) - len(question) - len(answer)
-    if budget < 0:
-        raise PasskeyError(f"--lengths {length}: too short for the {task} prompt (at least "
-                           f"{length - budget} tokens with this tokenizer)")
-    if unit is not None:  # repeated filler; the key goes between two filler sentences
-        fill = (unit * (budget // len(unit) + 1))[:budget]
-        cut = min(int(round(depth * budget / len(unit))) * len(unit), budget)
-    else:  # a random window of the haystack
-        if len(haystack) < budget:
-            raise PasskeyError(f"--corpus: {len(haystack)} tokens, fewer than the {budget} a {length}-token needle "
-                               "prompt needs; give a longer text")
-        start = int(rng.integers(0, len(haystack) - budget + 1))
-        fill, cut = haystack[start:start + budget], int(round(depth * budget))
-    tokens = [tok.bos_id] + head + fill[:cut] + line + fill[cut:] + question + answer
-    assert len(tokens) == length
-    return Sample(tokens, len(answer), key, length, depth)
+        if len(haystack) <= length:
+            raise PasskeyError(f"--corpus: {len(haystack)} words, too few for a {length}-token needle prompt (each "
+                               "word is at least one token); give a longer text")
+        first = int(rng.integers(0, len(haystack) - length + 1))
+        window, limit = haystack[first:first + length], length
+        text = lambda n: ("".join(window[:int(round(depth * n))]) + NEEDLE.format(key=key)  # noqa: E731
+                          + "".join(window[int(round(depth * n)):n]) + NEEDLE_QUESTION)
+
+    def n_tokens(n):
+        return 1 + len(_enc(tok, text(n) + " " + key))  # BOS, prompt, answer
+
+    lo, hi = 0, limit  # the largest n with n_tokens(n) <= length (n_tokens grows with n: each unit adds tokens)
+    if n_tokens(0) > length:
+        raise PasskeyError(f"--lengths {length}: too short for the {task} prompt (at least {n_tokens(0)} tokens "
+                           "with this tokenizer)")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if n_tokens(mid) <= length else (lo, mid - 1)
+    prompt, full = _enc(tok, text(lo)), _enc(tok, text(lo) + " " + key)
+    if full[:len(prompt)] != prompt:  # the answer would re-tokenize the prompt's end: scoring would be ill-defined
+        raise PasskeyError(f"the tokenizer merges the answer ' {key}' into the question's last token")
+    tokens = [tok.bos_id] + full
+    end = len(tokens)
+    return Sample(tokens + [tok.eos_id] * (length - end), len(full) - len(prompt), key, length, depth, end)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -126,10 +160,10 @@ def score(params, cfg, samples: list[Sample], mesh=None) -> tuple[float, float]:
         pred, logp = (np.asarray(x) for x in _predict(params, batch["tokens"], batch["targets"], cfg=cfg))
     correct, nll = [], []
     for i, s in enumerate(samples):
-        a = s.n_answer
-        # the answer's tokens rows[i, T-a:] are predicted at positions T-a-1 .. T-2
-        correct.append(bool((pred[i, -a - 1:-1] == rows[i, -a:]).all()))
-        nll.append(float(-logp[i, -a - 1:-1].mean()))
+        a, e = s.n_answer, s.end
+        # the answer's tokens rows[i, e-a:e] are predicted at positions e-a-1 .. e-2
+        correct.append(bool((pred[i, e - a - 1:e - 1] == rows[i, e - a:e]).all()))
+        nll.append(float(-logp[i, e - a - 1:e - 1].mean()))
     return float(np.mean(correct)), float(np.mean(nll))
 
 
@@ -149,7 +183,7 @@ def evaluate(task: str, params, cfg, tok, *, lengths, depths, samples: int = 8, 
     if not lengths or not depths or samples < 1 or any(not 0 <= d <= 1 for d in depths):
         raise PasskeyError(f"--lengths {lengths}, --depths {depths}, --samples {samples}: expected lengths, depths "
                            "in [0, 1] and at least one sample")
-    haystack = _enc(tok, haystack_text or default_haystack()) if task == "needle" else None
+    haystack = _words(haystack_text or default_haystack()) if task == "needle" else None
     acc = [[None] * len(lengths) for _ in depths]
     nll = [[None] * len(lengths) for _ in depths]
     for j, L in enumerate(lengths):
@@ -205,20 +239,19 @@ def write_results(results: dict, out: str, *, mesh=None, extra: dict | None = No
 
 # ------------------------------------------------------------------------------------------ training text
 def training_corpus(path: str, *, docs: int, max_words: int, seed: int = 0) -> str:
-    """Passkey documents for pre-training (the CPU experiment): filler of 20..max_words words with a key at a
-    random depth, the question and the answer, one document per record, separated by <|endoftext|>."""
+    """Passkey documents for pre-training (the CPU experiment): `passkey_text` with a log-uniform number of filler
+    sentences (1 to max_words / 4, so short documents that fit a short row are as common as long ones), the key
+    after a uniform number of them, and the answer " KEY."; one document per record, separated by <|endoftext|>."""
     from llama import manifest
     from llama.train import CORPUS_SEPARATOR
 
     rng = np.random.default_rng(seed)
-    n_filler = len(FILLER.split())
+    top = max(1, max_words // 4)  # the filler sentences have 4-5 words
     out = []
     for _ in range(docs):
         key = str(rng.integers(10000, 100000))
-        units = int(rng.integers(1, max(2, max_words // n_filler)))
-        cut = int(rng.integers(0, units + 1))
-        out.append(INTRO + FILLER * cut + PASSKEY.format(key=key) + FILLER * (units - cut) + PASSKEY_QUESTION
-                   + f" {key}.")
+        n = int(np.exp(rng.uniform(0, np.log(top + 1))))
+        out.append(passkey_text(key, n, int(rng.integers(0, n + 1))) + f" {key}.")
     return manifest.atomic_write(path, f"\n{CORPUS_SEPARATOR}\n".join(out))
 
 

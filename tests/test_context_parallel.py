@@ -3,9 +3,11 @@
 with fsdp and tensor; a context that does not split the row into 2 x CP chunks is a clear error; per-device
 activation memory falls about as 1/CP (XLA's compiled memory analysis, nothing run)."""
 
+import contextlib
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,6 +15,7 @@ import input_pipeline
 from input_pipeline.context import from_load_balanced, load_balanced_order, to_load_balanced
 from llama import model, optim, train
 from llama.config import TINY
+from sharding import rules
 from sharding.mesh import MeshConfig, ShardingError, make_mesh
 
 # TINY (4 query / 2 KV heads, so tensor=2 splits both) with 8-slot attention tiles, so the flash kernel's tile
@@ -162,6 +165,91 @@ def test_greedy_decoding_from_a_context_sharded_cache_equals_one_device():
     # identical ids: logits agree to float32 rounding and the smallest top-1/top-2 gap on these sequences is
     # far larger (tests/test_sharding.py's greedy test, the same model and prompts)
     assert got == want
+
+
+# ------------------------------------------------------------------------- decoding from a sharded cache
+DEC_B, DEC_S = 4, 64
+PROMPTS = [5, 23, 40, 17]  # prompt lengths: row 0 stays in device 0's slots, row 2 crosses two boundaries at CP=4
+
+
+def cached_logits(mesh_text: str | None, cache_dtype=None, cache_len: int = DEC_S, steps: int = 4):
+    """Logits [steps + 1, B, V] of a prefill (each row's last prompt token) and `steps` greedy decode steps against
+    one cache, the rows at their own positions (ragged prompts; the slots past each row's position are empty or
+    hold the padding's K/V, which no query reads before its own write). With a mesh: the params and the cache
+    sharded by the rules table (the cache's S over `context`), traced under it. Also returns the decode step's
+    jaxpr text."""
+    from llama import generate
+
+    params = model.init_params(CFG, jax.random.key(0))
+    rng = np.random.default_rng(1)
+    T = max(PROMPTS)
+    tokens = rng.integers(3, CFG.vocab_size, (DEC_B, T)).astype(np.int32)
+    lengths = np.asarray(PROMPTS, np.int32)
+    cache = model.init_cache(CFG, DEC_B, cache_len, cache_dtype)
+    fwd = jax.jit(functools.partial(model.forward_cached, cfg=CFG))
+    mesh = mesh_of(mesh_text) if mesh_text else None
+    ctx = jax.set_mesh(mesh) if mesh else contextlib.nullcontext()
+    with ctx:
+        if mesh:
+            params = generate.shard_params(params, CFG, mesh)
+            cache = jax.device_put(cache, rules.cache_shardings(mesh, cache))
+        positions = np.broadcast_to(np.arange(T, dtype=np.int32), (DEC_B, T))
+        logits, cache = fwd(params, tokens, positions, cache, logits_at=jnp.asarray(lengths - 1))
+        out = [np.asarray(logits[:, 0])]
+        pos = jnp.asarray(lengths)
+        for _ in range(steps):
+            tok = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
+            logits, cache = fwd(params, tok, pos[:, None], cache)
+            out.append(np.asarray(logits[:, 0]))
+            pos = pos + 1
+        jaxpr = str(jax.make_jaxpr(fwd)(params, tok, pos[:, None], cache))
+    return np.stack(out), jaxpr
+
+
+@pytest.mark.parametrize("mesh_text,cache_dtype", [("context=4,tensor=2", None), ("context=2,fsdp=2,tensor=2", None),
+                                                   ("context=8", "int8")])
+def test_decoding_from_a_context_sharded_cache_equals_one_device(mesh_text, cache_dtype):
+    want, one_jaxpr = cached_logits(None, cache_dtype)
+    got, jaxpr = cached_logits(mesh_text, cache_dtype)
+    assert "shard_map" in jaxpr and "shard_map" not in one_jaxpr  # flash-decoding across devices ran
+    # float32; the same per-slot arithmetic, the softmax summed in another order (per device, then combined):
+    # observed 2e-7 (TOL's 1e-5 is the float32 bound of this file)
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+    # greedy ids follow (logits agree and the top-2 gaps here are far above 1e-5)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_a_cache_that_context_does_not_divide_takes_the_unsplit_path():
+    # 66 slots are not a multiple of context=4: the rules replicate S on context (every device holds all slots)
+    want, _ = cached_logits(None, cache_len=66, steps=2)
+    got, jaxpr = cached_logits("context=4,tensor=2", cache_len=66, steps=2)
+    assert "shard_map" not in jaxpr
+    np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
+
+
+def test_decode_step_moves_statistics_not_the_cache():
+    """The compiled decode step at 4,096 slots over context=4: its collectives (all-gather, all-reduce, ...) carry
+    at most [B, 1, N, H] float32 per layer, never a shard of the cache."""
+    from experiments.bench_context_parallel import collective_bytes
+    from llama import generate
+
+    S, B = 4096, DEC_B
+    cfg = CFG.replace(max_seq_len=S)
+    mesh = mesh_of("context=4")
+    with jax.set_mesh(mesh):
+        params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                              model.abstract_params(cfg), generate.param_shardings(cfg, mesh))
+        cache = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(lambda: model.init_cache(cfg, B, S)),
+                             rules.cache_shardings(mesh, jax.eval_shape(lambda: model.init_cache(cfg, B, S))))
+        tok = jax.ShapeDtypeStruct((B, 1), np.int32)
+        hlo = jax.jit(functools.partial(model.forward_cached, cfg=cfg)).lower(params, tok, tok, cache).compile() \
+            .as_text()
+    sizes = collective_bytes(hlo)
+    stats = B * cfg.n_heads * cfg.head_dim * 4  # one [B, 1, N, H] float32 output
+    local_layer = B * cfg.n_kv_heads * (S // 4) * cfg.head_dim * 4  # one layer's K on one device
+    assert sizes and max(sizes) <= stats, (sorted(sizes), stats)
+    assert max(sizes) * 64 < local_layer
 
 
 # ------------------------------------------------------------------------------------------------ memory

@@ -26,21 +26,52 @@ def tok():
 
 @pytest.mark.parametrize("task", passkey.TASKS)
 def test_prompts_have_the_length_and_the_key_at_the_depth(tok, task):
-    hay = passkey._enc(tok, passkey.default_haystack()[:20000]) if task == "needle" else None
+    hay = passkey._words(passkey.default_haystack()[:20000]) if task == "needle" else None
     for depth in (0.0, 0.5, 1.0):
         s = passkey.make_sample(task, tok, 256, depth, np.random.default_rng(0), hay)
         assert len(s.tokens) == 256 and s.tokens[0] == tok.bos_id
-        assert s.tokens[-s.n_answer:] == passkey._enc(tok, " " + s.key)
-        text = tok.decode(s.tokens[1:])
+        # filled up to the last whole sentence / word that fits (the longest unit here is < 16 tokens), then EOS
+        assert 256 - 16 < s.end <= 256 and s.tokens[s.end:] == [tok.eos_id] * (256 - s.end)
+        text = tok.decode(s.tokens[1:s.end])
+        # one text encoded at once, as the trainer encodes a document: no piece starts with a second dummy prefix
+        assert s.tokens[1:s.end] == passkey._enc(tok, text)
+        assert text.endswith(f"is {s.key}")
         # the key sentence's character position within the filler / haystack (after the intro, before the question)
         lo = text.index("information there.") + len("information there.") if task == "passkey" else 0
         hi = text.rindex("What is the")
         line = (passkey.PASSKEY if task == "passkey" else passkey.NEEDLE).format(key=s.key).strip()
-        where = (text.index(line) - lo) / (hi - lo - len(line))
-        assert abs(where - depth) < 0.15, (task, depth, where)
-        assert text.endswith(f"is {s.key}")
+        if task == "passkey":  # whole filler sentences on both sides of the key, in the cycle's order ...
+            filler = text[lo:hi].replace(" " + line, "")
+            n = filler.count(".")
+            assert filler == "".join(passkey.FILLER_SENTENCES[i % 5] for i in range(n)) + " "
+            assert text[lo:text.index(line)].count(".") == round(depth * n)  # ... the key after round(depth n)
+        else:  # whole words: depth counts words, so the character position is off by their varying lengths
+            where = (text.index(line) - lo) / (hi - lo - len(line))
+            assert abs(where - depth) < 0.1, (task, depth, where)
     with pytest.raises(passkey.PasskeyError, match="--lengths 16: too short for the passkey prompt"):
         passkey.make_sample("passkey", tok, 16, 0.5, np.random.default_rng(0))
+    with pytest.raises(passkey.PasskeyError, match="--corpus: 3 words, too few for a 256-token needle"):
+        passkey.make_sample("needle", tok, 256, 0.5, np.random.default_rng(0), ["a", " b", " c"])
+
+
+def test_answer_ids_are_those_of_the_training_documents(tok, tmp_path):
+    """The bug this guards: prompt pieces encoded one by one gave " 71432" as "▁", "▁", "7", ... with
+    SentencePiece's dummy prefix, ids never seen in training, where the key follows "is" inside one text."""
+    s = passkey.make_sample("passkey", tok, 256, 0.5, np.random.default_rng(3))
+    path = passkey.training_corpus(str(tmp_path / "docs.txt"), docs=20, max_words=200, seed=0)
+    docs = open(path).read().split("\n<|endoftext|>\n")
+    assert len(docs) == 20 and all(d.startswith(passkey.INTRO) and d.endswith(".") for d in docs)
+    doc = docs[0]
+    key = doc[:-1].rsplit(" ", 1)[1]
+    ids = passkey._enc(tok, doc)
+    question = passkey._enc(tok, passkey.PASSKEY_QUESTION.strip())[1:]  # without its leading word's dummy prefix
+    answer_in_training = ids[-1 - s.n_answer:-1]
+    assert tok.decode(answer_in_training).strip() == key
+    assert [len(t) for t in (answer_in_training, s.tokens[s.end - s.n_answer:s.end])] == [s.n_answer] * 2
+    # the answer's ids differ only by the key's digits: the same leading-space piece, one id per digit
+    assert answer_in_training[0] == s.tokens[s.end - s.n_answer]
+    assert ids[-1 - s.n_answer - len(question):-1 - s.n_answer] == s.tokens[s.end - s.n_answer - len(question):
+                                                                            s.end - s.n_answer]
 
 
 def test_scoring_against_an_oracle(tok, monkeypatch):
@@ -48,7 +79,8 @@ def test_scoring_against_an_oracle(tok, monkeypatch):
 
     def oracle(params, tokens, targets, *, cfg):  # predicts every next token right but row 1's last answer token
         nxt = np.roll(np.asarray(tokens), -1, axis=1)
-        nxt[1, -2] += 1
+        nxt[1, samples[1].end - 2] += 1
+        nxt[:, -1] += 1  # wrong predictions in the EOS padding after the answer do not count
         return nxt, np.full(nxt.shape, -0.5, np.float32)
 
     monkeypatch.setattr(passkey, "_predict", oracle)
