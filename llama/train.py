@@ -534,7 +534,7 @@ NUMERICS_ONLY = ("remat", "compute_dtype", "attention_impl", "attention_block_q"
 
 def _model_diff(saved: dict, model: ModelConfig, ignore: tuple[str, ...] = ()) -> dict:
     """{field: (saved, config)} where a saved ModelConfig dict differs from `model` in more than numerics."""
-    mine = json.loads(json.dumps(model.to_dict()))  # tuples -> lists, as stored
+    mine, saved = json.loads(json.dumps(model.to_dict())), json.loads(json.dumps(saved))  # tuples -> lists
     return {k: (saved.get(k), mine[k]) for k in mine
             if k not in NUMERICS_ONLY + ignore and saved.get(k) != mine[k]}
 

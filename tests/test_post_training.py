@@ -232,3 +232,105 @@ def test_dpo_matches_trl_and_the_papers_masking_by_hand(sp, hf_export, tmp_path)
     for a, b in zip(pair_docs(sp, False), docs):  # the paper's mask drops exactly each completion's end of turn
         dropped = a[0][(a[1] == 1) & (b[1] == 0)]
         assert list(dropped) == [sp.eos_id, sp.eos_id]
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+def write_rows(tmp_path, kind, n=16):
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "sun", "tree", "ran", "sat", "big", "red"]
+    rows = []
+    for i in range(n):
+        q, a, b = (" ".join(rng.choice(words, k)) for k in (3, 4, 5))
+        if kind == "chat":
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        else:
+            rows.append({"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": b})
+    path = tmp_path / f"{kind}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def write_experiment(tmp_path, objective, data_path, **fields):
+    tok = require_shared("assets", "llama2c_stories260K", "tok512.model")
+    fmt = {"sft": "chat", "dpo": "preference"}[objective]
+    path = tmp_path / f"exp_{objective}.py"
+    path.write_text(f'''"""Test experiment."""
+from llama.config import TINY
+from llama.optim import OptimizerConfig
+from llama.train import DataConfig, TrainConfig
+from sharding.rules import MeshConfig
+CONFIG = TrainConfig(model=TINY.replace(vocab_size=512, max_seq_len=1024), mesh=MeshConfig(data=2, fsdp=2, tensor=2),
+    optimizer=OptimizerConfig(peak_lr=1e-3, warmup_steps=2, decay_steps=20), objective={objective!r},
+    data=DataConfig(paths={data_path!r}, format={fmt!r}, tokenizer={str(tok)!r}),
+    **{dict(batch_size=4, seq_len=256, steps=4, log_every=1, checkpoint_every=2, sample_tokens=0) | fields!r})
+''')
+    return str(path)
+
+
+def metrics_by_step(out):
+    from llama.metrics import read_jsonl
+
+    return {r["step"]: r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_dpo_step_one_logs_the_starting_loss_ln2_and_a_reference_changes_it(tmp_path):
+    """Step 1's logged loss is the starting parameters' (the first update has lr 0 under the warmup): with the
+    default reference (= the starting policy) every DPO term is ln 2; the logged loss adds 0.2 x the chosen NLL.
+    A `dpo.reference` of other weights moves it off ln 2. init_from a model checkpoint starts from its weights."""
+    from llama.checkpoint import save_model
+    from llama.train import main
+
+    exp = write_experiment(tmp_path, "dpo", write_rows(tmp_path, "preference"), steps=2)
+    out = str(tmp_path / "run")
+    assert main(["--config", exp, "--out", out]) == 0
+    m = metrics_by_step(out)
+    for step in (1, 2):  # the update after step 1 has lr 0 (linear warmup from 0)
+        assert m[step]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert m[step]["loss"] == pytest.approx(math.log(2) + 0.2 * m[step]["nll"], abs=1e-6)
+        assert m[step]["reward_margin"] == pytest.approx(0, abs=1e-6) and m[step]["pairs"] >= 4
+    assert m[1]["lr"] == 0
+    # init_from a model checkpoint, reference = other weights
+    cfg = TINY.replace(vocab_size=512, max_seq_len=1024)
+    save_model(str(tmp_path / "start"), cfg, random_params(cfg, 1))
+    save_model(str(tmp_path / "other"), cfg, random_params(cfg, 2))
+    out2 = str(tmp_path / "run2")
+    assert main(["--config", exp, "--out", out2, "--set", f"init_from={tmp_path / 'start'}", "steps=1"]) == 0
+    assert metrics_by_step(out2)[1]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    out3 = str(tmp_path / "run3")
+    assert main(["--config", exp, "--out", out3, "--set", f"init_from={tmp_path / 'start'}",
+                 f"dpo.reference={tmp_path / 'other'}", "steps=1"]) == 0
+    assert abs(metrics_by_step(out3)[1]["dpo_loss"] - math.log(2)) > 1e-3
+
+
+@pytest.mark.slow
+def test_sft_exact_resume(tmp_path):
+    """4 SFT steps straight == 2 steps, a restart, 2 more: the same losses, bit for bit."""
+    from llama.train import main
+
+    exp = write_experiment(tmp_path, "sft", write_rows(tmp_path, "chat", 40))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(["--config", exp, "--out", a]) == 0
+    assert main(["--config", exp, "--out", b, "--set", "steps=2"]) == 0
+    assert main(["--config", exp, "--out", b]) == 0
+    la = {s: r["loss"] for s, r in metrics_by_step(a).items()}
+    lb = {s: r["loss"] for s, r in metrics_by_step(b).items()}
+    assert sorted(la) == [1, 2, 3, 4] and la == lb and la[4] < la[1]
+
+
+def test_objective_config_errors():
+    from llama.config import ConfigError
+    from llama.train import apply_overrides
+
+    base = TrainConfig(model=CFG, data=DataConfig(paths="x.jsonl", format="preference"), objective="dpo")
+    cfg = apply_overrides(base, ["dpo.beta=0.5", "dpo.mask_special=false", "init_from=/some/dir"])
+    assert (cfg.dpo.beta, cfg.dpo.mask_special, cfg.init_from) == (0.5, False, "/some/dir")
+    with pytest.raises(ConfigError, match="objective=sft needs data.format=chat"):
+        apply_overrides(base, ["objective=sft"])
+    with pytest.raises(ConfigError, match="objective='grpo'"):
+        apply_overrides(base, ["objective=grpo"])
+    with pytest.raises(ConfigError, match="beta=0"):
+        apply_overrides(base, ["dpo.beta=0"])
+    with pytest.raises(ConfigError, match="data.format=chat is for objective=sft"):
+        TrainConfig(model=CFG, data=DataConfig(paths="x.jsonl", format="chat"))
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
