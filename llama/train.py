@@ -49,6 +49,7 @@ from llama import eval as llama_eval
 from llama import metrics as llama_metrics
 from llama import optim
 from llama.config import ConfigError, ModelConfig
+from llama.lora import LoraConfig
 from sharding import distributed
 from sharding.rules import MeshConfig, batch_sharding, make_mesh, param_shardings, replicated
 
@@ -144,6 +145,9 @@ class TrainConfig:
     # directory (converted on the fly, llama.convert); None = random init from `seed`.
     init_from: str | None = None
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    # LoRA (llama/lora.py): None = full fine-tuning; else the base weights are frozen (TrainState.base) and only
+    # the adapters are trained, hold optimizer state and are checkpointed (TrainState.params = the adapters).
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         def need(cond, msg):
@@ -182,6 +186,8 @@ class TrainConfig:
             d = self.dpo
             need(d.beta > 0 and d.nll_coef >= 0 and 0 <= d.label_smoothing < 0.5, f"dpo: beta={d.beta} must be > 0, "
                  f"nll_coef={d.nll_coef} >= 0, label_smoothing={d.label_smoothing} in [0, 0.5)")
+            need(self.lora is None or d.reference is None, "dpo.reference with lora: not supported; the reference "
+                 "of a LoRA run is its frozen base (the adapters start at B = 0, i.e. at the base)")
             need(self.data.document_mask, "objective=dpo needs data.document_mask=True: chosen and rejected share "
                  "a row as two segments (input_pipeline/chat.py)")
 
@@ -200,6 +206,8 @@ class TrainConfig:
         d["data"] = DataConfig(**d.get("data", {}))
         d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
         d["dpo"] = DpoConfig(**d.get("dpo", {}))
+        lo = d.get("lora")
+        d["lora"] = LoraConfig(**{**lo, "targets": tuple(lo["targets"])}) if lo else None
         return cls(**d)
 
 
@@ -324,6 +332,16 @@ class TrainState:
     # objective=dpo: the frozen reference policy (a float32 copy of the params, sharded like them); else None.
     # Not checkpointed: it is reloaded from its source (dpo.reference, init_from or the seed) on resume.
     ref_params: Any = None
+    # lora: the frozen base parameters (`params` holds the adapters); else None. Not checkpointed either.
+    base: Any = None
+
+
+def model_params(params, base, cfg: TrainConfig):
+    """The parameters the model runs with: `params` itself, or with lora the base with the adapters applied
+    through model.linear (lora.apply: no merged copy)."""
+    from llama import lora
+
+    return params if cfg.lora is None else lora.apply(base, params, cfg.lora)
 
 
 def _objective(params, mb: dict, *, cfg: TrainConfig, n_tokens):
@@ -386,18 +404,22 @@ def _normalizers(batch: dict, cfg: TrainConfig) -> dict:
     return out
 
 
-def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None, ref_params=None):
+def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None, ref_params=None, base=None):
     """Gradient of the batch's mean loss (the objective's: `_objective` for pretrain and sft, `_dpo_objective`
     for dpo), accumulated over cfg.micro_batches with lax.scan (one code path: k = 1 is a scan of length one).
-    Returns (float32 grads, summed metrics dict, normalizers dict)."""
+    With lora, `params` are the adapters and `base` the frozen base: the gradient is the adapters' only; the DPO
+    reference is then the base itself. Returns (float32 grads, summed metrics dict, normalizers dict)."""
     k = cfg.micro_batches
     micro = {name: _split_micro(jnp.asarray(batch[name]), k, mesh) for name in BATCH_KEYS}
     norms = _normalizers(batch, cfg)
     if cfg.objective == "dpo":
-        fn = functools.partial(_dpo_objective, cfg=cfg, norms=norms, ref_params=ref_params)
+        ref = base if cfg.lora is not None and ref_params is None else ref_params
+
+        def fn(p, mb):
+            return _dpo_objective(model_params(p, base, cfg), mb, cfg=cfg, norms=norms, ref_params=ref)
     else:
         def fn(p, mb):
-            loss, (nll_sum, z_sum) = _objective(p, mb, cfg=cfg, n_tokens=norms["tokens"])
+            loss, (nll_sum, z_sum) = _objective(model_params(p, base, cfg), mb, cfg=cfg, n_tokens=norms["tokens"])
             return loss, {"nll_sum": nll_sum, "z_sum": z_sum}
     grad_fn = jax.grad(fn, has_aux=True)
 
@@ -428,37 +450,53 @@ def objective_metrics(sums: dict, norms: dict, cfg: TrainConfig) -> dict:
 def train_step(state: TrainState, batch: dict, *, cfg: TrainConfig, tx: optax.GradientTransformation,
                mesh=None) -> tuple[TrainState, dict]:
     """One optimizer step: accumulated gradients, global-norm clipping and AdamW (both inside `tx`)."""
-    grads, sums, norms = compute_grads(state.params, batch, cfg=cfg, mesh=mesh, ref_params=state.ref_params)
+    grads, sums, norms = compute_grads(state.params, batch, cfg=cfg, mesh=mesh, ref_params=state.ref_params,
+                                       base=state.base)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = objective_metrics(sums, norms, cfg) | {
         "grad_norm": optim.global_norm(grads), "lr": optim.learning_rate(cfg.optimizer, state.step),
         "tokens": norms["tokens"]}
-    return TrainState(state.step + 1, params, opt_state, state.rng, state.ref_params), metrics
+    return TrainState(state.step + 1, params, opt_state, state.rng, state.ref_params, state.base), metrics
 
 
 def state_shardings(cfg: TrainConfig, mesh) -> TrainState:
     """The TrainState's NamedShardings, derived from sharding.rules (see the module docstring)."""
+    from llama import lora
+
     tx = optim.make_optimizer(cfg.optimizer)
     p_sh = param_shardings(llama_model.param_specs(cfg.model), mesh)
-    abstract_opt = jax.eval_shape(tx.init, llama_model.abstract_params(cfg.model))
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, p_sh,
+    # The trained tree: the params, or with lora the adapters (sharded like the weights they adapt).
+    t_sh = p_sh if cfg.lora is None else param_shardings(lora.adapter_specs(cfg.model, cfg.lora), mesh)
+    abstract_opt = jax.eval_shape(lambda: _init_state(cfg, tx, 0).opt_state)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, t_sh,
                                    transform_non_params=lambda _: replicated(mesh),
                                    is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return TrainState(step=replicated(mesh), params=p_sh, opt_state=opt_sh, rng=replicated(mesh),
-                      ref_params=p_sh if cfg.objective == "dpo" else None)
+    return TrainState(step=replicated(mesh), params=t_sh, opt_state=opt_sh, rng=replicated(mesh),
+                      ref_params=p_sh if cfg.objective == "dpo" and cfg.lora is None else None,
+                      base=p_sh if cfg.lora is not None else None)
+
+
+def _init_state(cfg: TrainConfig, tx, seed: int, params=None) -> TrainState:
+    """The step-0 state: the params (given: init_from, or from the seed); with lora, fresh adapters (B = 0, so
+    the model starts as the base) as the trained tree and the params as the frozen base."""
+    params_key, rng_key = jax.random.split(jax.random.key(seed))
+    params = llama_model.init_params(cfg.model, params_key) if params is None else params
+    base = None
+    if cfg.lora is not None:
+        from llama import lora
+
+        base, params = params, lora.init_adapters(cfg.model, cfg.lora, jax.random.fold_in(params_key, 1))
+    # DPO's reference: its own buffers (the state is donated); with lora the frozen base is the reference.
+    ref = jax.tree.map(jnp.copy, params) if cfg.objective == "dpo" and cfg.lora is None else None
+    return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(rng_key), ref, base)
 
 
 def abstract_state(cfg: TrainConfig, mesh) -> TrainState:
     """ShapeDtypeStructs carrying the shardings: restore targets, and `eval_shape` checks of huge configs."""
     tx = optim.make_optimizer(cfg.optimizer)
 
-    def init(seed):
-        params = llama_model.init_params(cfg.model, jax.random.key(seed))
-        return TrainState(jnp.int32(0), params, tx.init(params), jnp.zeros((2,), jnp.uint32),
-                          params if cfg.objective == "dpo" else None)
-
-    shapes = jax.eval_shape(init, 0)
+    shapes = jax.eval_shape(lambda: _init_state(cfg, tx, 0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         state_shardings(cfg, mesh))
 
@@ -481,10 +519,7 @@ def make_train_step(cfg: TrainConfig, mesh):
     sh = state_shardings(cfg, mesh)
 
     def init(seed, params=None):
-        params_key, rng_key = jax.random.split(jax.random.key(seed))
-        params = llama_model.init_params(cfg.model, params_key) if params is None else params
-        ref = jax.tree.map(jnp.copy, params) if cfg.objective == "dpo" else None  # its own buffers (donation)
-        return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(rng_key), ref)
+        return _init_state(cfg, tx, seed, params)
 
     def step(state, batch):
         # Traced under the mesh, so the model's layer-boundary constraints (sharding.rules.constrain) apply.
@@ -689,7 +724,7 @@ def parse_args(argv):
 
 
 # What llama.train writes in OUT (and llama.sweep beside it, for a variant's run).
-RUN_FILES = {"checkpoints", "metrics.jsonl", "tensorboard", "corpus", "tokenizer.model", "manifest.json", "loss.png",
+RUN_FILES = {"checkpoints", "adapters", "metrics.jsonl", "tensorboard", "corpus", "tokenizer.model", "manifest.json", "loss.png",
              "sample.txt", "sweep_manifest.json", "train.log"}
 
 
@@ -788,14 +823,18 @@ def main(argv=None) -> int:
     init_fn, step_fn = make_train_step(scfg, mesh)
     if start is None:
         state = init_fn(cfg.seed, load_init_params(cfg.init_from, cfg, mesh) if cfg.init_from else None)
-        say(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+        say(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M trained parameters"
+            f"{' (LoRA adapters)' if cfg.lora else ''}, mesh {dict(mesh.shape)}, "
             f"{jax.process_count()} process(es)")
     else:
         state, data_state, _ = restore_checkpoint(mngr, start, cfg, mesh)
         if stage_at(cfg, max(start - 1, 0))[0] == stage:  # else it ends the previous stage: open this one afresh
             data.set_state(data_state)
         say(f"resuming {out} from step {start}")
-    if cfg.objective == "dpo" and (cfg.dpo.reference or start is not None):
+    if cfg.lora is not None and start is not None:  # the frozen base is not checkpointed: reload it
+        state = dataclasses.replace(state, base=load_init_params(cfg.init_from, cfg, mesh) if cfg.init_from
+                                    else init_fn(cfg.seed).base)
+    if cfg.objective == "dpo" and cfg.lora is None and (cfg.dpo.reference or start is not None):
         # The frozen reference: dpo.reference, else the starting policy (reloaded on resume: not checkpointed).
         src = cfg.dpo.reference or cfg.init_from
         ref = (load_init_params(src, cfg, mesh, "dpo.reference" if cfg.dpo.reference else "init_from") if src
@@ -869,7 +908,7 @@ def main(argv=None) -> int:
         done, pending = step + 1, (step + 1, m, stage, scfg)
         if eval_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             # `state` is step `done`'s here (the next step is not dispatched yet); the eval waits for it
-            last_eval = (done, llama_eval.evaluate(state.params, eval_set, cfg=cfg.model, mesh=mesh))
+            last_eval = (done, llama_eval.evaluate(model_params(state.params, state.base, cfg), eval_set, cfg=cfg.model, mesh=mesh))
             if writer:
                 writer.write(done, last_eval[1])
         stop = preempted.flag
@@ -897,7 +936,7 @@ def main(argv=None) -> int:
         return status
     if not primary:
         if cfg.sample_tokens:
-            sample_text(state.params, cfg, tok, state.rng)  # a collective computation: every process takes part
+            sample_text(model_params(state.params, state.base, cfg), cfg, tok, state.rng)  # a collective computation: every process takes part
         return 0
     writer.close()
     if last_eval:
@@ -909,8 +948,15 @@ def main(argv=None) -> int:
              "config, data, meta)", f"tokenizer:      {tok.path}", f"metrics:        {writer.jsonl_path}, "
              f"{out}/tensorboard", f"loss plot:      {plot}",
              f"generate more:  python -m llama.generate --checkpoint {out} --prompt 'The'"]
+    if cfg.lora is not None and jax.process_count() == 1:
+        # The adapters as a LoRA adapter checkpoint: `python -m llama.convert orbax-to-peft OUT/adapters DST`.
+        from llama import lora
+
+        lora.save_adapters(os.path.join(out, "adapters"), cfg.model, cfg.lora, jax.device_get(state.params),
+                           base=cfg.init_from, overwrite=True)
+        lines.append(f"adapters:       {out}/adapters (LoRA; the base: {cfg.init_from or 'the seed init'})")
     if cfg.sample_tokens:
-        text = sample_text(state.params, cfg, tok, state.rng)
+        text = sample_text(model_params(state.params, state.base, cfg), cfg, tok, state.rng)
         with open(os.path.join(out, "sample.txt"), "w") as f:
             f.write(text + "\n")
         lines += [f"sample:         {out}/sample.txt", "", "--- sample ---", text, "--------------"]

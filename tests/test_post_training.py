@@ -334,3 +334,62 @@ def test_objective_config_errors():
     with pytest.raises(ConfigError, match="data.format=chat is for objective=sft"):
         TrainConfig(model=CFG, data=DataConfig(paths="x.jsonl", format="chat"))
     assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# ------------------------------------------------------------------------------------------ LoRA in the trainer
+def test_lora_state_trains_and_stores_only_adapters():
+    """With TrainConfig.lora the trained tree and every AdamW moment are adapter-sized; the base is frozen."""
+    from jax.sharding import AbstractMesh
+
+    from llama import lora, optim
+    from llama.train import abstract_state, train_step
+
+    lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))
+    cfg = TrainConfig(model=CFG, lora=lcfg, batch_size=2, seq_len=16)
+    mesh = AbstractMesh((1, 1, 1, 1), ("data", "fsdp", "tensor", "context"))
+    state = abstract_state(cfg, mesh)
+    adapter_shapes = {s.shape for s in jax.tree.leaves(lora.adapter_specs(CFG, lcfg), is_leaf=model.is_spec)}
+    assert {x.shape for x in jax.tree.leaves(state.params)} == adapter_shapes
+    moments = [x.shape for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert moments and set(moments) == adapter_shapes and len(moments) == 2 * len(jax.tree.leaves(state.params))
+    assert jax.tree.map(lambda x: x.shape, state.base) == jax.tree.map(lambda x: x.shape,
+                                                                        model.abstract_params(CFG))
+    # a real step: the base comes back unchanged, the adapters move, the loss is the base's (B = 0)
+    from llama.train import _init_state
+
+    tx = optim.make_optimizer(cfg.optimizer.replace(warmup_steps=0))
+    s0 = _init_state(cfg, tx, 0)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, CFG.vocab_size, (2, 17)).astype(np.int32)
+    batch = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((2, 16), np.int32),
+             "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)), "loss_mask": np.ones((2, 16), np.float32)}
+    s1, m = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, tx=tx))(s0, batch)
+    full = TrainConfig(model=CFG, batch_size=2, seq_len=16)
+    _, sums, norms = compute_grads(s0.base, batch, cfg=full)
+    np.testing.assert_allclose(m["loss"], objective_metrics(sums, norms, full)["loss"], rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, s1.base, s0.base)
+    assert np.abs(np.asarray(s1.params["wq"]["b"])).max() > 0
+
+
+@pytest.mark.slow
+def test_lora_sft_resume_and_dpo_starts_at_ln2(tmp_path):
+    """LoRA SFT through `python -m llama.train`: 4 steps straight == 2 + resume + 2 (the base is rebuilt from the
+    seed on resume), the adapters are written as an adapter checkpoint; LoRA DPO's step 1 gives ln 2 (B = 0:
+    the policy is its frozen base, the reference)."""
+    from llama import lora
+    from llama.train import main
+
+    lo = "lora={'rank': 4, 'alpha': 8.0, 'targets': ('wq', 'wv')}"
+    exp = write_experiment(tmp_path, "sft", write_rows(tmp_path, "chat", 40))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(["--config", exp, "--out", a, "--set", lo]) == 0
+    assert main(["--config", exp, "--out", b, "--set", lo, "steps=2"]) == 0
+    assert main(["--config", exp, "--out", b, "--set", lo]) == 0
+    la = {s: r["loss"] for s, r in metrics_by_step(a).items()}
+    assert la == {s: r["loss"] for s, r in metrics_by_step(b).items()} and la[4] < la[1]
+    _, lcfg, ad, _ = lora.load_adapters(os.path.join(a, "adapters"))
+    assert lcfg.rank == 4 and set(ad) == {"wq", "wv"}
+    exp = write_experiment(tmp_path, "dpo", write_rows(tmp_path, "preference"), steps=1)
+    c = str(tmp_path / "c")
+    assert main(["--config", exp, "--out", c, "--set", lo]) == 0
+    assert metrics_by_step(c)[1]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
