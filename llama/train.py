@@ -150,6 +150,9 @@ class TrainConfig:
     lora: LoraConfig | None = None
 
     def __post_init__(self):
+        if _DEFER_CHECKS:  # apply_overrides: fields set one at a time are checked together at the end
+            return
+
         def need(cond, msg):
             if not cond:
                 raise ConfigError(f"TrainConfig: {msg}")
@@ -296,8 +299,25 @@ def _parse_value(text: str, current: Any, where: str, hint: Any = None) -> Any:
     raise ConfigError(f"--set {where}: cannot set a field of type {type(current).__name__} from the command line")
 
 
+_DEFER_CHECKS = False
+
+
 def apply_overrides(cfg, overrides: list[str]):
-    """`["optimizer.peak_lr=3e-4", "model.n_layers=2", "steps=50"]` -> a new config. Unknown fields are errors."""
+    """`["optimizer.peak_lr=3e-4", "model.n_layers=2", "steps=50"]` -> a new config. Unknown fields are errors.
+    TrainConfig's cross-field checks run once, on the result, so that fields that must change together can
+    (`objective=dpo data.format=preference`)."""
+    global _DEFER_CHECKS
+    if not isinstance(cfg, TrainConfig):
+        return _apply_overrides(cfg, overrides)
+    _DEFER_CHECKS = True
+    try:
+        cfg = _apply_overrides(cfg, overrides)
+    finally:
+        _DEFER_CHECKS = False
+    return cfg.replace()  # the checks, now
+
+
+def _apply_overrides(cfg, overrides: list[str]):
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. optimizer.peak_lr=3e-4")

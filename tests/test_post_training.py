@@ -322,6 +322,10 @@ def test_objective_config_errors():
     from llama.config import ConfigError
     from llama.train import apply_overrides
 
+    # the example: fields that must change together, set in one --set
+    c = apply_overrides(TrainConfig(model=CFG), ["objective=dpo", "dpo.beta=0.1", "data.format=preference",
+                                                 "data.paths=x.jsonl"])
+    assert (c.objective, c.dpo.beta, c.data.format) == ("dpo", 0.1, "preference")
     base = TrainConfig(model=CFG, data=DataConfig(paths="x.jsonl", format="preference"), objective="dpo")
     cfg = apply_overrides(base, ["dpo.beta=0.5", "dpo.mask_special=false", "init_from=/some/dir"])
     assert (cfg.dpo.beta, cfg.dpo.mask_special, cfg.init_from) == (0.5, False, "/some/dir")
