@@ -397,3 +397,23 @@ def test_lora_sft_resume_and_dpo_starts_at_ln2(tmp_path):
     c = str(tmp_path / "c")
     assert main(["--config", exp, "--out", c, "--set", lo]) == 0
     assert metrics_by_step(c)[1]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_init_from_hf_directory_and_model_checkpoint(hf_export, tmp_path):
+    """init_from reads a Hugging Face directory (converted on the fly) and a model checkpoint to the same params,
+    placed with the trainer's shardings; another architecture is a ConfigError naming the differing field."""
+    from llama.checkpoint import save_model
+    from llama.config import ConfigError
+    from llama.train import load_init_params
+    from sharding.rules import MeshConfig, make_mesh
+
+    params, hf_dir = hf_export
+    cfg = TrainConfig(model=CFG, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = make_mesh(cfg.mesh)
+    save_model(str(tmp_path / "ckpt"), CFG, params)
+    for src in (hf_dir, str(tmp_path / "ckpt")):
+        got = load_init_params(src, cfg, mesh)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, params)
+        assert got["layers"]["wq"].sharding.mesh.shape == mesh.shape
+    with pytest.raises(ConfigError, match="n_layers"):
+        load_init_params(hf_dir, cfg.replace(model=CFG.replace(n_layers=3)), mesh)
