@@ -34,12 +34,10 @@ def model_cfg():
 def batch(objective):
     rng = np.random.default_rng(0)
     toks = rng.integers(3, 4096, (B, T + 1)).astype(np.int32)
-    half = T // 4  # DPO: 4 segments of 64 per row = 2 pairs; SFT: 2 documents of 128
-    n = 4 if objective == "dpo" else 2
+    n = 4 if objective == "dpo" else 2  # DPO: 4 segments of 64 per row = 2 pairs; SFT: 2 documents of 128
     seg = (np.arange(T) // (T // n) + 1).astype(np.int32)
     pos = (np.arange(T) % (T // n)).astype(np.int32)
     mask = ((pos >= (T // n) // 2) & (pos < T // n - 1)).astype(np.float32)  # second half of each segment
-    del half
     return {"tokens": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.tile(seg, (B, 1)),
             "positions": np.tile(pos, (B, 1)), "loss_mask": np.tile(mask, (B, 1))}
 
@@ -95,8 +93,9 @@ def run_trl(objective, tmp):
                          report_to="none", use_cpu=True, bf16=False)
         import copy
 
-        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, processing_class=tok, train_dataset=datasets.Dataset.from_dict(
-            {"prompt": ["a"], "chosen": ["a"], "rejected": ["a a"]}))
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["a"],
+                                                                       "rejected": ["a a"]}))
         model = trainer.model
         order = torch.cat([torch.arange(0, B * n, 2), torch.arange(1, B * n, 2)])  # [chosen; rejected]
         inputs = {"input_ids": ids[order], "attention_mask": torch.ones_like(ids), "completion_mask": comp[order]}

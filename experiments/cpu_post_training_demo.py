@@ -1,6 +1,7 @@
 """CPU demonstration of SFT then DPO on a deterministic synthetic task, with held-out figures before and after.
 
-    python experiments/cpu_post_training_demo.py [--out runs/post_demo] [--sft-steps 600] [--dpo-steps 100] [--dpo-lr 5e-5] [--mask-special true]
+    python experiments/cpu_post_training_demo.py [--out runs/post_demo] [--sft-steps 600] [--dpo-steps 100]
+                                                 [--dpo-lr 5e-5] [--mask-special true]
 
 Task (generated here, seed 0): "say W" -> "W", W = 4 letters from a..h (4,096 words; 256 held out, never trained
 on). SFT rows are the correct answers; DPO pairs prefer the correct answer to the word with one letter changed.
@@ -11,7 +12,7 @@ is the shortest stand-in. Both stages are the one trainer, `python -m llama.trai
 
 Measured on held-out words: exact match of greedy answers (before SFT, after SFT, after DPO) and DPO reward
 accuracy (the DPO policy against its reference, the SFT model; before DPO, policy = reference and every reward
-is 0 up to float32 rounding between the two forward passes, so the strict comparison is a coin flip: ~0.5).
+is 0 up to float32 rounding between the two forward passes, so the strict comparison is noise, not a figure).
 """
 
 import argparse
@@ -133,7 +134,8 @@ def main(argv=None):
     results["reward_accuracy_sft"] = reward_accuracy(p_sft, p_sft, cfg, tok, pairs)
     assert train_main(["--config", here, "--out", dpo, "--set", "objective=dpo", "data.format=preference",
                        f"data.paths={args.out}/data/pref.jsonl", f"init_from={sft}", f"steps={args.dpo_steps}",
-                       f"optimizer.peak_lr={args.dpo_lr}", f"optimizer.end_lr={args.dpo_lr / 10}", f"dpo.mask_special={args.mask_special}", "optimizer.warmup_steps=5",
+                       f"optimizer.peak_lr={args.dpo_lr}", f"optimizer.end_lr={args.dpo_lr / 10}",
+                       f"dpo.mask_special={args.mask_special}", "optimizer.warmup_steps=5",
                        f"optimizer.decay_steps={max(1, args.dpo_steps - 5)}"]) == 0
     _, p_dpo = load_model(dpo, dtype="float32")
     results.update(zip(("exact_match_dpo", "stopped_dpo"), exact_match(p_dpo, cfg, tok, held)))
@@ -141,7 +143,8 @@ def main(argv=None):
     print(json.dumps(results, indent=2))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results | {"held_out_words": len(held), "sft_steps": args.sft_steps,
-                             "dpo_steps": args.dpo_steps, "dpo_lr": args.dpo_lr, "mask_special": args.mask_special}, f, indent=2)
+                             "dpo_steps": args.dpo_steps, "dpo_lr": args.dpo_lr,
+                             "mask_special": args.mask_special}, f, indent=2)
     return 0
 
 

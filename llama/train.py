@@ -744,7 +744,8 @@ def parse_args(argv):
 
 
 # What llama.train writes in OUT (and llama.sweep beside it, for a variant's run).
-RUN_FILES = {"checkpoints", "adapters", "metrics.jsonl", "tensorboard", "corpus", "tokenizer.model", "manifest.json", "loss.png",
+RUN_FILES = {"checkpoints", "adapters", "metrics.jsonl", "tensorboard", "corpus", "tokenizer.model", "manifest.json",
+             "loss.png",
              "sample.txt", "sweep_manifest.json", "train.log"}
 
 
@@ -928,7 +929,8 @@ def main(argv=None) -> int:
         done, pending = step + 1, (step + 1, m, stage, scfg)
         if eval_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             # `state` is step `done`'s here (the next step is not dispatched yet); the eval waits for it
-            last_eval = (done, llama_eval.evaluate(model_params(state.params, state.base, cfg), eval_set, cfg=cfg.model, mesh=mesh))
+            last_eval = (done, llama_eval.evaluate(model_params(state.params, state.base, cfg), eval_set,
+                                                   cfg=cfg.model, mesh=mesh))
             if writer:
                 writer.write(done, last_eval[1])
         stop = preempted.flag
@@ -956,7 +958,8 @@ def main(argv=None) -> int:
         return status
     if not primary:
         if cfg.sample_tokens:
-            sample_text(model_params(state.params, state.base, cfg), cfg, tok, state.rng)  # a collective computation: every process takes part
+            # a collective computation: every process takes part
+            sample_text(model_params(state.params, state.base, cfg), cfg, tok, state.rng)
         return 0
     writer.close()
     if last_eval:
