@@ -6,9 +6,11 @@ Public API
     from input_pipeline import DataConfig, Source, make_dataset, to_global_batch
 
     Source(paths, format="text", weight=1.0, field="text", separator=None, drop_unterminated=False,
-           hf_split="train")
+           hf_split="train", overlong="error", mask_special=False)
         paths: files / globs (tuple or one str); format: "text" | "jsonl" | "parquet" | "array_record" | "hf"
-        | "prepared" (a directory written by `python -m input_pipeline.prepare`). separator (text only): None =
+        | "prepared" (a directory written by `python -m input_pipeline.prepare`) | "chat" | "preference" (SFT and
+        DPO JSONL rows, chat.py: rendered in the Llama 3.1 chat format, loss-masked, packed whole; overlong=
+        "error" | "drop", mask_special for preference). separator (text only): None =
         one document per file, "<|endoftext|>", or BLANK_LINES ("\\n\\n": runs of blank lines).
 
     DataConfig(sources, shuffle=True, num_epochs=None, mask_document_boundary=True, utf8_errors="replace",

@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from input_pipeline import packing
+from input_pipeline.chat import ChatPackIterDataset, open_chat
 from input_pipeline.prepared import open_prepared
 from input_pipeline.sources import UTF8_ERRORS, DataError, Source, hash_split, open_documents
 from input_pipeline.tokenize import Tokenizer, encode_document, tokenizer_info
@@ -186,7 +187,16 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
 
     all_docs, datasets = [], []
     for i, src in enumerate(config.sources):
-        if src.format == "prepared":
+        if src.format in ("chat", "preference"):
+            if tokenizer is None:
+                raise DataError(f"source {src.paths} ({src.format}) needs a tokenizer")
+            if len(config.sources) > 1:
+                raise DataError(f"source {src.paths} ({src.format}): chat and preference sources are not mixed with "
+                                "others (their rows are packed whole, see chat.py); give it alone")
+            docs = open_chat(src, tokenizer, seq_len=int(seq_len), progress=process_index == 0)
+            docs = hash_split(docs, config.holdout, heldout=False) if config.holdout else docs
+            ds = grain.MapDataset.source(docs)
+        elif src.format == "prepared":
             docs = open_prepared(src.paths, tokenizer_check=tok_info)
             docs = hash_split(docs, config.holdout, heldout=False) if config.holdout else docs
             # Without a tokenizer, the first prepared source's identifies the ids; the others must agree.
@@ -207,8 +217,11 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
     ds = ds[process_index::process_count]  # disjoint, complete shares of the (mixed) document stream
     ds = ds.batch(DOCS_PER_READ, batch_fn=list)  # blocks of consecutive documents of this share
     read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.read_buffer)
-    rows = packing.PackIterDataset(ds.to_iter_dataset(read), seq_len=int(seq_len),
-                                   mask_document_boundary=config.mask_document_boundary)
+    if config.sources[0].format in ("chat", "preference"):  # whole documents per row (chat.py)
+        rows = ChatPackIterDataset(ds.to_iter_dataset(read), seq_len=int(seq_len))
+    else:
+        rows = packing.PackIterDataset(ds.to_iter_dataset(read), seq_len=int(seq_len),
+                                       mask_document_boundary=config.mask_document_boundary)
     local = global_batch_size // process_count
     batches = rows.batch(local, drop_remainder=False).map(lambda b: _pad_batch(b, local))
     if config.prefetch:

@@ -32,7 +32,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("text", "jsonl", "parquet", "array_record", "hf", "prepared")
+FORMATS = ("text", "jsonl", "parquet", "array_record", "hf", "prepared", "chat", "preference")
 # Separator value meaning "one or more blank (whitespace-only) lines", as in TinyStories' validation file.
 BLANK_LINES = "\n\n"
 _BLANK_LINES_RE = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
@@ -57,6 +57,9 @@ class Source:
     drop_unterminated: text with separator only: drop the text after a file's last separator (a corpus slice
       cut mid-document, e.g. TinyStories' first 2 MiB); counted as `dropped_unterminated`.
     weight: relative sampling weight (in documents) when several sources are mixed.
+    "chat" / "preference": chat (SFT) and preference (DPO) JSONL rows, see chat.py. overlong: a row longer than
+      seq_len is an "error" or is "drop"ped (counted); mask_special (preference only): header and termination
+      tokens out of the completion mask (Llama 3 paper section 4.1.4).
     """
 
     paths: tuple[str, ...]
@@ -66,6 +69,8 @@ class Source:
     separator: str | None = None
     drop_unterminated: bool = False
     hf_split: str = "train"
+    overlong: str = "error"
+    mask_special: bool = False
 
     def __post_init__(self):
         paths = (self.paths,) if isinstance(self.paths, (str, os.PathLike)) else tuple(self.paths)
@@ -76,6 +81,8 @@ class Source:
             raise DataError(f"Source.format {self.format!r} is not one of {FORMATS}")
         if not self.weight > 0:
             raise DataError(f"Source.weight must be > 0, got {self.weight} for {self.paths}")
+        if self.overlong not in ("error", "drop"):
+            raise DataError(f"Source.overlong={self.overlong!r}: expected 'error' or 'drop' (never truncated)")
         if self.separator is not None and (self.format != "text" or self.separator == ""):
             raise DataError(f"Source.separator={self.separator!r} applies only to format='text' and must be "
                             f"non-empty (got format {self.format!r})")
@@ -83,7 +90,9 @@ class Source:
     def to_dict(self) -> dict[str, Any]:
         return {"paths": list(self.paths), "format": self.format, "weight": self.weight, "field": self.field,
                 "separator": self.separator, "drop_unterminated": self.drop_unterminated,
-                "hf_split": self.hf_split}
+                "hf_split": self.hf_split} | (  # only where they apply: older sources' fingerprints stay as they were
+                    {"overlong": self.overlong, "mask_special": self.mask_special}
+                    if self.format in ("chat", "preference") else {})
 
 
 def expand_paths(patterns: Sequence[str], *, allow_dirs: bool = False) -> list[str]:

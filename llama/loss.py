@@ -134,3 +134,52 @@ def _chunked_bwd(cfg, z_loss, c, grads, cotangents):
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+# ------------------------------------------------------------------------------ SFT and DPO (post-training)
+# SFT is `next_token_loss` itself: its data (input_pipeline/chat.py) carries a loss mask on the assistant
+# content and the <|eot_id|> ending each assistant turn, and the trainer divides the summed NLL by the batch's
+# count of masked tokens, as in pre-training. DPO needs per-token log-probabilities, summed per sequence.
+
+
+def token_logps(params: dict, h: jax.Array, targets: jax.Array, *, cfg: ModelConfig, chunk: int = 0) -> jax.Array:
+    """log p(targets) [B, T], float32, under the output layer applied to h [B, T, D] (model.hidden_states).
+    chunk > 0: about `chunk` tokens at a time, each chunk rematerialised (jax.checkpoint) in the backward pass, so
+    the float32 [B, T, V] logits never exist whole (the same values; gradients by plain JAX autodiff)."""
+    def one(head, h_i, t_i):  # [B, c, D], [B, c] -> [B, c]
+        logits = llama_model.unembed(head, h_i, cfg)
+        return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), t_i[..., None].astype(jnp.int32),
+                                   axis=-1)[..., 0]
+
+    head = head_params(params, cfg)
+    if chunk <= 0:
+        return one(head, h, targets)
+    B, T = targets.shape
+    n = -(-T // max(1, chunk // B))
+    c = -(-T // n)
+    out = jax.lax.map(lambda x: jax.checkpoint(one)(head, *x), (_to_chunks(h, c), _to_chunks(targets, c)))
+    return _from_chunks(out, T)
+
+
+def pair_sums(x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """[B, T] -> [B, T // 2, 2]: sums of x over each row's segment pairs (2k+1, 2k+2) = (chosen, rejected) of pair
+    k (input_pipeline/chat.py's preference layout). Padding (segment 0) adds to no pair."""
+    B, T = x.shape
+    P = T // 2
+    k = segment_ids - 1  # -1 = padding
+    idx = jnp.where(k >= 0, jnp.arange(B)[:, None] * (2 * P) + k, B * 2 * P)  # padding -> an extra bin, dropped
+    sums = jax.ops.segment_sum(x.reshape(-1), idx.reshape(-1), num_segments=B * 2 * P + 1)
+    return sums[:-1].reshape(B, P, 2)
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta: float,
+             label_smoothing: float = 0.0):
+    """Per-pair sigmoid DPO loss (Rafailov et al. 2023, eq. 7) on summed completion log-probs, with conservative
+    DPO's label smoothing eps (Mitchell 2023; TRL's "robust"-free form): -(1-eps) logsigmoid(beta d) - eps
+    logsigmoid(-beta d), d = (chosen - ref chosen) - (rejected - ref rejected). eps = 0 is TRL's "sigmoid".
+    Returns (loss, chosen_rewards, rejected_rewards), rewards = beta x log-ratio (TRL's rewards/chosen)."""
+    chosen_rewards = beta * (chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (rejected_logps - ref_rejected_logps)
+    logits = chosen_rewards - rejected_rewards
+    loss = -(1 - label_smoothing) * jax.nn.log_sigmoid(logits) - label_smoothing * jax.nn.log_sigmoid(-logits)
+    return loss, chosen_rewards, rejected_rewards

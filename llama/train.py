@@ -49,6 +49,7 @@ from llama import eval as llama_eval
 from llama import metrics as llama_metrics
 from llama import optim
 from llama.config import ConfigError, ModelConfig
+from llama.lora import LoraConfig
 from sharding import distributed
 from sharding.rules import MeshConfig, batch_sharding, make_mesh, param_shardings, replicated
 
@@ -73,6 +74,30 @@ class DataConfig:
     # this share of the training documents, chosen by a stable hash of each one and never trained on.
     eval_paths: str | None = None
     eval_share: float = 0.0
+    # format=chat / preference: a row longer than seq_len is an "error" (naming file:line) or is "drop"ped (counted
+    # in the pipeline's stats); never truncated (input_pipeline/chat.py).
+    overlong: str = "error"
+
+
+OBJECTIVES = ("pretrain", "sft", "dpo")
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    """Direct Preference Optimization as Llama 3 does it (paper section 4.1.4; docs/post_training.md).
+
+    beta: 0.1, the paper's. nll_coef: weight of an NLL term on the chosen responses, 0.2 in the paper; it is the
+    mean per-token NLL over all chosen completion tokens of the batch (TRL's loss_type "sft"). mask_special: header
+    and termination tokens out of chosen and rejected (the paper's choice; False = TRL's completion mask, which
+    keeps <|eot_id|>). label_smoothing: conservative DPO's eps (0 = plain sigmoid loss). reference: a checkpoint
+    (model checkpoint, training run or Hugging Face directory) for the frozen reference policy; None = the
+    starting policy (init_from, else the seed's initial parameters)."""
+
+    beta: float = 0.1
+    nll_coef: float = 0.2
+    mask_special: bool = True
+    label_smoothing: float = 0.0
+    reference: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,8 +138,21 @@ class TrainConfig:
     eval_batches: int = 4  # fixed eval batches of batch_size x seq_len (llama/eval.py make_eval_set)
     # Later stages (Stage); the first stage is (seq_len, batch_size) from step 0. Empty: one stage.
     stages: tuple[Stage, ...] = ()
+    # "pretrain" (text, next-token loss), "sft" (data.format=chat: the same loss on assistant tokens only) or
+    # "dpo" (data.format=preference, `dpo`); llama/loss.py holds the pure loss functions.
+    objective: str = "pretrain"
+    # Starting parameters: a model checkpoint (llama.checkpoint), a training run (its latest step) or a Hugging Face
+    # directory (converted on the fly, llama.convert); None = random init from `seed`.
+    init_from: str | None = None
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    # LoRA (llama/lora.py): None = full fine-tuning; else the base weights are frozen (TrainState.base) and only
+    # the adapters are trained, hold optimizer state and are checkpointed (TrainState.params = the adapters).
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
+        if _DEFER_CHECKS:  # apply_overrides: fields set one at a time are checked together at the end
+            return
+
         def need(cond, msg):
             if not cond:
                 raise ConfigError(f"TrainConfig: {msg}")
@@ -135,6 +173,26 @@ class TrainConfig:
         need(not self.eval_every or bool(self.data.eval_paths or self.data.eval_share),
              f"eval_every={self.eval_every} needs eval data: data.eval_share (a held-out share) or data.eval_paths")
         stage_schedule(self)  # the stages' own checks
+        need(self.objective in OBJECTIVES, f"objective={self.objective!r}: expected one of {OBJECTIVES}")
+        need(self.data.overlong in ("error", "drop"), f"data.overlong={self.data.overlong!r}: expected error or drop")
+        want = {"sft": "chat", "dpo": "preference"}.get(self.objective)
+        if want:
+            need(self.data.paths is not None and self.data.format == want, f"objective={self.objective} needs "
+                 f"data.format={want} and data.paths (JSONL rows, docs/post_training.md); got data.format="
+                 f"{self.data.format!r}, data.paths={self.data.paths!r}")
+            need(not self.eval_every, f"eval_every={self.eval_every}: held-out evaluation is not available for "
+                 f"objective={self.objective} yet; set eval_every=0")
+        else:
+            need(self.data.format not in ("chat", "preference"), f"data.format={self.data.format} is for "
+                 f"objective={'sft' if self.data.format == 'chat' else 'dpo'}, not {self.objective!r}")
+        if self.objective == "dpo":
+            d = self.dpo
+            need(d.beta > 0 and d.nll_coef >= 0 and 0 <= d.label_smoothing < 0.5, f"dpo: beta={d.beta} must be > 0, "
+                 f"nll_coef={d.nll_coef} >= 0, label_smoothing={d.label_smoothing} in [0, 0.5)")
+            need(self.lora is None or d.reference is None, "dpo.reference with lora: not supported; the reference "
+                 "of a LoRA run is its frozen base (the adapters start at B = 0, i.e. at the base)")
+            need(self.data.document_mask, "objective=dpo needs data.document_mask=True: chosen and rejected share "
+                 "a row as two segments (input_pipeline/chat.py)")
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -150,6 +208,9 @@ class TrainConfig:
         d["mesh"] = MeshConfig(**d.get("mesh", {}))
         d["data"] = DataConfig(**d.get("data", {}))
         d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
+        d["dpo"] = DpoConfig(**d.get("dpo", {}))
+        lo = d.get("lora")
+        d["lora"] = LoraConfig(**{**lo, "targets": tuple(lo["targets"])}) if lo else None
         return cls(**d)
 
 
@@ -238,8 +299,25 @@ def _parse_value(text: str, current: Any, where: str, hint: Any = None) -> Any:
     raise ConfigError(f"--set {where}: cannot set a field of type {type(current).__name__} from the command line")
 
 
+_DEFER_CHECKS = False
+
+
 def apply_overrides(cfg, overrides: list[str]):
-    """`["optimizer.peak_lr=3e-4", "model.n_layers=2", "steps=50"]` -> a new config. Unknown fields are errors."""
+    """`["optimizer.peak_lr=3e-4", "model.n_layers=2", "steps=50"]` -> a new config. Unknown fields are errors.
+    TrainConfig's cross-field checks run once, on the result, so that fields that must change together can
+    (`objective=dpo data.format=preference`)."""
+    global _DEFER_CHECKS
+    if not isinstance(cfg, TrainConfig):
+        return _apply_overrides(cfg, overrides)
+    _DEFER_CHECKS = True
+    try:
+        cfg = _apply_overrides(cfg, overrides)
+    finally:
+        _DEFER_CHECKS = False
+    return cfg.replace()  # the checks, now
+
+
+def _apply_overrides(cfg, overrides: list[str]):
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected FIELD=VALUE, e.g. optimizer.peak_lr=3e-4")
@@ -271,6 +349,19 @@ class TrainState:
     params: Any  # float32 master parameters (llama.model's pytree)
     opt_state: Any  # optax state: AdamW mu and nu mirror params, plus scalar counts
     rng: jax.Array  # uint32 [2] raw key data; the step needs none (Llama has no dropout), sampling uses it
+    # objective=dpo: the frozen reference policy (a float32 copy of the params, sharded like them); else None.
+    # Not checkpointed: it is reloaded from its source (dpo.reference, init_from or the seed) on resume.
+    ref_params: Any = None
+    # lora: the frozen base parameters (`params` holds the adapters); else None. Not checkpointed either.
+    base: Any = None
+
+
+def model_params(params, base, cfg: TrainConfig):
+    """The parameters the model runs with: `params` itself, or with lora the base with the adapters applied
+    through model.linear (lora.apply: no merged copy)."""
+    from llama import lora
+
+    return params if cfg.lora is None else lora.apply(base, params, cfg.lora)
 
 
 def _objective(params, mb: dict, *, cfg: TrainConfig, n_tokens):
@@ -294,55 +385,138 @@ def _split_micro(x: jax.Array, k: int, mesh) -> jax.Array:
     return x
 
 
-def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None):
-    """Gradient of the batch's mean loss, accumulated over cfg.micro_batches with lax.scan (one code path:
-    k = 1 is a scan of length one). Returns (float32 grads, nll_sum, z_sum, n_tokens)."""
+def _dpo_objective(params, mb: dict, *, cfg: TrainConfig, norms: dict, ref_params):
+    """The micro-batch's DPO loss (llama.loss.dpo_loss) summed over its pairs / the batch's pair count, plus
+    dpo.nll_coef x its chosen completion tokens' NLL / the batch's chosen completion token count. Pairs are
+    segments (2k+1, 2k+2) of a row (input_pipeline/chat.py). The reference log-probs come from `ref_params`
+    (no gradient). Returns (loss, sums for the metrics)."""
+    d = cfg.dpo
+
+    def logps(p):
+        h = llama_model.hidden_states(p, mb["tokens"], mb["positions"], mb["segment_ids"], cfg=cfg.model)
+        return llama_loss.token_logps(p, h, mb["targets"], cfg=cfg.model, chunk=cfg.loss_chunk) * mb["loss_mask"]
+
+    seg = mb["segment_ids"]
+    pol = llama_loss.pair_sums(logps(params), seg)  # [B, P, 2]
+    ref = jax.lax.stop_gradient(llama_loss.pair_sums(logps(ref_params), seg))
+    rows_pairs = jnp.max(seg, axis=1, keepdims=True) // 2  # pairs in each row
+    valid = (jnp.arange(pol.shape[1])[None, :] < rows_pairs).astype(jnp.float32)  # [B, P]
+    loss, rc, rr = llama_loss.dpo_loss(pol[..., 0], pol[..., 1], ref[..., 0], ref[..., 1], beta=d.beta,
+                                       label_smoothing=d.label_smoothing)
+    dpo_sum = jnp.sum(loss * valid)
+    nll_sum = -jnp.sum(pol[..., 0] * valid)  # masked log-probs: the sum over chosen completion tokens
+    total = dpo_sum / norms["pairs"] + d.nll_coef * nll_sum / norms["chosen_tokens"]
+    sg = jax.lax.stop_gradient
+    sums = {"dpo_sum": sg(dpo_sum), "nll_sum": sg(nll_sum), "chosen_reward_sum": sg(jnp.sum(rc * valid)),
+            "rejected_reward_sum": sg(jnp.sum(rr * valid)), "correct_sum": sg(jnp.sum((rc > rr) * valid))}
+    return total, sums
+
+
+def _normalizers(batch: dict, cfg: TrainConfig) -> dict:
+    """Whole-batch counts the micro-batch losses are divided by, so micro-batch gradients add up to the
+    full-batch gradient: loss-masked tokens; for DPO also pairs and chosen completion tokens."""
+    mask = jnp.asarray(batch["loss_mask"], jnp.float32)
+    out = {"tokens": jnp.maximum(jnp.sum(mask), 1.0)}
+    if cfg.objective == "dpo":
+        seg = jnp.asarray(batch["segment_ids"])
+        out["pairs"] = jnp.maximum(jnp.sum(jnp.max(seg, axis=1) // 2).astype(jnp.float32), 1.0)
+        out["chosen_tokens"] = jnp.maximum(jnp.sum(mask * (seg % 2 == 1)), 1.0)
+    return out
+
+
+def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None, ref_params=None, base=None):
+    """Gradient of the batch's mean loss (the objective's: `_objective` for pretrain and sft, `_dpo_objective`
+    for dpo), accumulated over cfg.micro_batches with lax.scan (one code path: k = 1 is a scan of length one).
+    With lora, `params` are the adapters and `base` the frozen base: the gradient is the adapters' only; the DPO
+    reference is then the base itself. Returns (float32 grads, summed metrics dict, normalizers dict)."""
     k = cfg.micro_batches
     micro = {name: _split_micro(jnp.asarray(batch[name]), k, mesh) for name in BATCH_KEYS}
-    n_tokens = jnp.maximum(jnp.sum(jnp.asarray(batch["loss_mask"], jnp.float32)), 1.0)
-    grad_fn = jax.grad(functools.partial(_objective, cfg=cfg, n_tokens=n_tokens), has_aux=True)
+    norms = _normalizers(batch, cfg)
+    if cfg.objective == "dpo":
+        ref = base if cfg.lora is not None and ref_params is None else ref_params
+
+        def fn(p, mb):
+            return _dpo_objective(model_params(p, base, cfg), mb, cfg=cfg, norms=norms, ref_params=ref)
+    else:
+        def fn(p, mb):
+            loss, (nll_sum, z_sum) = _objective(model_params(p, base, cfg), mb, cfg=cfg, n_tokens=norms["tokens"])
+            return loss, {"nll_sum": nll_sum, "z_sum": z_sum}
+    grad_fn = jax.grad(fn, has_aux=True)
 
     def one(carry, mb):
-        grads, nll, z = carry
-        g, (nll_i, z_i) = grad_fn(params, mb)
-        return (jax.tree.map(jnp.add, grads, g), nll + nll_i, z + z_i), None
+        grads, sums = carry
+        g, s = grad_fn(params, mb)
+        return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    (grads, nll_sum, z_sum), _ = jax.lax.scan(one, (zeros, jnp.float32(0), jnp.float32(0)), micro)
-    return grads, nll_sum, z_sum, n_tokens
+    shapes = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], micro))[1]
+    sums0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    (grads, sums), _ = jax.lax.scan(one, (zeros, sums0), micro)
+    return grads, sums, norms
+
+
+def objective_metrics(sums: dict, norms: dict, cfg: TrainConfig) -> dict:
+    """The logged values of the objective: `loss` is the optimised loss of the step's starting params."""
+    if cfg.objective != "dpo":
+        return {"loss": sums["nll_sum"] / norms["tokens"], "z_loss": sums["z_sum"] / norms["tokens"]}
+    n = norms["pairs"]
+    dpo, nll = sums["dpo_sum"] / n, sums["nll_sum"] / norms["chosen_tokens"]
+    chosen, rejected = sums["chosen_reward_sum"] / n, sums["rejected_reward_sum"] / n
+    return {"loss": dpo + cfg.dpo.nll_coef * nll, "dpo_loss": dpo, "nll": nll, "reward_accuracy":
+            sums["correct_sum"] / n, "rewards_chosen": chosen, "rewards_rejected": rejected,
+            "reward_margin": chosen - rejected, "pairs": n}
 
 
 def train_step(state: TrainState, batch: dict, *, cfg: TrainConfig, tx: optax.GradientTransformation,
                mesh=None) -> tuple[TrainState, dict]:
     """One optimizer step: accumulated gradients, global-norm clipping and AdamW (both inside `tx`)."""
-    grads, nll_sum, z_sum, n_tokens = compute_grads(state.params, batch, cfg=cfg, mesh=mesh)
+    grads, sums, norms = compute_grads(state.params, batch, cfg=cfg, mesh=mesh, ref_params=state.ref_params,
+                                       base=state.base)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": nll_sum / n_tokens, "z_loss": z_sum / n_tokens, "grad_norm": optim.global_norm(grads),
-               "lr": optim.learning_rate(cfg.optimizer, state.step), "tokens": n_tokens}
-    return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+    metrics = objective_metrics(sums, norms, cfg) | {
+        "grad_norm": optim.global_norm(grads), "lr": optim.learning_rate(cfg.optimizer, state.step),
+        "tokens": norms["tokens"]}
+    return TrainState(state.step + 1, params, opt_state, state.rng, state.ref_params, state.base), metrics
 
 
 def state_shardings(cfg: TrainConfig, mesh) -> TrainState:
     """The TrainState's NamedShardings, derived from sharding.rules (see the module docstring)."""
+    from llama import lora
+
     tx = optim.make_optimizer(cfg.optimizer)
     p_sh = param_shardings(llama_model.param_specs(cfg.model), mesh)
-    abstract_opt = jax.eval_shape(tx.init, llama_model.abstract_params(cfg.model))
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, p_sh,
+    # The trained tree: the params, or with lora the adapters (sharded like the weights they adapt).
+    t_sh = p_sh if cfg.lora is None else param_shardings(lora.adapter_specs(cfg.model, cfg.lora), mesh)
+    abstract_opt = jax.eval_shape(lambda: _init_state(cfg, tx, 0).opt_state)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, t_sh,
                                    transform_non_params=lambda _: replicated(mesh),
                                    is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return TrainState(step=replicated(mesh), params=p_sh, opt_state=opt_sh, rng=replicated(mesh))
+    return TrainState(step=replicated(mesh), params=t_sh, opt_state=opt_sh, rng=replicated(mesh),
+                      ref_params=p_sh if cfg.objective == "dpo" and cfg.lora is None else None,
+                      base=p_sh if cfg.lora is not None else None)
+
+
+def _init_state(cfg: TrainConfig, tx, seed: int, params=None) -> TrainState:
+    """The step-0 state: the params (given: init_from, or from the seed); with lora, fresh adapters (B = 0, so
+    the model starts as the base) as the trained tree and the params as the frozen base."""
+    params_key, rng_key = jax.random.split(jax.random.key(seed))
+    params = llama_model.init_params(cfg.model, params_key) if params is None else params
+    base = None
+    if cfg.lora is not None:
+        from llama import lora
+
+        base, params = params, lora.init_adapters(cfg.model, cfg.lora, jax.random.fold_in(params_key, 1))
+    # DPO's reference: its own buffers (the state is donated); with lora the frozen base is the reference.
+    ref = jax.tree.map(jnp.copy, params) if cfg.objective == "dpo" and cfg.lora is None else None
+    return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(rng_key), ref, base)
 
 
 def abstract_state(cfg: TrainConfig, mesh) -> TrainState:
     """ShapeDtypeStructs carrying the shardings: restore targets, and `eval_shape` checks of huge configs."""
     tx = optim.make_optimizer(cfg.optimizer)
 
-    def init(seed):
-        params = llama_model.init_params(cfg.model, jax.random.key(seed))
-        return TrainState(jnp.int32(0), params, tx.init(params), jnp.zeros((2,), jnp.uint32))
-
-    shapes = jax.eval_shape(init, 0)
+    shapes = jax.eval_shape(lambda: _init_state(cfg, tx, 0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
                         state_shardings(cfg, mesh))
 
@@ -355,17 +529,17 @@ def _check_batch_divisible(cfg: TrainConfig, mesh) -> None:
 
 
 def make_train_step(cfg: TrainConfig, mesh):
-    """(init_state_fn, step_fn): `init_state_fn(seed) -> TrainState` jitted with out_shardings (parameters
-    are created already sharded, never whole on one device), and `step_fn(state, batch) -> (state,
-    metrics)`, jitted with explicit in/out shardings and the state donated."""
+    """(init_state_fn, step_fn): `init_state_fn(seed, params=None) -> TrainState` jitted with out_shardings
+    (parameters are created already sharded, never whole on one device; `params`, placed with the state's
+    shardings, start from given weights: init_from), and `step_fn(state, batch) -> (state, metrics)`, jitted
+    with explicit in/out shardings and the state donated. For objective=dpo the state's ref_params start as a
+    copy of the params (see `with_reference` to set another reference)."""
     _check_batch_divisible(cfg, mesh)
     tx = optim.make_optimizer(cfg.optimizer)
     sh = state_shardings(cfg, mesh)
 
-    def init(seed):
-        params_key, rng_key = jax.random.split(jax.random.key(seed))
-        params = llama_model.init_params(cfg.model, params_key)
-        return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(rng_key))
+    def init(seed, params=None):
+        return _init_state(cfg, tx, seed, params)
 
     def step(state, batch):
         # Traced under the mesh, so the model's layer-boundary constraints (sharding.rules.constrain) apply.
@@ -409,16 +583,50 @@ def save_checkpoint(mngr, state: TrainState, cfg: TrainConfig, data_state: dict)
     return step
 
 
+# May change across a restart (and are absent from checkpoints written before them).
+NUMERICS_ONLY = ("remat", "compute_dtype", "attention_impl", "attention_block_q", "attention_block_k", "name")
+
+
+def _model_diff(saved: dict, model: ModelConfig, ignore: tuple[str, ...] = ()) -> dict:
+    """{field: (saved, config)} where a saved ModelConfig dict differs from `model` in more than numerics."""
+    mine, saved = json.loads(json.dumps(model.to_dict())), json.loads(json.dumps(saved))  # tuples -> lists
+    return {k: (saved.get(k), mine[k]) for k in mine
+            if k not in NUMERICS_ONLY + ignore and saved.get(k) != mine[k]}
+
+
+def load_init_params(path: str, cfg: TrainConfig, mesh, what: str = "init_from"):
+    """float32 params from `path`, placed with the trainer's shardings: a model checkpoint or a training run (its
+    latest step; llama.checkpoint.load_model) or a Hugging Face directory (config.json + *.safetensors, converted
+    on the fly by llama.convert). ConfigError when its architecture is not cfg.model's (max_seq_len and the
+    stored dtype may differ)."""
+    from llama import checkpoint as llama_ckpt
+    from llama import convert
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"{what}={path}: no such directory (a model checkpoint, a training run or a Hugging "
+                          "Face model directory)")
+    if glob.glob(os.path.join(path, "*.safetensors")) and not llama_ckpt.is_model_checkpoint(path):
+        mcfg, state = convert.open_source("hf", path)
+        diff = _model_diff(mcfg.to_dict(), cfg.model, ("max_seq_len", "param_dtype"))
+        if diff:
+            raise ConfigError(f"{what}={path}: the Hugging Face model differs from the config's model in {diff}")
+        shardings = param_shardings(llama_model.param_specs(cfg.model), mesh)
+        host = convert.hf_to_params(state, mcfg, "float32", where=path)
+        return jax.tree.map(lambda x, sh: jax.device_put(x, sh), host, shardings)
+    mcfg, params = llama_ckpt.load_model(path, mesh, dtype="float32")
+    diff = _model_diff(mcfg.to_dict(), cfg.model, ("max_seq_len", "param_dtype"))
+    if diff:
+        raise ConfigError(f"{what}={path}: its model differs from the config's model in {diff}")
+    return params
+
+
 def restore_checkpoint(mngr, step: int, cfg: TrainConfig, mesh) -> tuple[TrainState, dict, dict]:
     """(state placed with the trainer's shardings, data iterator state, saved config dict). A checkpoint
     of another architecture is refused with the differing fields named."""
     import orbax.checkpoint as ocp
 
     saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    mine = json.loads(json.dumps(cfg.model.to_dict()))  # tuples -> lists, as stored
-    numerics_only = ("remat", "compute_dtype", "attention_impl", "attention_block_q", "attention_block_k",
-                     "name")  # may change across a restart (and are absent from checkpoints written before them)
-    diff = {k: (saved["model"].get(k), mine[k]) for k in mine if k not in numerics_only and saved["model"].get(k) != mine[k]}
+    diff = _model_diff(saved["model"], cfg.model)
     if diff:
         raise ConfigError(f"{mngr.directory}/{step}: the checkpoint's model differs from the config's in "
                           f"{ {k: f'saved {a!r} vs config {b!r}' for k, (a, b) in diff.items()} }; use another --out")
@@ -465,7 +673,9 @@ def data_source(cfg: TrainConfig, out_dir: str):
 
     if cfg.data.paths is None:
         return input_pipeline.Source((default_corpus(out_dir),), separator=CORPUS_SEPARATOR)
-    return input_pipeline.Source((cfg.data.paths,), format=cfg.data.format, separator=cfg.data.separator)
+    chat = {"overlong": cfg.data.overlong, "mask_special": cfg.objective == "dpo" and cfg.dpo.mask_special} \
+        if cfg.data.format in ("chat", "preference") else {}
+    return input_pipeline.Source((cfg.data.paths,), format=cfg.data.format, separator=cfg.data.separator, **chat)
 
 
 def tokenizer_for(cfg: TrainConfig, source, out_dir: str):
@@ -476,6 +686,14 @@ def tokenizer_for(cfg: TrainConfig, source, out_dir: str):
 
     if cfg.data.tokenizer == "llama3":
         return load_tokenizer(None, vocab_size=cfg.model.vocab_size)
+    if cfg.data.tokenizer is None and cfg.data.format in ("chat", "preference"):
+        # Fine-tuning keeps the tokenizer of the model it starts from: a training run carries its own.
+        run_tok = os.path.join(cfg.init_from or "", "tokenizer.model")
+        if not (cfg.init_from and os.path.isfile(run_tok)):
+            raise ConfigError(f"data.format={cfg.data.format}: give the tokenizer of the starting model, "
+                              "data.tokenizer=PATH or data.tokenizer=llama3 (init_from a training run uses its "
+                              "tokenizer.model)")
+        return load_tokenizer(run_tok, vocab_size=cfg.model.vocab_size)
     if cfg.data.tokenizer is None and cfg.data.format == "prepared":
         raise ConfigError("data.format=prepared holds token ids: give the tokenizer it was prepared with, "
                           "data.tokenizer=PATH or data.tokenizer=llama3 (its index.json names it)")
@@ -526,7 +744,8 @@ def parse_args(argv):
 
 
 # What llama.train writes in OUT (and llama.sweep beside it, for a variant's run).
-RUN_FILES = {"checkpoints", "metrics.jsonl", "tensorboard", "corpus", "tokenizer.model", "manifest.json", "loss.png",
+RUN_FILES = {"checkpoints", "adapters", "metrics.jsonl", "tensorboard", "corpus", "tokenizer.model", "manifest.json",
+             "loss.png",
              "sample.txt", "sweep_manifest.json", "train.log"}
 
 
@@ -576,6 +795,10 @@ def check_setup(cfg: TrainConfig, out: str) -> None:
                 read_index(d)
     if cfg.data.tokenizer not in (None, "llama3"):
         load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
+    for what, path in (("init_from", cfg.init_from), ("dpo.reference", cfg.dpo.reference)):
+        if path is not None and not os.path.isdir(path):
+            raise ConfigError(f"{what}={path}: no such directory (a model checkpoint, a training run or a Hugging "
+                              "Face model directory)")
 
 
 def main(argv=None) -> int:
@@ -620,14 +843,24 @@ def main(argv=None) -> int:
     data = open_data(stage, scfg)
     init_fn, step_fn = make_train_step(scfg, mesh)
     if start is None:
-        state = init_fn(cfg.seed)
-        say(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+        state = init_fn(cfg.seed, load_init_params(cfg.init_from, cfg, mesh) if cfg.init_from else None)
+        say(f"new run in {out}: {llama_model.count_params(state.params) / 1e6:.2f}M trained parameters"
+            f"{' (LoRA adapters)' if cfg.lora else ''}, mesh {dict(mesh.shape)}, "
             f"{jax.process_count()} process(es)")
     else:
         state, data_state, _ = restore_checkpoint(mngr, start, cfg, mesh)
         if stage_at(cfg, max(start - 1, 0))[0] == stage:  # else it ends the previous stage: open this one afresh
             data.set_state(data_state)
         say(f"resuming {out} from step {start}")
+    if cfg.lora is not None and start is not None:  # the frozen base is not checkpointed: reload it
+        state = dataclasses.replace(state, base=load_init_params(cfg.init_from, cfg, mesh) if cfg.init_from
+                                    else init_fn(cfg.seed).base)
+    if cfg.objective == "dpo" and cfg.lora is None and (cfg.dpo.reference or start is not None):
+        # The frozen reference: dpo.reference, else the starting policy (reloaded on resume: not checkpointed).
+        src = cfg.dpo.reference or cfg.init_from
+        ref = (load_init_params(src, cfg, mesh, "dpo.reference" if cfg.dpo.reference else "init_from") if src
+               else init_fn(cfg.seed).params)
+        state = dataclasses.replace(state, ref_params=ref)
     start = start or 0
     from llama import manifest
 
@@ -696,7 +929,8 @@ def main(argv=None) -> int:
         done, pending = step + 1, (step + 1, m, stage, scfg)
         if eval_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             # `state` is step `done`'s here (the next step is not dispatched yet); the eval waits for it
-            last_eval = (done, llama_eval.evaluate(state.params, eval_set, cfg=cfg.model, mesh=mesh))
+            last_eval = (done, llama_eval.evaluate(model_params(state.params, state.base, cfg), eval_set,
+                                                   cfg=cfg.model, mesh=mesh))
             if writer:
                 writer.write(done, last_eval[1])
         stop = preempted.flag
@@ -724,7 +958,8 @@ def main(argv=None) -> int:
         return status
     if not primary:
         if cfg.sample_tokens:
-            sample_text(state.params, cfg, tok, state.rng)  # a collective computation: every process takes part
+            # a collective computation: every process takes part
+            sample_text(model_params(state.params, state.base, cfg), cfg, tok, state.rng)
         return 0
     writer.close()
     if last_eval:
@@ -736,8 +971,15 @@ def main(argv=None) -> int:
              "config, data, meta)", f"tokenizer:      {tok.path}", f"metrics:        {writer.jsonl_path}, "
              f"{out}/tensorboard", f"loss plot:      {plot}",
              f"generate more:  python -m llama.generate --checkpoint {out} --prompt 'The'"]
+    if cfg.lora is not None and jax.process_count() == 1:
+        # The adapters as a LoRA adapter checkpoint: `python -m llama.convert orbax-to-peft OUT/adapters DST`.
+        from llama import lora
+
+        lora.save_adapters(os.path.join(out, "adapters"), cfg.model, cfg.lora, jax.device_get(state.params),
+                           base=cfg.init_from, overwrite=True)
+        lines.append(f"adapters:       {out}/adapters (LoRA; the base: {cfg.init_from or 'the seed init'})")
     if cfg.sample_tokens:
-        text = sample_text(state.params, cfg, tok, state.rng)
+        text = sample_text(model_params(state.params, state.base, cfg), cfg, tok, state.rng)
         with open(os.path.join(out, "sample.txt"), "w") as f:
             f.write(text + "\n")
         lines += [f"sample:         {out}/sample.txt", "", "--- sample ---", text, "--------------"]

@@ -1,0 +1,152 @@
+"""SFT and DPO train-step throughput on this CPU: this project vs TRL + transformers, same shapes, separate processes.
+
+    python -m experiments.bench_post_training            # all four runs, one process each, then the table
+    python -m experiments.bench_post_training --one ours sft   # one run (what the driver starts)
+
+Shapes: cpu_small's model (dim 256, 4 layers, GQA 8:2, vocab 4096, float32), 4 rows x 256 tokens per step;
+DPO: 2 pairs of (chosen, rejected) per row for us (segments), i.e. 8 sequences of 128 tokens for TRL, the same
+tokens. Ours: the trainer's jitted step (`make_train_step`, AdamW, loss_chunk default). TRL: DPOTrainer's
+`_compute_loss` (loss_type ["sigmoid", "sft"]) + backward + torch AdamW; SFT: transformers' masked causal-LM
+loss (what TRL's SFTTrainer computes with completion_only_loss) + backward + AdamW. Tokens/s = 1024 / median
+step time after 2 warm-up steps; peak memory = the process's max RSS.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+B, T, STEPS = 4, 256, 8
+
+
+def model_cfg():
+    from llama.config import TINY
+
+    return TINY.replace(name="bench", vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=768,
+                        max_seq_len=1024, param_dtype="float32", compute_dtype="float32")
+
+
+def batch(objective):
+    rng = np.random.default_rng(0)
+    toks = rng.integers(3, 4096, (B, T + 1)).astype(np.int32)
+    n = 4 if objective == "dpo" else 2  # DPO: 4 segments of 64 per row = 2 pairs; SFT: 2 documents of 128
+    seg = (np.arange(T) // (T // n) + 1).astype(np.int32)
+    pos = (np.arange(T) % (T // n)).astype(np.int32)
+    mask = ((pos >= (T // n) // 2) & (pos < T // n - 1)).astype(np.float32)  # second half of each segment
+    return {"tokens": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.tile(seg, (B, 1)),
+            "positions": np.tile(pos, (B, 1)), "loss_mask": np.tile(mask, (B, 1))}
+
+
+def run_ours(objective):
+    import jax
+
+    from llama.train import DataConfig, TrainConfig, make_train_step
+    from sharding.rules import MeshConfig, make_mesh
+
+    data = DataConfig(paths="x.jsonl", format={"sft": "chat", "dpo": "preference"}[objective], tokenizer="x")
+    cfg = TrainConfig(model=model_cfg(), batch_size=B, seq_len=T, objective=objective, data=data,
+                      mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    init, step = make_train_step(cfg, make_mesh(cfg.mesh))
+    state, b = init(0), batch(objective)
+    times = []
+    for _ in range(STEPS):
+        t = time.perf_counter()
+        state, m = step(state, b)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def run_trl(objective, tmp):
+    import torch
+    import transformers
+
+
+    torch.manual_seed(0)
+    c = model_cfg()
+    hf_cfg = transformers.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, num_hidden_layers=c.n_layers,
+                                      num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+                                      intermediate_size=c.ffn_dim, max_position_embeddings=c.max_seq_len,
+                                      rope_theta=c.rope_theta, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(hf_cfg).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    b = batch(objective)
+    n = 4 if objective == "dpo" else 2
+    L = T // n
+    # the same tokens as rows of separate sequences (no packing in TRL): [B * n, L]
+    ids = torch.tensor(b["tokens"].reshape(B * n, L).astype(np.int64))
+    comp = torch.tensor(np.roll(b["loss_mask"], 1, axis=1).reshape(B * n, L).astype(np.int64))
+    if objective == "dpo":
+        import datasets
+        import tokenizers
+        from trl import DPOConfig, DPOTrainer
+
+        wl = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<pad>": 0, "<unk>": 1, "a": 2}, unk_token="<unk>"))
+        wl.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_object=wl, pad_token="<pad>", eos_token="<unk>")
+        args = DPOConfig(output_dir=tmp, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], beta=0.1,
+                         report_to="none", use_cpu=True, bf16=False)
+        import copy
+
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), args=args, processing_class=tok,
+                             train_dataset=datasets.Dataset.from_dict({"prompt": ["a"], "chosen": ["a"],
+                                                                       "rejected": ["a a"]}))
+        model = trainer.model
+        order = torch.cat([torch.arange(0, B * n, 2), torch.arange(1, B * n, 2)])  # [chosen; rejected]
+        inputs = {"input_ids": ids[order], "attention_mask": torch.ones_like(ids), "completion_mask": comp[order]}
+
+        def loss_fn():
+            return trainer._compute_loss(model, inputs, return_outputs=False)
+    else:
+        labels = ids.masked_fill(comp == 0, -100)
+
+        def loss_fn():
+            return model(input_ids=ids, labels=labels).loss
+    times = []
+    for _ in range(STEPS):
+        t = time.perf_counter()
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def one(impl, objective):
+    import tempfile
+
+    times = run_ours(objective) if impl == "ours" else run_trl(objective, tempfile.mkdtemp())
+    med = float(np.median(times[2:]))
+    return {"impl": impl, "objective": objective, "step_s": med, "tokens_per_s": B * T / med,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--one", nargs=2, metavar=("IMPL", "OBJECTIVE"))
+    args = p.parse_args(argv)
+    if args.one:
+        print(json.dumps(one(*args.one)))
+        return 0
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = []
+    for objective in ("sft", "dpo"):
+        for impl in ("ours", "trl"):
+            out = subprocess.run([sys.executable, "-m", "experiments.bench_post_training", "--one", impl, objective],
+                                 cwd=root, capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    for objective in ("sft", "dpo"):
+        o, t = (next(r for r in rows if r["impl"] == i and r["objective"] == objective) for i in ("ours", "trl"))
+        print(f"{objective}: ours {o['tokens_per_s']:,.0f} tok/s ({o['peak_rss_gb']:.2f} GB), TRL "
+              f"{t['tokens_per_s']:,.0f} tok/s ({t['peak_rss_gb']:.2f} GB): {o['tokens_per_s'] / t['tokens_per_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
