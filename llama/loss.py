@@ -58,13 +58,19 @@ def next_token_loss(params: dict, h: jax.Array, targets: jax.Array, loss_mask: j
         _, nll_sum, z_sum = _token_sums(llama_model.unembed(params, h, cfg), targets, mask)
         loss_sum = nll_sum + z_loss * z_sum
     else:
-        B, T = targets.shape
-        n = -(-T // max(1, chunk // B))  # chunks per row; then as even a split of T as there is (least padding)
-        loss_sum, nll_sum, z_sum = _chunked(head_params(params, cfg), h, targets, mask, cfg, float(z_loss), -(-T // n))
+        c = _chunk_len(*targets.shape, chunk)
+        loss_sum, nll_sum, z_sum = _chunked(head_params(params, cfg), h, targets, mask, cfg, float(z_loss), c)
     return loss_sum, (jax.lax.stop_gradient(nll_sum), jax.lax.stop_gradient(z_sum))
 
 
 # -------------------------------------------------------------------------------------- the chunked path
+def _chunk_len(B: int, T: int, chunk: int) -> int:
+    """Positions per chunk for about `chunk` tokens of a [B, T] batch: every row's next ~chunk // B positions, T
+    split as evenly as the chunk count allows (least padding), at most T."""
+    n = -(-T // max(1, chunk // B))  # chunks per row
+    return -(-T // n)
+
+
 def _to_chunks(x: jax.Array, c: int) -> jax.Array:
     """[B, T, ...] -> [T'/c, B, c, ...], T zero-padded up to T' (a multiple of c). Chunks cut the sequence, not
     the batch, so each keeps the batch's sharding over devices."""
@@ -154,9 +160,8 @@ def token_logps(params: dict, h: jax.Array, targets: jax.Array, *, cfg: ModelCon
     head = head_params(params, cfg)
     if chunk <= 0:
         return one(head, h, targets)
-    B, T = targets.shape
-    n = -(-T // max(1, chunk // B))
-    c = -(-T // n)
+    T = targets.shape[1]
+    c = _chunk_len(*targets.shape, chunk)
     out = jax.lax.map(lambda x: jax.checkpoint(one)(head, *x), (_to_chunks(h, c), _to_chunks(targets, c)))
     return _from_chunks(out, T)
 

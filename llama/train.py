@@ -602,22 +602,27 @@ def load_init_params(path: str, cfg: TrainConfig, mesh, what: str = "init_from")
     from llama import checkpoint as llama_ckpt
     from llama import convert
 
+    _check_init_dir(what, path)
+    hf = glob.glob(os.path.join(path, "*.safetensors")) and not llama_ckpt.is_model_checkpoint(path)
+    if hf:
+        mcfg, state = convert.open_source("hf", path)
+    else:
+        mcfg, params = llama_ckpt.load_model(path, mesh, dtype="float32")
+    diff = _model_diff(mcfg.to_dict(), cfg.model, ("max_seq_len", "param_dtype"))  # checked before converting
+    if diff:
+        raise ConfigError(f"{what}={path}: {'the Hugging Face model' if hf else 'its model'} differs from the "
+                          f"config's model in {diff}")
+    if not hf:
+        return params
+    host = convert.hf_to_params(state, mcfg, "float32", where=path)
+    shardings = param_shardings(llama_model.param_specs(cfg.model), mesh)
+    return jax.tree.map(lambda x, sh: jax.device_put(x, sh), host, shardings)
+
+
+def _check_init_dir(what: str, path: str) -> None:
     if not os.path.isdir(path):
         raise ConfigError(f"{what}={path}: no such directory (a model checkpoint, a training run or a Hugging "
                           "Face model directory)")
-    if glob.glob(os.path.join(path, "*.safetensors")) and not llama_ckpt.is_model_checkpoint(path):
-        mcfg, state = convert.open_source("hf", path)
-        diff = _model_diff(mcfg.to_dict(), cfg.model, ("max_seq_len", "param_dtype"))
-        if diff:
-            raise ConfigError(f"{what}={path}: the Hugging Face model differs from the config's model in {diff}")
-        shardings = param_shardings(llama_model.param_specs(cfg.model), mesh)
-        host = convert.hf_to_params(state, mcfg, "float32", where=path)
-        return jax.tree.map(lambda x, sh: jax.device_put(x, sh), host, shardings)
-    mcfg, params = llama_ckpt.load_model(path, mesh, dtype="float32")
-    diff = _model_diff(mcfg.to_dict(), cfg.model, ("max_seq_len", "param_dtype"))
-    if diff:
-        raise ConfigError(f"{what}={path}: its model differs from the config's model in {diff}")
-    return params
 
 
 def restore_checkpoint(mngr, step: int, cfg: TrainConfig, mesh) -> tuple[TrainState, dict, dict]:
@@ -796,9 +801,8 @@ def check_setup(cfg: TrainConfig, out: str) -> None:
     if cfg.data.tokenizer not in (None, "llama3"):
         load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
     for what, path in (("init_from", cfg.init_from), ("dpo.reference", cfg.dpo.reference)):
-        if path is not None and not os.path.isdir(path):
-            raise ConfigError(f"{what}={path}: no such directory (a model checkpoint, a training run or a Hugging "
-                              "Face model directory)")
+        if path is not None:
+            _check_init_dir(what, path)
 
 
 def main(argv=None) -> int:
