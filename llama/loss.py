@@ -86,6 +86,36 @@ def _from_chunks(x: jax.Array, T: int) -> jax.Array:
     return jnp.moveaxis(x, 0, 1).reshape(B, n * c, *x.shape[3:])[:, :T]
 
 
+def _unembed_vjp(head, h, cfg: ModelConfig):
+    """(logits, pullback) of `model.unembed` on one chunk, the output layer's weight gradient written by hand.
+
+    `jax.vjp(model.unembed)` gives the same values, but XLA's CPU backend runs its weight gradient x^T dlogits
+    ([D, V], contracting the chunk's tokens) as a plain dot on a transposed copy of the [tokens, V] logit
+    gradient, outside YNNPACK: 21% of the CPU train step in the profile of docs/benchmarks.md. Handing XLA the
+    small operand already transposed (behind an optimization barrier, so it is not folded back) puts the dot on
+    YNNPACK (675 vs 1,010 ms in that A/B). The final norm is still differentiated by JAX. Weights that are not
+    plain arrays (int8, LoRA) take `jax.vjp` as before."""
+    key = "embed" if cfg.tie_embeddings else "lm_head"
+    w = head[key]
+    if not isinstance(w, jax.Array):  # QuantizedWeight, LoraWeight (tracers are jax.Arrays)
+        return jax.vjp(lambda hd, x: llama_model.unembed(hd, x, cfg), head, h)
+    x, norm_pullback = jax.vjp(lambda g, x: llama_model.rms_norm(x, g, cfg.norm_eps), head["final_norm"], h)
+    eqn = "BTD,VD->BTV" if cfg.tie_embeddings else "BTD,DV->BTV"
+    logits = llama_model.linear(eqn, x, w).astype(jnp.float32)
+
+    def pullback(dlogits):
+        g = dlogits.astype(x.dtype)  # as autodiff of .astype(float32) does
+        B, T, D = x.shape
+        xt = jax.lax.optimization_barrier(x.reshape(B * T, D).T)  # [D, BT]
+        dw = jnp.einsum("DN,NV->DV", xt, g.reshape(B * T, -1))  # [D, V]
+        dw = (dw.T if cfg.tie_embeddings else dw).astype(w.dtype)
+        dx = jnp.einsum("BTV,VD->BTD" if cfg.tie_embeddings else "BTV,DV->BTD", g, w.astype(x.dtype))
+        d_gain, d_h = norm_pullback(dx)
+        return {"final_norm": d_gain, key: dw}, d_h
+
+    return logits, pullback
+
+
 def _scan_chunks(head, h, targets, mask, cfg: ModelConfig, z_loss: float, c: int, with_grads: bool):
     """Scans the chunks. Returns (loss_sum, nll_sum, z_sum) and, with_grads, the gradient of loss_sum with
     respect to `head` (float32, the params' dtype) and to `h` ([B, T, D], h's dtype)."""
@@ -97,7 +127,7 @@ def _scan_chunks(head, h, targets, mask, cfg: ModelConfig, z_loss: float, c: int
         if not with_grads:
             _, nll, z = _token_sums(unembed(head, h_i), t_i, m_i)
             return (carry[0] + nll, carry[1] + z), None
-        logits, pullback = jax.vjp(unembed, head, h_i)
+        logits, pullback = _unembed_vjp(head, h_i, cfg)
         # logsumexp written out, so that one exp per logit serves the sum and the softmax (exp(logits - top) /
         # sum); the logits are finite, as in training (jax.nn.logsumexp also guards infinite maxima)
         top = jnp.max(logits, axis=-1, keepdims=True)
