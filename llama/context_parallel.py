@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from input_pipeline.context import load_balanced_order
 
 AXIS = "context"
 
@@ -41,6 +40,8 @@ def context_size() -> int:
 def default_positions(B: int, T: int) -> jax.Array:
     """[B, T] positions of an unpacked row as the model receives it: 0..T-1, in the load-balanced order
     (input_pipeline/context.py) when tracing under a mesh with context > 1."""
+    from input_pipeline.context import load_balanced_order  # here, not at import: the package pulls in grain
+
     cp = context_size()
     slots = jnp.arange(T, dtype=jnp.int32) if cp == 1 else jnp.asarray(load_balanced_order(T, cp))
     return jnp.broadcast_to(slots, (B, T))
@@ -82,6 +83,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
     fused kernels ("cudnn", "splash") have no slot-offset masks, so they run as "flash" here; "xla" stays the
     dense reference (for tests)."""
     from llama import attention as attn  # the kernels; attention.attention dispatches here (no import cycle)
+    from input_pipeline.context import load_balanced_order
     from sharding.rules import RULES
 
     mesh = jax.sharding.get_abstract_mesh()

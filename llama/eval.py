@@ -153,6 +153,15 @@ def run_segments(params, segments: Sequence[Segment], *, cfg: ModelConfig, batch
     for s, (r, off) in zip(seqs, place):
         rows_of[r].append((off, s))
     n_batches = -(-n_rows // batch_size)
+
+    def collect(rows, result):
+        logp, greedy = jax.device_get(result)
+        for i, r in enumerate(rows):
+            for k, (si, qi, _, _) in enumerate(per_row[r]):
+                out[si][0][qi], out[si][1][qi] = logp[i, k], greedy[i, k]
+
+    pending = None  # (rows, device result) of the batch in flight: fetched after the next one is dispatched,
+    # so that packing batch b+1 on the host overlaps the device's work on batch b (dispatch is asynchronous)
     for b in tqdm(range(n_batches), desc=progress or "eval", unit="batch", disable=progress is None):
         rows = range(b * batch_size, min((b + 1) * batch_size, n_rows))
         Q = _round_up(max(max((len(per_row[r]) for r in rows), default=1), 1), ROW_BUCKET)
@@ -171,13 +180,14 @@ def run_segments(params, segments: Sequence[Segment], *, cfg: ModelConfig, batch
 
             args = [jax.device_put(x, fitted_sharding(mesh, ("batch", None), x.shape)) for x in args]
             with jax.set_mesh(mesh):
-                logp, greedy = _query_jit(params, *args, cfg=cfg)
+                result = _query_jit(params, *args, cfg=cfg)
         else:
-            logp, greedy = _query_jit(params, *args, cfg=cfg)
-        logp, greedy = jax.device_get((logp, greedy))
-        for i, r in enumerate(rows):
-            for k, (si, qi, _, _) in enumerate(per_row[r]):
-                out[si][0][qi], out[si][1][qi] = logp[i, k], greedy[i, k]
+            result = _query_jit(params, *args, cfg=cfg)
+        if pending is not None:
+            collect(*pending)
+        pending = (rows, result)
+    if pending is not None:
+        collect(*pending)
     return out
 
 
