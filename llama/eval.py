@@ -850,4 +850,10 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from llama import cli
 
-    sys.exit(cli.command(main)())  # EvalError, CheckpointError, OSError, ...: one "error:" line naming the input, 2
+    code = cli.command(main)()  # EvalError, CheckpointError, OSError, ...: one "error:" line naming the input, 2
+    # Every output is committed (renamed into place) by now. The interpreter's own teardown (jax's and grain's
+    # atexit hooks, then freeing every module) takes 0.4-0.9 s on the 2-core benchmark machine, a fifth of a
+    # whole `choice` run (docs/benchmarks.md); skip it once the streams are flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
