@@ -25,7 +25,8 @@ models/huggingface.py, utils.get_rolling_token_windows):
 Speed: every scored sequence is a segment; segments are packed into rows (best fit, longest first) with
 segment ids and restarting positions, so a row holds several short requests and padding is small. A
 request whose input is a prefix of another's (every one-token choice of a question; "dog" vs "dogs") is
-read from that one's logits: one forward serves both.
+read from that one's logits: one forward serves both. The choices of one example share their context: it is
+laid out once, each continuation after it under a tree mask (`tree_query_logprobs`).
 """
 
 from __future__ import annotations
