@@ -208,7 +208,8 @@ def run_segments(params, segments: Sequence[Segment], *, cfg: ModelConfig, batch
             placed_in[o] = len(trees)
         trees.append((seqs[0][:n], [o[n:] for o in seqs] if len(seqs) > 1 else []))
     sizes = [len(t) + sum(map(len, br)) for t, br in trees]
-    use_tree = any(br for _, br in trees) and _round_up(max(sizes), ROW_BUCKET) <= TREE_MAX_ROW
+    use_tree = (any(br for _, br in trees) and _round_up(max(sizes), ROW_BUCKET) <= TREE_MAX_ROW
+                and max(sizes) <= (row_len or TREE_MAX_ROW))
     if not use_tree:  # one sequence per owner, causal packed rows (flash attention, any length)
         trees = [(o, []) for o in sorted(set(owner.values()))]
         placed_in = {o: i for i, (o, _) in enumerate(trees)}
