@@ -8,7 +8,8 @@ DIR/story_text.jsonl (whole paragraphs, for perplexity) and, for lm-eval, DIR/st
 DIR/story_text.yaml over those files (docs/evaluation.md explains the format). `bench` converts the real
 stories260K (llama2c -> Orbax -> HF, with its SentencePiece tokenizer as an exact HF tokenizer), then times
 each side in its own process, alternated A B A B, printing the load average before each run; examples/s
-counts the whole command: startup, model load, tokenization and scoring. llama.eval runs cold (no compilation
+counts the whole command: startup, model load, tokenization and scoring; the process's CPU seconds (user +
+system, all threads) are printed beside it, a figure that other jobs on a shared machine disturb less. llama.eval runs cold (no compilation
 cache: the headline); --compile-cache adds a third side, llama.eval with JAX's persistent compilation cache
 (JAX_COMPILATION_CACHE_DIR) filled by one earlier, unreported run, reported apart.
 """
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -149,15 +151,16 @@ def bench(n: int, rounds: int, batch_size: int, compile_cache: bool = False) -> 
     for r in range(rounds):
         for name, cmd, side_env in sides:
             load = os.getloadavg()
-            t0 = time.perf_counter()
+            c0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
             p = subprocess.run(cmd, cwd=ROOT, env=side_env, capture_output=True, text=True)
-            dt = time.perf_counter() - t0
+            dt, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime  # all cores, user + system
             if p.returncode:
                 raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
             acc = json.loads(p.stdout.strip().splitlines()[-1])["acc"] if name == "lm-eval" else \
                 json.load(open(os.path.join(work, "out", "results.json")))["story_choice"]["acc"]
             print(f"round {r} {name:10s} load {load[0]:.2f} {load[1]:.2f}: {n} examples ({4 * n} requests) in "
-                  f"{dt:.2f} s = {n / dt:.1f} examples/s (whole process), acc {acc:.4f}", flush=True)
+                  f"{dt:.2f} s = {n / dt:.1f} examples/s (whole process; CPU {cpu:.1f} s), acc {acc:.4f}", flush=True)
 
 
 def main(argv=None) -> None:
