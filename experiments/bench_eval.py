@@ -1,14 +1,17 @@
 """`llama.eval choice` against lm-evaluation-harness's Hugging Face backend on the same task, model and CPU.
 
     python experiments/bench_eval.py tasks DIR             # only build the local TinyStories tasks (+ lm-eval YAML)
-    python experiments/bench_eval.py bench [--n 400] [--rounds 2] [--batch-size 16]
+    python experiments/bench_eval.py bench [--n 400] [--rounds 2] [--batch-size 16] [--compile-cache]
 
 `tasks` writes DIR/story_choice.jsonl (multiple choice: which two words continue a TinyStories paragraph),
 DIR/story_text.jsonl (whole paragraphs, for perplexity) and, for lm-eval, DIR/story_choice.yaml and
 DIR/story_text.yaml over those files (docs/evaluation.md explains the format). `bench` converts the real
 stories260K (llama2c -> Orbax -> HF, with its SentencePiece tokenizer as an exact HF tokenizer), then times
 each side in its own process, alternated A B A B, printing the load average before each run; examples/s
-counts the whole command: startup, model load, tokenization and scoring.
+counts the whole command: startup, model load, tokenization and scoring; the process's CPU seconds (user +
+system, all threads) are printed beside it, a figure that other jobs on a shared machine disturb less. llama.eval runs cold (no compilation
+cache: the headline); --compile-cache adds a third side, llama.eval with JAX's persistent compilation cache
+(JAX_COMPILATION_CACHE_DIR) filled by one earlier, unreported run, reported apart.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -128,27 +132,35 @@ print(json.dumps({"acc": r["results"]["story_choice"]["acc,none"], "total_s": ti
 """
 
 
-def bench(n: int, rounds: int, batch_size: int) -> None:
+def bench(n: int, rounds: int, batch_size: int, compile_cache: bool = False) -> None:
     work = os.path.join(tempfile.gettempdir(), "llama_bench_eval")
     tasks = build_tasks(os.path.join(work, "tasks"), n_choice=n)
     orbax, hf = export_stories(work)
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the headline side compiles from scratch
     ours = [sys.executable, "-m", "llama.eval", "choice", "--checkpoint", orbax, "--tokenizer",
             os.path.join(MODEL, "tok512.model"), "--task", tasks["story_choice"], "--batch-size", str(batch_size),
             "--out", os.path.join(work, "out"), "--no-progress"]
     theirs = [sys.executable, "-c", LM_EVAL, hf, os.path.join(work, "tasks"), str(batch_size), str(n)]
+    sides = [("llama.eval", ours, env), ("lm-eval", theirs, env)]
+    if compile_cache:  # a third side: ours with JAX's persistent compilation cache, filled by one unreported run
+        cache = tempfile.mkdtemp(prefix="jax_cache_", dir=work)
+        warm_env = dict(env, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+        subprocess.run(ours, cwd=ROOT, env=warm_env, capture_output=True, check=True)
+        sides.append(("llama.eval warm compile cache", ours, warm_env))
     for r in range(rounds):
-        for name, cmd in (("llama.eval", ours), ("lm-eval", theirs)):
+        for name, cmd, side_env in sides:
             load = os.getloadavg()
-            t0 = time.perf_counter()
-            p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-            dt = time.perf_counter() - t0
+            c0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+            p = subprocess.run(cmd, cwd=ROOT, env=side_env, capture_output=True, text=True)
+            dt, c1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime  # all cores, user + system
             if p.returncode:
                 raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
             acc = json.loads(p.stdout.strip().splitlines()[-1])["acc"] if name == "lm-eval" else \
                 json.load(open(os.path.join(work, "out", "results.json")))["story_choice"]["acc"]
             print(f"round {r} {name:10s} load {load[0]:.2f} {load[1]:.2f}: {n} examples ({4 * n} requests) in "
-                  f"{dt:.1f} s = {n / dt:.1f} examples/s (whole process), acc {acc:.4f}", flush=True)
+                  f"{dt:.2f} s = {n / dt:.1f} examples/s (whole process; CPU {cpu:.1f} s), acc {acc:.4f}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -161,11 +173,13 @@ def main(argv=None) -> None:
     b.add_argument("--n", type=int, default=400)
     b.add_argument("--rounds", type=int, default=2)
     b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--compile-cache", action="store_true",
+                   help="also time llama.eval with a warm JAX persistent compilation cache (reported apart)")
     a = ap.parse_args(argv)
     if a.cmd == "tasks":
         print(json.dumps(build_tasks(a.dir, n_choice=a.n), indent=1))
     else:
-        bench(a.n, a.rounds, a.batch_size)
+        bench(a.n, a.rounds, a.batch_size, a.compile_cache)
 
 
 if __name__ == "__main__":

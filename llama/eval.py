@@ -25,7 +25,8 @@ models/huggingface.py, utils.get_rolling_token_windows):
 Speed: every scored sequence is a segment; segments are packed into rows (best fit, longest first) with
 segment ids and restarting positions, so a row holds several short requests and padding is small. A
 request whose input is a prefix of another's (every one-token choice of a question; "dog" vs "dogs") is
-read from that one's logits: one forward serves both.
+read from that one's logits: one forward serves both. The choices of one example share their context: it is
+laid out once, each continuation after it under a tree mask (`tree_query_logprobs`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from llama import model
 from llama.config import ATTENTION_IMPLS, ModelConfig
 
 ROW_BUCKET = 64  # row lengths (and query counts) round up to this: nearby sizes share one compiled program
+TREE_MAX_ROW = 512  # tree rows use a dense [B, T, T] mask; longer rows take the flash path
 MARKER = "llama.eval"  # manifest.extra["tool"] of an eval output; only such a directory is ever replaced
 
 
@@ -60,6 +62,16 @@ class EvalError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ scoring on device
+def _read_queries(params, h, q_pos, q_tok, cfg: ModelConfig):
+    """log p(q_tok) and whether q_tok is the argmax, from hidden states h [B, T, D] at q_pos [B, Q] (None: Q = T).
+    Gathering the query rows before the output layer computes [B, Q, V] logits only, never [B, T, V]."""
+    if q_pos is not None:
+        h = jnp.take_along_axis(h, q_pos[..., None], axis=1)  # [B, Q, D]
+    logits = model.unembed(params, h, cfg)  # [B, Q, V] float32
+    logp = jnp.take_along_axis(logits, q_tok[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+    return logp, jnp.argmax(logits, axis=-1) == q_tok
+
+
 def query_logprobs(params, tokens, positions, segment_ids, q_pos, q_tok, *, cfg: ModelConfig):
     """log p(q_tok | row up to q_pos) and whether q_tok is the argmax there, for packed rows.
 
@@ -67,14 +79,64 @@ def query_logprobs(params, tokens, positions, segment_ids, q_pos, q_tok, *, cfg:
     i, the layout of a training batch with q_tok = targets). Returns float32 logp [B, Q], bool greedy [B, Q].
     Task scoring (ppl, choice) reads it; the trainer's held-out loss is the trainer's own loss (`_nll_sums`).
     """
-    logits = model.forward(params, tokens, positions, segment_ids, cfg=cfg)  # [B, T, V] float32
-    if q_pos is not None:
-        logits = jnp.take_along_axis(logits, q_pos[..., None], axis=1)  # [B, Q, V]
-    logp = jnp.take_along_axis(logits, q_tok[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
-    return logp, jnp.argmax(logits, axis=-1) == q_tok
+    h = model.hidden_states(params, tokens, positions, segment_ids, cfg=cfg)  # [B, T, D]
+    return _read_queries(params, h, q_pos, q_tok, cfg)
 
 
-_query_jit = jax.jit(query_logprobs, static_argnames=("cfg",))
+# XLA's CPU backend compiles at LLVM -O3 by default; at 1 these programs compile in ~25% less CPU time (0.45-0.55
+# s against 0.69-0.71 s for the benchmark's tree program) and run as fast (0.092-0.094 s against 0.095-0.097 s
+# per batch; docs/benchmarks.md). Other backends keep their defaults.
+CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def _jit(fn):
+    """jax.jit(fn, static cfg), with CPU_COMPILER_OPTIONS when the default backend is the CPU."""
+    jits: dict[bool, Any] = {}
+
+    def call(*args, cfg: ModelConfig):
+        cpu = jax.default_backend() == "cpu"
+        if cpu not in jits:
+            jits[cpu] = jax.jit(fn, static_argnames=("cfg",), compiler_options=CPU_COMPILER_OPTIONS if cpu else None)
+        return jits[cpu](*args, cfg=cfg)
+
+    return call
+
+
+_query_jit = _jit(query_logprobs)
+
+
+def tree_query_logprobs(params, tokens, positions, segment_ids, parents, q_pos, q_tok, *, cfg: ModelConfig):
+    """`query_logprobs` for rows of request trees: a shared context (the trunk) followed by its continuations
+    (branches), each branch seeing the trunk and itself only, its positions continuing the trunk's. A token at
+    slot s attends to slot s' <= s of its own segment or of its `parents` segment (a trunk's parent is itself).
+    This is `model.decoder_layer` with the dense reference attention (llama/attention.py `_reference`) under that
+    mask instead of the causal same-segment one; tests/test_eval.py checks it against `query_logprobs`. The mask
+    is [B, T, T]: rows are short (TREE_MAX_ROW)."""
+    B, T = tokens.shape
+    slot = jnp.arange(T, dtype=jnp.int32)
+    mask = (slot[None, None, :] <= slot[None, :, None]) & (
+        (segment_ids[:, :, None] == segment_ids[:, None, :]) | (parents[:, :, None] == segment_ids[:, None, :]))
+    inv_freq = model.rope_frequencies(cfg)
+
+    def layer(x, p):
+        h = model.rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        q = model.apply_rope(model.linear("BTD,DNH->BTNH", h, p["wq"]), positions, inv_freq)
+        k = model.apply_rope(model.linear("BTD,DKH->BTKH", h, p["wk"]), positions, inv_freq)
+        v = model.linear("BTD,DKH->BTKH", h, p["wv"])
+        N, K, H = q.shape[2], k.shape[2], q.shape[3]
+        qg = q.reshape(B, T, K, N // K, H)
+        s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) / np.float32(np.sqrt(H))
+        s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
+        pr = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+        o = jnp.einsum("BKGTS,BSKH->BTKGH", pr, v).reshape(B, T, N, H)
+        x = x + model.linear("BTNH,NHD->BTD", o, p["wo"])
+        return x + model.mlp(model.rms_norm(x, p["mlp_norm"], cfg.norm_eps), p), None
+
+    h, _ = jax.lax.scan(layer, model.embed(params, tokens, cfg), params["layers"])
+    return _read_queries(params, h, q_pos, q_tok, cfg)
+
+
+_tree_query_jit = _jit(tree_query_logprobs)
 
 
 def _nll_sums(params, batch, *, cfg: ModelConfig):
@@ -123,10 +185,21 @@ def pack(lengths: Sequence[int], row_len: int) -> list[tuple[int, int]]:
     return place
 
 
+def _common_prefix(seqs: Sequence[tuple[int, ...]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
 def run_segments(params, segments: Sequence[Segment], *, cfg: ModelConfig, batch_size: int, mesh=None,
-                 row_len: int | None = None, progress: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+                 row_len: int | None = None, groups: Sequence[Any] | None = None,
+                 progress: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(logp [n_queries], greedy [n_queries]) per segment. Segments whose inputs are a prefix of another's
-    are answered from that one's row (causal attention: a prefix's logits do not depend on what follows)."""
+    are answered from that one's row (causal attention: a prefix's logits do not depend on what follows).
+    `groups` (a key per segment, e.g. its example): the distinct inputs of a group are laid out as one tree, their
+    common prefix once and each remainder after it (`tree_query_logprobs`), when the rows fit TREE_MAX_ROW."""
     from tqdm import tqdm
 
     # Prefix sharing: in sorted order the extensions of a sequence follow it immediately.
@@ -136,58 +209,101 @@ def run_segments(params, segments: Sequence[Segment], *, cfg: ModelConfig, batch
         s = uniq[k]
         nxt = owner.get(uniq[k + 1]) if k + 1 < len(uniq) else None
         owner[s] = nxt if nxt is not None and nxt[:len(s)] == s else s
-    seqs = sorted(set(owner.values()))
-    index = {s: i for i, s in enumerate(seqs)}
-    longest = max((len(s) for s in seqs), default=1)
+    # Trees: (trunk, branches); an owner sequence is trunk + one branch (or the trunk itself when alone).
+    members: dict[Any, list[tuple]] = {}
+    for i, s in enumerate(segments):
+        o = owner[s.inputs]
+        key = groups[i] if groups is not None else o
+        if o not in members.setdefault(key, []):
+            members[key].append(o)
+    placed_in: dict[tuple, Any] = {}
+    trees: list[tuple[tuple, list[tuple]]] = []
+    for seqs in members.values():
+        seqs = [o for o in seqs if o not in placed_in]  # an owner shared by two groups lives in the first
+        if not seqs:
+            continue
+        n = _common_prefix(seqs) if len(seqs) > 1 else len(seqs[0])
+        for o in seqs:
+            placed_in[o] = len(trees)
+        trees.append((seqs[0][:n], [o[n:] for o in seqs] if len(seqs) > 1 else []))
+    sizes = [len(t) + sum(map(len, br)) for t, br in trees]
+    use_tree = (any(br for _, br in trees) and _round_up(max(sizes), ROW_BUCKET) <= TREE_MAX_ROW
+                and max(sizes) <= (row_len or TREE_MAX_ROW))
+    if not use_tree:  # one sequence per owner, causal packed rows (flash attention, any length)
+        trees = [(o, []) for o in sorted(set(owner.values()))]
+        placed_in = {o: i for i, (o, _) in enumerate(trees)}
+        sizes = [len(t) for t, _ in trees]
+    longest = max(sizes, default=1)
     row_len = row_len or _round_up(longest, ROW_BUCKET)
     if longest > row_len:
         raise EvalError(f"a sequence of {longest} tokens does not fit rows of {row_len}")
-    place = pack([len(s) for s in seqs], row_len)
+    place = pack(sizes, row_len)
     n_rows = max((r for r, _ in place), default=0) + 1
-    per_row: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_rows)]  # (segment, query, pos, tok)
+    # Slot of each owner sequence's position p: (row, trunk offset, trunk length, branch offset).
+    where: dict[tuple, tuple[int, int, int, int]] = {}
+    rows_of: list[list[tuple[int, tuple, list[tuple]]]] = [[] for _ in range(n_rows)]
+    for (trunk, branches), (r, off) in zip(trees, place):
+        rows_of[r].append((off, trunk, branches))
+        boff = off + len(trunk)
+        for br in branches:
+            where[trunk + br] = (r, off, len(trunk), boff)
+            boff += len(br)
+        if not branches:
+            where[trunk] = (r, off, len(trunk), off + len(trunk))
+    per_row: list[list[tuple[int, int, int, int]]] = [[] for _ in range(n_rows)]  # (segment, query, slot, tok)
     for si, seg in enumerate(segments):
-        r, off = place[index[owner[seg.inputs]]]
-        per_row[r].extend((si, qi, off + p, t) for qi, (p, t) in enumerate(seg.queries))
+        r, off, n, boff = where[owner[seg.inputs]]
+        per_row[r].extend((si, qi, off + p if p < n else boff + p - n, t) for qi, (p, t) in enumerate(seg.queries))
     out = [(np.zeros(len(s.queries), np.float32), np.zeros(len(s.queries), bool)) for s in segments]
-    rows_of = [[] for _ in range(n_rows)]
-    for s, (r, off) in zip(seqs, place):
-        rows_of[r].append((off, s))
     n_batches = -(-n_rows // batch_size)
+    Q = _round_up(max(max(map(len, per_row), default=1), 1), ROW_BUCKET)  # one query count: one compile
+    pending = []
 
-    def collect(rows, result):
-        logp, greedy = jax.device_get(result)
+    def read(rows, res):
+        logp, greedy = jax.device_get(res)
         for i, r in enumerate(rows):
             for k, (si, qi, _, _) in enumerate(per_row[r]):
                 out[si][0][qi], out[si][1][qi] = logp[i, k], greedy[i, k]
 
-    pending = None  # (rows, device result) of the batch in flight: fetched after the next one is dispatched,
-    # so that packing batch b+1 on the host overlaps the device's work on batch b (dispatch is asynchronous)
     for b in tqdm(range(n_batches), desc=progress or "eval", unit="batch", disable=progress is None):
         rows = range(b * batch_size, min((b + 1) * batch_size, n_rows))
-        Q = _round_up(max(max((len(per_row[r]) for r in rows), default=1), 1), ROW_BUCKET)
-        arr = {k: np.zeros((batch_size, row_len), np.int32) for k in ("tokens", "positions", "segment_ids")}
+        arr = {k: np.zeros((batch_size, row_len), np.int32) for k in ("tokens", "positions", "segment_ids", "parents")}
         q_pos, q_tok = np.zeros((batch_size, Q), np.int32), np.zeros((batch_size, Q), np.int32)
         for i, r in enumerate(rows):
-            for j, (off, s) in enumerate(rows_of[r]):
-                arr["tokens"][i, off:off + len(s)] = s
-                arr["positions"][i, off:off + len(s)] = np.arange(len(s))
-                arr["segment_ids"][i, off:off + len(s)] = j + 1
+            seg_id = 0
+            for off, trunk, branches in rows_of[r]:
+                seg_id += 1
+                n, trunk_id = len(trunk), seg_id
+                arr["tokens"][i, off:off + n] = trunk
+                arr["positions"][i, off:off + n] = np.arange(n)
+                arr["segment_ids"][i, off:off + n] = arr["parents"][i, off:off + n] = trunk_id
+                off += n
+                for br in branches:
+                    seg_id += 1
+                    arr["tokens"][i, off:off + len(br)] = br
+                    arr["positions"][i, off:off + len(br)] = np.arange(n, n + len(br))
+                    arr["segment_ids"][i, off:off + len(br)] = seg_id
+                    arr["parents"][i, off:off + len(br)] = trunk_id
+                    off += len(br)
             for k, (_, _, p, t) in enumerate(per_row[r]):
                 q_pos[i, k], q_tok[i, k] = p, t
-        args = [arr["tokens"], arr["positions"], arr["segment_ids"], q_pos, q_tok]
+        fn, names = ((_tree_query_jit, ("tokens", "positions", "segment_ids", "parents")) if use_tree
+                     else (_query_jit, ("tokens", "positions", "segment_ids")))
+        args = [arr[k] for k in names] + [q_pos, q_tok]
         if mesh is not None:
             from sharding.rules import fitted_sharding
 
             args = [jax.device_put(x, fitted_sharding(mesh, ("batch", None), x.shape)) for x in args]
             with jax.set_mesh(mesh):
-                result = _query_jit(params, *args, cfg=cfg)
+                pending.append((rows, fn(params, *args, cfg=cfg)))
         else:
-            result = _query_jit(params, *args, cfg=cfg)
-        if pending is not None:
-            collect(*pending)
-        pending = (rows, result)
-    if pending is not None:
-        collect(*pending)
+            pending.append((rows, fn(params, *args, cfg=cfg)))
+        # Dispatch is asynchronous: the next batch is built on the host while this one runs, and results are read
+        # one batch behind, so at most two batches' outputs are held.
+        if len(pending) == 2:
+            read(*pending.pop(0))
+    for p in pending:
+        read(*p)
     return out
 
 
@@ -352,7 +468,9 @@ def choice_scores(params, cfg: ModelConfig, tok, examples: Sequence[Example], co
                                 f"of {cfg.max_seq_len} + 1; pass --on-overflow truncate to cut the context on the left")
             segs.append(seg)
             truncated.append(cut)
-    res = iter(run_segments(params, segs, cfg=cfg, batch_size=batch_size, mesh=mesh, progress=progress))
+    groups = [i for i, e in enumerate(examples) for _ in e.choices]  # an example's choices share its context
+    res = iter(run_segments(params, segs, cfg=cfg, batch_size=batch_size, mesh=mesh, groups=groups,
+                            progress=progress))
     cut = iter(truncated)
     samples, acc, acc_norm, n_cut = [], 0.0, 0.0, 0
     for e in examples:
@@ -753,4 +871,10 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from llama import cli
 
-    sys.exit(cli.command(main)())  # EvalError, CheckpointError, OSError, ...: one "error:" line naming the input, 2
+    code = cli.command(main)()  # EvalError, CheckpointError, OSError, ...: one "error:" line naming the input, 2
+    # Every output is committed (renamed into place) by now. The interpreter's own teardown (jax's and grain's
+    # atexit hooks, then freeing every module) takes 0.4-0.9 s on the 2-core benchmark machine, a fifth of a
+    # whole `choice` run (docs/benchmarks.md); skip it once the streams are flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -179,18 +179,29 @@ def test_strided_ppl_is_a_sliding_window(stories, loaded):
     assert metrics["tokens"] == len(ids) and metrics["loss"] == pytest.approx(-ref / len(ids), rel=1e-6)
 
 
-def test_packing_and_prefix_sharing_equal_one_sequence_at_a_time(stories, loaded):
+@pytest.mark.parametrize("trees", [False, True])
+def test_packing_and_prefix_sharing_equal_one_sequence_at_a_time(stories, loaded, trees, monkeypatch):
     """Requests packed into shared rows, one-token choices and "prefix" choices answered from another
-    request's row: the same log-probs as transformers on each sequence alone."""
+    request's row, and (trees) the choices of a context laid out as one tree, the context once and each
+    continuation after it: the same log-probs as transformers on each sequence alone."""
     import torch
 
     *_, tok = stories
     cfg, params, m = loaded
-    ctx = "Once upon a time, there was a little"
-    conts = [" girl", " dog", " dogs", " dog named Max", " boy who liked to play"]
-    segs = [ev.request_segment(*ev.encode_pair(tok, ctx, c), cfg.max_seq_len)[0] for c in conts]
-    segs += ev.rolling_segments(tok.encode("Lily and Ben went to the park."), tok.bos_id, 8, 8)
-    got = ev.run_segments(params, segs, cfg=cfg, batch_size=2, row_len=64)
+    segs, groups = [], []
+    for g, (ctx, conts) in enumerate([("Once upon a time, there was a little",
+                                       [" girl", " dog", " dogs", " dog named Max", " boy who liked to play"]),
+                                      ("Lily and Ben went to the", [" park.", " sea", " big shop"]),
+                                      ("The sun", [" was"])]):
+        segs += [ev.request_segment(*ev.encode_pair(tok, ctx, c), cfg.max_seq_len)[0] for c in conts]
+        groups += [g] * len(conts)
+    rolling = ev.rolling_segments(tok.encode("Lily and Ben went to the park."), tok.bos_id, 8, 8)
+    segs += rolling
+    groups += [10 + i for i in range(len(rolling))]
+    tree_calls, tree_fn = [], ev._tree_query_jit
+    monkeypatch.setattr(ev, "_tree_query_jit", lambda *a, **k: tree_calls.append(1) or tree_fn(*a, **k))
+    got = ev.run_segments(params, segs, cfg=cfg, batch_size=2, row_len=64, groups=groups if trees else None)
+    assert bool(tree_calls) == trees
     assert len({s.inputs for s in segs}) > 4  # distinct inputs, some a prefix of another
     for s, (logp, greedy) in zip(segs, got):
         with torch.no_grad():
