@@ -8,8 +8,8 @@ builds a [T, S] array.
 - "xla": the plain reference (the tests' yardstick at short T): float32 scores [B, K, G, T, S], a dense mask.
 - "flash": blockwise attention in pure JAX with an online softmax (Rabe & Staats 2021, "Self-attention does not
   need O(n^2) memory"; Dao et al. 2022, FlashAttention). Masks are built per [block_q, block_k] tile from slot
-  indices and segment ids; a query block loops only over the key blocks at or before its last slot, so causal
-  attention costs about half the FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of
+  indices and segment ids, only where needed (attention over a cache: tiles a query block sees whole skip it); a
+  query block loops only over the key blocks at or before its last slot, so causal attention costs about half the FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of
   the cache, whatever its allocated size. Softmax statistics in float32. Its custom VJP recomputes the scores
   blockwise (FlashAttention-2's backward, Dao 2023), so training memory is O(T). Runs on CPU, GPU and TPU.
   Levanter's `levanter.models.flash_attention` (custom VJP, per-block causal and segment masks) was the model.
@@ -157,8 +157,9 @@ def _round_up(n: int, m: int) -> int:
 def _online_softmax_step(carry, qb, kb, vb, mask, scale):
     """One key tile of the online softmax (FlashAttention's forward; float32 statistics), heads-major:
     carry: o [B, K, G, bq, H] float32, m, l [B, K, G, bq]; qb: [B, K, G, bq, H]; scale: 1/sqrt(H), or None
-    where qb is already scaled; kb, vb: [B, K, bk, H]; mask: [B, bq, bk], or None for a tile every query of the block sees whole (no select,
-    and no guard for a row that has seen no key: this tile gives every row a finite maximum)."""
+    where qb is already scaled; kb, vb: [B, K, bk, H]; mask: [B, bq, bk], or None for a tile every query of the
+    block sees whole (no select, and no guard for a row that has seen no key: this tile gives every row a finite
+    maximum)."""
     o, m, l = carry
     s = jnp.einsum("BKGTH,BKSH->BKGTS", qb, kb, preferred_element_type=jnp.float32)
     if scale is not None:
@@ -214,7 +215,7 @@ def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
                 jnp.zeros((B, K, G, bq), jnp.float32))
         n_seen = jnp.minimum(nk, jnp.max(slot) // bk + 1)
         # Key tiles that every query of the block sees whole (all their slots <= the block's smallest slot, all
-        # real keys) need no mask; with segment ids every tile does. Only the tiles on the diagonal pay the mask.
+        # real keys) need no mask; with segment ids (self-attention always passes them) every tile does. Only the tiles on the diagonal pay the mask.
         n_whole = 0 if q_seg is not None else jnp.clip(jnp.minimum((jnp.min(slot) + 1) // bk, n_valid // bk), 0, n_seen)
         carry = jax.lax.fori_loop(0, n_whole, functools.partial(step, False), init)
         o, m, l = jax.lax.fori_loop(n_whole, n_seen, functools.partial(step, True), carry)
