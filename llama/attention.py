@@ -10,8 +10,9 @@ builds a [T, S] array.
   need O(n^2) memory"; Dao et al. 2022, FlashAttention). Masks are built per [block_q, block_k] tile from slot
   indices and segment ids, only where needed (attention over a cache: tiles a query block sees whole skip it); a
   query block loops only over the key blocks at or before its last slot, so causal attention costs about half the
-  FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size. Softmax statistics in float32. Its custom VJP recomputes the scores
-  blockwise (FlashAttention-2's backward, Dao 2023), so training memory is O(T). Runs on CPU, GPU and TPU.
+  FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size.
+  Softmax statistics in float32. Its custom VJP recomputes the scores blockwise (FlashAttention-2's backward, Dao
+  2023), so training memory is O(T). Runs on CPU, GPU and TPU.
   Levanter's `levanter.models.flash_attention` (custom VJP, per-block causal and segment masks) was the model.
 - "cudnn" (GPU): `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`, no mask array. A
   boolean mask would become a dense [B, N, T, S] bias there (~32 GiB per sequence at 128K) and its document-mask
