@@ -216,7 +216,8 @@ def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
                 jnp.zeros((B, K, G, bq), jnp.float32))
         n_seen = jnp.minimum(nk, jnp.max(slot) // bk + 1)
         # Key tiles that every query of the block sees whole (all their slots <= the block's smallest slot, all
-        # real keys) need no mask; with segment ids (self-attention always passes them) every tile does. Only the tiles on the diagonal pay the mask.
+        # real keys) need no mask; with segment ids (self-attention always passes them) every tile does. Only the
+        # tiles on the diagonal pay the mask.
         n_whole = 0 if q_seg is not None else jnp.clip(jnp.minimum((jnp.min(slot) + 1) // bk, n_valid // bk), 0, n_seen)
         carry = jax.lax.fori_loop(0, n_whole, functools.partial(step, False), init)
         o, m, l = jax.lax.fori_loop(n_whole, n_seen, functools.partial(step, True), carry)
