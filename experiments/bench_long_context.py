@@ -15,6 +15,8 @@ first new token fit).
 - decode P:S: ours only: 32 greedy decode steps starting at position P of an S-slot cache (the decode loop of
   `generate`; the cache's contents do not change the cost), tokens/s. Issue 13's target: P=1024 in a 131,072-slot
   cache at >= 80% of the speed of P=1024 in a 4,096-slot cache.
+- attention T (`--attention`, none by default): ours only, the prefill's attention alone (`ours_attention`), the
+  proxy for kernel changes: `--prefill '' --train '' --decode '' --attention 16384`.
 Each job prints one JSON line: seconds, peak RSS (ru_maxrss of its own process) and the load average before it.
 
     python -m experiments.bench_long_context --gpu    # one GPU (experiments/gpu_bench.sh): fused-kernel parity
@@ -77,6 +79,40 @@ def peer_prefill(T: int) -> dict:
         out = model(torch.from_numpy(_tokens(T)), use_cache=True, logits_to_keep=1)
         seconds = time.perf_counter() - t
     return {"seconds": seconds, "first_id": int(out.logits[0, -1].argmax())}
+
+
+def ours_attention(T: int, chunk: int) -> dict:
+    """The prefill's attention alone: one layer of cached flash attention (the probe's 8 / 2 heads of 32, float32)
+    over T queries in chunks of `chunk` against a T + 64-slot cache, best of 3 after a compile; wall and process
+    CPU seconds (the CPU figure is steadier on a loaded machine). A proxy for kernel changes: the causal score
+    elements, and so the time, grow as T^2."""
+    import jax
+    import jax.numpy as jnp
+
+    from llama import attention as A
+
+    B, N, KV, H, S = 1, PROBE["n_heads"], PROBE["n_kv_heads"], PROBE["dim"] // PROBE["n_heads"], T + 64
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(ks[0], (B, T, N, H))
+    kc, vc = (jax.random.normal(k, (B, KV, S, H)) for k in ks[1:])  # the cache's [B, K, S, H] layout
+
+    @jax.jit
+    def run(q, kc, vc):
+        def read(start, size):
+            return tuple(jax.lax.dynamic_slice_in_dim(c, start, size, 2).transpose(0, 2, 1, 3) for c in (kc, vc))
+
+        kv = A.CachedKV(read=read, length=S, kv_heads=KV)
+        return jnp.concatenate([A.attention(q[:, c:c + chunk], kv, impl="flash",
+                                            q_slots=jnp.arange(c, min(c + chunk, T), dtype=jnp.int32)[None])
+                                for c in range(0, T, chunk)], axis=1)
+
+    jax.block_until_ready(run(q, kc, vc))
+    wall = cpu = float("inf")
+    for _ in range(3):
+        t, c = time.perf_counter(), time.process_time()
+        out = jax.block_until_ready(run(q, kc, vc))
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return {"seconds": wall, "cpu_seconds": cpu, "checksum": float(jnp.sum(out))}
 
 
 def ours_train(T: int) -> dict:
@@ -204,7 +240,9 @@ def gpu(lengths=(32768, 131072)) -> None:
 def _worker(job: list[str]) -> None:
     kind, side, arg = job[0], job[1], job[2]
     load = os.getloadavg()
-    if kind == "prefill":
+    if kind == "attention":
+        out = ours_attention(int(arg), int(job[3]))
+    elif kind == "prefill":
         out = ours_prefill(int(arg), int(job[3])) if side == "ours" else peer_prefill(int(arg))
     elif kind == "train":
         out = ours_train(int(arg)) if side == "ours" else peer_train(int(arg))
@@ -235,6 +273,7 @@ def main(argv=None) -> None:
     ap.add_argument("--train", default="16384,32768", help="train-step lengths ('' for none)")
     ap.add_argument("--decode", default="1024:4096,1024:131072,32768:131072,131000:131072",
                     help="decode position:cache slots pairs")
+    ap.add_argument("--attention", default="", help="attention-only proxy lengths (ours only; `ours_attention`)")
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--peer", choices=("on", "off"), default="on", help="run transformers alongside")
     ap.add_argument("--quick", action="store_true", help="a shorter timeout per job (a smoke run)")
@@ -248,6 +287,7 @@ def main(argv=None) -> None:
         return _worker(a.worker)
     sides = ("ours", "peer") if a.peer == "on" else ("ours",)
     jobs = [["prefill", s, str(T), str(a.prefill_chunk)] for T in a.prefill.split(",") if T for s in sides]
+    jobs += [["attention", "ours", str(T), str(a.prefill_chunk)] for T in a.attention.split(",") if T]
     jobs += [["train", s, str(T)] for T in a.train.split(",") if T for s in sides]
     jobs += [["decode", "ours", d] for d in a.decode.split(",") if d]
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()}", flush=True)

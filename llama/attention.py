@@ -8,10 +8,11 @@ builds a [T, S] array.
 - "xla": the plain reference (the tests' yardstick at short T): float32 scores [B, K, G, T, S], a dense mask.
 - "flash": blockwise attention in pure JAX with an online softmax (Rabe & Staats 2021, "Self-attention does not
   need O(n^2) memory"; Dao et al. 2022, FlashAttention). Masks are built per [block_q, block_k] tile from slot
-  indices and segment ids; a query block loops only over the key blocks at or before its last slot, so causal
-  attention costs about half the FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of
-  the cache, whatever its allocated size. Softmax statistics in float32. Its custom VJP recomputes the scores
-  blockwise (FlashAttention-2's backward, Dao 2023), so training memory is O(T). Runs on CPU, GPU and TPU.
+  indices and segment ids, only where needed (attention over a cache: tiles a query block sees whole skip it); a
+  query block loops only over the key blocks at or before its last slot, so causal attention costs about half the
+  FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size.
+  Softmax statistics in float32. Its custom VJP recomputes the scores blockwise (FlashAttention-2's backward, Dao
+  2023), so training memory is O(T). Runs on CPU, GPU and TPU.
   Levanter's `levanter.models.flash_attention` (custom VJP, per-block causal and segment masks) was the model.
 - "cudnn" (GPU): `jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`, no mask array. A
   boolean mask would become a dense [B, N, T, S] bias there (~32 GiB per sequence at 128K) and its document-mask
@@ -156,13 +157,19 @@ def _round_up(n: int, m: int) -> int:
 
 def _online_softmax_step(carry, qb, kb, vb, mask, scale):
     """One key tile of the online softmax (FlashAttention's forward; float32 statistics), heads-major:
-    carry: o [B, K, G, bq, H] float32, m, l [B, K, G, bq]; qb: [B, K, G, bq, H]; kb, vb: [B, K, bk, H];
-    mask: [B, bq, bk]."""
+    carry: o [B, K, G, bq, H] float32, m, l [B, K, G, bq]; qb: [B, K, G, bq, H]; scale: 1/sqrt(H), or None
+    where qb is already scaled; kb, vb: [B, K, bk, H]; mask: [B, bq, bk], or None for a tile every query of the
+    block sees whole (no select, and no guard for a row that has seen no key: this tile gives every row a finite
+    maximum)."""
     o, m, l = carry
-    s = jnp.einsum("BKGTH,BKSH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", qb, kb, preferred_element_type=jnp.float32)
+    if scale is not None:
+        s = s * scale
+    if mask is not None:
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
     m_new = jnp.maximum(m, s.max(-1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row that has seen no key yet: exp(-inf) = 0, no NaN
+    # A row that has seen no key yet (only under a mask): exp(-inf) = 0, no NaN
+    m_safe = m_new if mask is None else jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_safe[..., None])
     corr = jnp.exp(m - m_safe)
     pv = jnp.einsum("BKGTS,BKSH->BKGTH", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
@@ -191,20 +198,29 @@ def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
     matmuls over contiguous rows; with [B, T, K, G, H] slices each product paid for a layout change, and flash at
     T = 8192 on the CPU ran 2.8x slower (docs/benchmarks.md)."""
     B, K, G, Tq, H = qh.shape
-    scale = np.float32(1 / np.sqrt(H))
+    # 1/sqrt(H) folded into the queries: bq*H multiplies per query block instead of bq*bk per key tile
+    qs = qh * np.float32(1 / np.sqrt(H)).astype(qh.dtype) if qh.dtype == jnp.float32 else qh
+    scale = None if qh.dtype == jnp.float32 else np.float32(1 / np.sqrt(H))
 
     def q_block(i):
-        qb = jax.lax.dynamic_slice_in_dim(qh, i * bq, bq, 3)
+        qb = jax.lax.dynamic_slice_in_dim(qs, i * bq, bq, 3)
         slot = jax.lax.dynamic_slice_in_dim(q_slots, i * bq, bq, 1)
         seg = None if q_seg is None else jax.lax.dynamic_slice_in_dim(q_seg, i * bq, bq, 1)
 
-        def step(j, carry):
+        def step(masked, j, carry):
             start, kb, vb, k_seg = read_kv(j)
-            return _online_softmax_step(carry, qb, kb, vb, _tile_mask(slot, j, start, bk, n_valid, seg, k_seg), scale)
+            mask = _tile_mask(slot, j, start, bk, n_valid, seg, k_seg) if masked else None
+            return _online_softmax_step(carry, qb, kb, vb, mask, scale)
 
         init = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
                 jnp.zeros((B, K, G, bq), jnp.float32))
-        o, m, l = jax.lax.fori_loop(0, jnp.minimum(nk, jnp.max(slot) // bk + 1), step, init)
+        n_seen = jnp.minimum(nk, jnp.max(slot) // bk + 1)
+        # Key tiles that every query of the block sees whole (all their slots <= the block's smallest slot, all
+        # real keys) need no mask; with segment ids (self-attention always passes them) every tile does. Only the
+        # tiles on the diagonal pay the mask.
+        n_whole = 0 if q_seg is not None else jnp.clip(jnp.minimum((jnp.min(slot) + 1) // bk, n_valid // bk), 0, n_seen)
+        carry = jax.lax.fori_loop(0, n_whole, functools.partial(step, False), init)
+        o, m, l = jax.lax.fori_loop(n_whole, n_seen, functools.partial(step, True), carry)
         seen = l > 0
         out = o / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)

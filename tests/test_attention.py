@@ -93,13 +93,15 @@ def cache_of(k, v, S, int8=False):
 
 @pytest.mark.parametrize("int8", [False, True], ids=["float32-cache", "int8-cache"])
 def test_flash_decode_and_chunk_against_partly_filled_cache(int8):
-    """Queries at different positions per row (a decode step, and a prefill chunk at an offset) against a 200-slot
+    """Queries at different positions per row (a decode step, and prefill chunks at an offset) against a 200-slot
     cache filled up to each row's position; block_k 64 does not divide 200, so the last tile is clamped."""
     B, N, K, H, S = 2, 8, 2, 16, 200
     _, k, v, _ = qkv(B, 1, N, K, H, S=150, seed=1)
     cache = cache_of(k, v, S, int8)
     kv = M._cached_kv(cache, jnp.zeros((), jnp.int32), jnp.float32)
-    for T, slots in ((1, [[149], [17]]), (13, [list(range(137, 150)), list(range(60, 73))])):
+    # The third case's first query block (slots >= 130 in both rows) sees tiles 0-1 whole: they run unmasked.
+    for T, slots in ((1, [[149], [17]]), (13, [list(range(137, 150)), list(range(60, 73))]),
+                     (13, [list(range(137, 150)), list(range(130, 143))])):
         q = qkv(B, T, N, K, H, seed=2)[0]
         slots = jnp.asarray(slots, jnp.int32)
         ref = A.attention(q, kv, q_slots=slots, impl="xla")
