@@ -35,17 +35,18 @@ from llama.train import DataConfig, Stage, TrainConfig, stage_schedule
 from sharding.rules import MeshConfig
 
 OUT = "runs/cpu_passkey"
-MODEL = ModelConfig(name="llama3.1-cpu-passkey", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+MODEL = ModelConfig(name="llama3.1-cpu-passkey", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4,
                     ffn_dim=384, rope_theta=500000.0, rope_scaling=None, max_seq_len=4096, bos_id=1, eos_ids=(2,),
                     attention_block_q=256, attention_block_k=256)
 
 CONFIG = TrainConfig(
     model=MODEL,
-    optimizer=OptimizerConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=50, decay_steps=3200, weight_decay=0.1),
+    optimizer=OptimizerConfig(peak_lr=1e-2, end_lr=1e-3, warmup_steps=30, decay_steps=1000, weight_decay=0.1),
     mesh=MeshConfig(data=1, fsdp=1, tensor=1),
-    data=DataConfig(paths=os.path.join(OUT, "passkeys.txt"), separator="<|endoftext|>", tokenizer=None),
-    steps=3250, batch_size=16, seq_len=256,
-    stages=(Stage(seq_len=1024, batch_size=4, start_step=3000), Stage(seq_len=4096, batch_size=1, start_step=3150)),
+    data=DataConfig(paths=os.path.join(OUT, "passkeys_256.txt"), separator="<|endoftext|>",
+                    tokenizer=os.path.join(OUT, "tokenizer.model")),
+    steps=1000, batch_size=16, seq_len=256,
+    stages=(Stage(seq_len=1024, batch_size=4, start_step=800), Stage(seq_len=4096, batch_size=1, start_step=900)),
     log_every=50, checkpoint_every=50, keep_checkpoints=2, sample_tokens=0,
 )
 
@@ -60,22 +61,35 @@ def main(argv=None):
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--lengths", default="256,1024,4096")
     ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--stages", type=int, default=None, help="run only the first N stages (a quick check)")
     args = ap.parse_args(argv)
-    corpus = os.path.join(args.out, "passkeys.txt")
-    if not os.path.exists(corpus):
-        _run("-m", "llama.passkey", "corpus", "--out", corpus, "--docs", "4000", "--max-words", "3000")
+    os.makedirs(args.out, exist_ok=True)
+    tok_path = os.path.join(args.out, "tokenizer.model")
+    if not os.path.exists(tok_path):  # trained once on unpadded documents, so PAD stays a byte-fallback token
+        text = os.path.join(args.out, "tokenizer_text.txt")
+        _run("-m", "llama.passkey", "corpus", "--out", text, "--docs", "500", "--max-words", "200", "--seed", "1")
+        from llama.tokenizer import train_sentencepiece
+
+        train_sentencepiece(open(text).read().split("<|endoftext|>"), MODEL.vocab_size, tok_path)
     me, run = os.path.abspath(__file__), os.path.join(args.out, "train")
+    schedule = stage_schedule(CONFIG)
+    ends = [start for start, _, _ in schedule[1:]] + [CONFIG.steps]
     results = {}
-    ends = [start for start, _, _ in stage_schedule(CONFIG)[1:]] + [CONFIG.steps]
-    for stage, end in enumerate(ends):
+    for stage, end in enumerate(ends[:args.stages]):
+        start, T, B = schedule[stage]
+        corpus = os.path.join(args.out, f"passkeys_{T}.txt")
+        if not os.path.exists(corpus):  # one document per row, every one a key with its question (PAD)
+            _run("-m", "llama.passkey", "corpus", "--out", corpus, "--docs", str((end - start) * B),
+                 "--tokenizer", tok_path, "--length", str(T), "--seed", str(10 + stage))
         _run("-m", "llama.train", "--config", me, "--out", run, "--set", f"steps={end}",
-             f"data.paths={corpus}")
+             f"data.paths={corpus}", f"data.tokenizer={tok_path}")
         ev = os.path.join(args.out, f"passkey_stage{stage}")
-        _run("-m", "llama.passkey", "passkey", "--checkpoint", run, "--lengths", args.lengths,
-             "--samples", str(args.samples), "--out", ev)
+        _run("-m", "llama.passkey", "passkey", "--checkpoint", run, "--tokenizer", tok_path, "--lengths",
+             args.lengths, "--samples", str(args.samples), "--out", ev)
         r = json.load(open(os.path.join(ev, "results.json")))
-        results[f"stage {stage} (step {end}, T={stage_schedule(CONFIG)[stage][1]})"] = {
-            "lengths": r["lengths"], "accuracy": [sum(c) / len(c) for c in zip(*r["accuracy"])]}
+        results[f"after stage {stage} (step {end}, T={T})"] = {
+            "lengths": r["lengths"], "accuracy": [sum(c) / len(c) for c in zip(*r["accuracy"])],
+            "answer_nll": [sum(c) / len(c) for c in zip(*r["answer_nll"])]}
     from llama import manifest
 
     manifest.atomic_write(os.path.join(args.out, "passkey_by_stage.json"), json.dumps(results, indent=1) + "\n")
