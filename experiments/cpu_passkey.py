@@ -2,25 +2,27 @@
 embedded passkeys, extend it through stages at 1,024 and 4,096 tokens, and measure passkey retrieval at each
 length before and after the extension.
 
-    python -m experiments.cpu_passkey [--out runs/cpu_passkey] [--lengths 256,1024,4096]
-    (the training alone: python -m llama.train --config experiments/cpu_passkey.py --out runs/cpu_passkey/train
-     after `python -m llama.passkey corpus --out runs/cpu_passkey/passkeys.txt`)
+    python -m experiments.cpu_passkey [--out runs/cpu_passkey] [--lengths 256,1024,4096] [--stages N]
 
-Data: 4,000 documents of Mohtashami & Jaggi's passkey format (llama.passkey.training_corpus: a log-uniform number
-of whole filler sentences, up to ~3,000 words, the key after a uniform number of them, the question and the
-answer), tokenized by a 512-piece SentencePiece BPE trained on them; the evaluation's prompts are encoded the same
-way (one text, whole sentences), so the answer's ids are those seen in training. Model: Llama 3.1's
-architecture at 2 layers x 128 dims. RoPE: theta 500,000, no scaling, unchanged across the stages (as Llama 3
-does for its long-context stages, paper section 3.4.2); positions restart per document and documents are masked apart (section 3.2), so at 256 tokens
-the model only ever sees keys within 256 tokens of their question. Stages: 3,000 steps of 16 x 256 tokens, then
-150 steps of 4 x 1,024, then 100 steps of 1 x 4,096 (the same tokens per step, 4,096). 16K tokens works the same
-way (add a Stage) but takes longer than minutes on 2 cores. Measured (docs/long_context.md, 2026-12-04): the
-stages run and bring the answer's NLL at 1K and 4K down to its 256-token level, but this model learns no
-long-range retrieval at this budget (exact match 0 at every length and stage).
+Data (llama.passkey.training_corpus): Mohtashami & Jaggi's passkey format; per stage of row length T a corpus
+OUT/passkeys_<T>.txt of (steps x batch) documents, each n whole filler sentences (n uniform in [0, the most that
+fit T]) with the key after a uniform number of them, the question and the answer, padded with "#" to exactly T
+tokens with BOS and EOS, so every training row is one whole document: the key never falls into another row than
+its question (the trainer packs documents end to end and cuts rows; see llama.passkey.PAD). Tokenizer: a
+512-piece SentencePiece BPE with split digits (one token per key digit), trained once on 500 unpadded documents
+(OUT/tokenizer.model, passed as data.tokenizer); the evaluation's prompts are built by the same `passkey_text`
+and encoded the same way. Model: Llama 3.1's architecture at 2 layers x 128 dims, 4 heads of 32 (no GQA).
+RoPE: theta 500,000, no scaling, unchanged across the stages (as Llama 3 does for its long-context stages, paper
+section 3.4.2); positions restart per document and documents are masked apart (section 3.2). Optimizer: AdamW,
+peak 1e-2 (3e-3 sat on the copy plateau for 500+ steps), 30 warmup steps, cosine to 1e-3. Stages: 800 steps of
+16 x 256 tokens, then 100 of 4 x 1,024, then 100 of 1 x 4,096 (4,096 tokens per step throughout). A 16K stage
+works the same way (add a Stage, raise max_seq_len) but did not fit the minutes budget on the shared 2 cores.
+Measured: docs/long_context.md.
 
-The driver trains to the end of each stage (one run directory, OUT/train, resumed at each boundary; llama.train
-writes nothing but its own files there), evaluates passkey retrieval (llama.passkey, 5 depths x 8 samples per
-length) into OUT/passkey_stage<k>/ and writes OUT/passkey_by_stage.json and .png.
+The driver trains to the end of each stage (one run directory, OUT/train, resumed at each boundary with that
+stage's corpus as data.paths: the trainer opens the data afresh at a stage boundary), evaluates passkey retrieval
+(llama.passkey, 5 depths x 8 samples per length) into OUT/passkey_stage<k>/ and writes
+OUT/passkey_by_stage.json and .png. Rerunning resumes: existing corpora, tokenizer and checkpoints are reused.
 """
 
 import argparse
@@ -93,23 +95,35 @@ def main(argv=None):
     from llama import manifest
 
     manifest.atomic_write(os.path.join(args.out, "passkey_by_stage.json"), json.dumps(results, indent=1) + "\n")
+    plot(results, os.path.join(args.out, "passkey_by_stage.png"))
+    print(json.dumps(results, indent=1))
+
+
+def plot(results: dict, path: str) -> str:
+    """Exact-match accuracy and the answer's NLL per digit over length, one line per stage (temp file, renamed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     for name, r in results.items():
-        ax.plot(r["lengths"], r["accuracy"], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("passkey accuracy (mean over depths)")
-    ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+        axes[0].plot(r["lengths"], r["accuracy"], marker="o", label=name)
+        axes[1].plot(r["lengths"], r["answer_nll"], marker="o", label=name)
+    axes[1].axhline(2.303, color="gray", ls="--", lw=1, label="uniform guess (ln 10)")
+    for ax, label in zip(axes, ("passkey exact match (mean over 5 depths)", "answer NLL per token")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylim(-0.05, 1.05)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "passkey_by_stage.png"))
-    print(json.dumps(results, indent=1))
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 if __name__ == "__main__":
