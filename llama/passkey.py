@@ -3,7 +3,8 @@
     python -m llama.passkey passkey --checkpoint RUN_OR_MODEL_DIR [--lengths 256,1024,4096]
         [--depths 0,0.25,0.5,0.75,1] [--samples 8] [--mesh context=2] [--out DIR]
     python -m llama.passkey needle  --checkpoint DIR [--corpus haystack.txt] ...
-    python -m llama.passkey corpus  --out passkeys.txt --docs 2000 --max-words 3000   (training text)
+    python -m llama.passkey corpus  --out passkeys.txt --docs 2000 [--max-words 200 | --tokenizer T --length 256]
+                                                                                     (training text)
 
 passkey (Mohtashami & Jaggi 2023, "Landmark Attention", section 4.2): a random 5-digit key in a sentence
 ("The pass key is 71432. Remember it. 71432 is the pass key.") hidden at a given depth inside repeated filler
@@ -84,6 +85,19 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\s*\S+", text)
 
 
+def _largest_fit(n_tokens, limit: int, length: int, what: str) -> int:
+    """The largest n in [0, limit] with n_tokens(n) <= length (a binary search: n_tokens grows with n, each
+    sentence or word adding tokens)."""
+    if n_tokens(0) > length:
+        raise PasskeyError(f"--lengths {length}: too short for the {what} prompt (at least {n_tokens(0)} tokens "
+                           "with this tokenizer)")
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if n_tokens(mid) <= length else (lo, mid - 1)
+    return lo
+
+
 def make_sample(task: str, tok, length: int, depth: float, rng: np.random.Generator,
                 haystack: list[str] | None = None) -> Sample:
     """One prompt of at most `length` tokens, padded with EOS after the answer to exactly `length` (the model is
@@ -108,16 +122,7 @@ def make_sample(task: str, tok, length: int, depth: float, rng: np.random.Genera
         text = lambda n: ("".join(window[:int(round(depth * n))]) + NEEDLE.format(key=key)  # noqa: E731
                           + "".join(window[int(round(depth * n)):n]) + NEEDLE_QUESTION)
 
-    def n_tokens(n):
-        return 1 + len(_enc(tok, text(n) + " " + key))  # BOS, prompt, answer
-
-    lo, hi = 0, limit  # the largest n with n_tokens(n) <= length (n_tokens grows with n: each unit adds tokens)
-    if n_tokens(0) > length:
-        raise PasskeyError(f"--lengths {length}: too short for the {task} prompt (at least {n_tokens(0)} tokens "
-                           "with this tokenizer)")
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if n_tokens(mid) <= length else (lo, mid - 1)
+    lo = _largest_fit(lambda n: 1 + len(_enc(tok, text(n) + " " + key)), limit, length, task)  # BOS, prompt, answer
     prompt, full = _enc(tok, text(lo)), _enc(tok, text(lo) + " " + key)
     if full[:len(prompt)] != prompt:  # the answer would re-tokenize the prompt's end: scoring would be ill-defined
         raise PasskeyError(f"the tokenizer merges the answer ' {key}' into the question's last token")
@@ -238,20 +243,51 @@ def write_results(results: dict, out: str, *, mesh=None, extra: dict | None = No
 
 
 # ------------------------------------------------------------------------------------------ training text
-def training_corpus(path: str, *, docs: int, max_words: int, seed: int = 0) -> str:
-    """Passkey documents for pre-training (the CPU experiment): `passkey_text` with a log-uniform number of filler
-    sentences (1 to max_words / 4, so short documents that fit a short row are as common as long ones), the key
-    after a uniform number of them, and the answer " KEY."; one document per record, separated by <|endoftext|>."""
+# Training documents are padded after the answer to exactly one row with this character. The trainer packs
+# documents end to end and cuts the stream into rows (input_pipeline/packing.py), so a document shorter than a
+# row would start mid-row and be cut at the row's end, putting its key and its question in different rows (the
+# document mask then keeps them apart): the model would learn to guess. Each document filling its row exactly
+# keeps every key with its question. "#" is absent from the tokenizer's training text (`training_corpus` without
+# a tokenizer), so each is one byte-fallback token that merges with nothing.
+PAD = "#"
+
+
+def training_corpus(path: str, *, docs: int, tok=None, length: int | None = None, max_words: int = 200,
+                    seed: int = 0) -> str:
+    """Passkey documents for pre-training (the CPU experiment), one per record, separated by <|endoftext|>:
+    `passkey_text` with n filler sentences, the key after a uniform number of them (a uniform depth), and the
+    answer " KEY.".
+
+    With `tok` and `length` (a stage's row length): n uniform in [0, the most that fit], so key-question distances
+    cover the whole row, each document then padded with PAD to exactly `length` tokens with its BOS and EOS (see
+    PAD). Without: n uniform in [0, max_words / 4] (filler sentences have 4-5 words), unpadded: the text to train
+    the tokenizer on."""
     from llama import manifest
     from llama.train import CORPUS_SEPARATOR
 
     rng = np.random.default_rng(seed)
-    top = max(1, max_words // 4)  # the filler sentences have 4-5 words
+    if tok is None:
+        top = max(1, max_words // 4)
+    else:
+        if not length:
+            raise PasskeyError("training_corpus: a tokenizer needs --length (the row length in tokens)")
+        enc = functools.lru_cache(maxsize=None)(lambda text: len(_enc(tok, text)))
+        # the most sentences that fit with BOS and EOS, for a key of the longest tokenization (all 5-digit keys
+        # tokenize alike with split digits; min over depths guards the rest)
+        top = min(_largest_fit(lambda n: 2 + enc(passkey_text("99999", n, int(d * n)) + " 99999."), 2 * length,
+                               length, "passkey") for d in (0, 0.5, 1))
     out = []
     for _ in range(docs):
         key = str(rng.integers(10000, 100000))
-        n = int(np.exp(rng.uniform(0, np.log(top + 1))))
-        out.append(passkey_text(key, n, int(rng.integers(0, n + 1))) + f" {key}.")
+        n = int(rng.integers(0, top + 1))
+        doc = passkey_text(key, n, int(rng.integers(0, n + 1))) + f" {key}."
+        if tok is not None:
+            pad = length - 2 - len(_enc(tok, doc))
+            if pad < 0 or len(_enc(tok, doc + PAD * pad)) != length - 2:
+                raise PasskeyError(f"training_corpus: a {n}-sentence document does not pad to exactly {length} "
+                                   f"tokens with {PAD!r} (is {PAD!r} in the tokenizer's vocabulary?)")
+            doc += PAD * pad
+        out.append(doc)
     return manifest.atomic_write(path, f"\n{CORPUS_SEPARATOR}\n".join(out))
 
 
@@ -283,11 +319,16 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh", help="e.g. context=4 or fsdp=2,context=4 (default: one device)")
     ap.add_argument("--out", help="output directory (default runs/<task>)")
     ap.add_argument("--docs", type=int, default=2000, help="corpus: number of documents")
-    ap.add_argument("--max-words", type=int, default=200, help="corpus: the longest filler, in words")
+    ap.add_argument("--max-words", type=int, default=200, help="corpus: the longest filler, in words (unpadded)")
+    ap.add_argument("--length", type=int, help="corpus: with --tokenizer, documents of exactly this many tokens")
     args = ap.parse_args(argv)
     try:
         if args.task == "corpus":
-            print(training_corpus(args.out or "passkeys.txt", docs=args.docs, max_words=args.max_words, seed=args.seed))
+            from llama.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+            print(training_corpus(args.out or "passkeys.txt", docs=args.docs, tok=tok, length=args.length,
+                                  max_words=args.max_words, seed=args.seed))
             return 0
         if not args.checkpoint:
             raise PasskeyError("--checkpoint is required for passkey and needle")

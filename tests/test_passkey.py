@@ -116,3 +116,32 @@ def test_cli_writes_results_heatmap_and_manifest(tmp_path, tok):
     from llama import eval as llama_eval  # the same grids under the evaluation command
 
     assert llama_eval.main(["needle", "--checkpoint", ckpt, "--depths", "2"]) == 2
+
+
+@pytest.mark.parametrize("length", [256, 512])
+def test_padded_training_documents_fill_one_row_each(tok, tmp_path, length):
+    """The bug this guards: documents shorter or longer than a row are packed end to end and cut at row ends
+    (input_pipeline/packing.py), so a key and its question mostly fell into different rows (the document mask
+    keeps them apart) and the model could only guess. Padded, BOS + document + EOS is exactly one row, so the
+    packed stream's rows are the documents, each holding its key, question and answer; the key sits at every
+    depth and the filler spans the whole range that fits."""
+    path = passkey.training_corpus(str(tmp_path / "docs.txt"), docs=40, tok=tok, length=length, seed=0)
+    docs = open(path).read().split("\n<|endoftext|>\n")
+    assert len(docs) == 40
+    n_filler = []
+    for doc in docs:
+        assert 2 + len(passkey._enc(tok, doc)) == length
+        text = doc.rstrip(passkey.PAD)
+        key = text[:-1].rsplit(" ", 1)[1]
+        assert text.startswith(passkey.INTRO) and text.endswith(passkey.PASSKEY_QUESTION + f" {key}.")
+        assert passkey.PASSKEY.format(key=key) in text
+        n_filler.append(text.count(".") - 7)  # the intro and the key sentence have 3 full stops each, the answer 1
+        # the prompt (everything before " KEY") is encoded as the evaluation encodes it
+        prompt = text[:-len(f" {key}.")]
+        assert passkey._enc(tok, doc)[:len(passkey._enc(tok, prompt))] == passkey._enc(tok, prompt)
+    # n uniform in [0, the most that fit]: short and nearly full documents both occur
+    full = passkey._largest_fit(lambda n: 2 + len(passkey._enc(tok, passkey.passkey_text("99999", n, 0) + " 99999.")),
+                                length, length, "passkey")
+    assert min(n_filler) <= full // 4 and max(n_filler) >= 3 * full // 4 and max(n_filler) <= full
+    with pytest.raises(passkey.PasskeyError, match="needs --length"):
+        passkey.training_corpus(str(tmp_path / "x.txt"), docs=1, tok=tok)
