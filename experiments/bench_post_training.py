@@ -2,6 +2,15 @@
 
     python -m experiments.bench_post_training            # all four runs, one process each, then the table
     python -m experiments.bench_post_training --one ours sft   # one run (what the driver starts)
+    python -m experiments.bench_post_training --repeats 2 --set loss_chunk=0   # A B A B, our side with --set
+
+Fair measure: both sides process the same 1,024 real tokens per step, none of them padding (TRL's rows all have
+the same length, so its batches carry no pad), and tokens/s = 1,024 / median step time on both sides. The work is
+not the same: our rows are 256 tokens packed with 2 (SFT) or 4 (DPO) documents, and on CPU the flash tile is
+256 x 256 (llama/attention.py DEFAULT_BLOCKS), so each row computes the whole masked score tile, 2x (SFT) or 4x
+(DPO) the score work of TRL's separate 128- or 64-token sequences; and loss_chunk (4,096) >= 1,024 tokens makes
+the loss one jax.checkpoint chunk whose unembedding is recomputed in the backward pass. `--set` tries our side
+with other TrainConfig settings (e.g. loss_chunk=0, model.attention_block_q=128,model.attention_block_k=128).
 
 Shapes: cpu_small's model (dim 256, 4 layers, GQA 8:2, vocab 4096, float32), 4 rows x 256 tokens per step;
 DPO: 2 pairs of (chosen, rejected) per row for us (segments), i.e. 8 sequences of 128 tokens for TRL, the same
@@ -42,15 +51,17 @@ def batch(objective):
             "positions": np.tile(pos, (B, 1)), "loss_mask": np.tile(mask, (B, 1))}
 
 
-def run_ours(objective):
+def run_ours(objective, settings=()):
     import jax
 
-    from llama.train import DataConfig, TrainConfig, make_train_step
+    from llama.train import DataConfig, TrainConfig, apply_overrides, make_train_step
     from sharding.rules import MeshConfig, make_mesh
 
     data = DataConfig(paths="x.jsonl", format={"sft": "chat", "dpo": "preference"}[objective], tokenizer="x")
     cfg = TrainConfig(model=model_cfg(), batch_size=B, seq_len=T, objective=objective, data=data,
                       mesh=MeshConfig(data=1, fsdp=1, tensor=1))
+    if settings:
+        cfg = apply_overrides(cfg, list(settings))
     init, step = make_train_step(cfg, make_mesh(cfg.mesh))
     state, b = init(0), batch(objective)
     times = []
@@ -117,34 +128,42 @@ def run_trl(objective, tmp):
     return times
 
 
-def one(impl, objective):
+def one(impl, objective, settings=()):
     import tempfile
 
-    times = run_ours(objective) if impl == "ours" else run_trl(objective, tempfile.mkdtemp())
+    times = run_ours(objective, settings) if impl == "ours" else run_trl(objective, tempfile.mkdtemp())
     med = float(np.median(times[2:]))
-    return {"impl": impl, "objective": objective, "step_s": med, "tokens_per_s": B * T / med,
+    return {"impl": impl, "objective": objective, "settings": list(settings) if impl == "ours" else [],
+            "step_s": med, "tokens_per_s": B * T / med,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--one", nargs=2, metavar=("IMPL", "OBJECTIVE"))
+    p.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides for our side (KEY=VALUE)")
+    p.add_argument("--repeats", type=int, default=1, help="alternate ours, TRL this many times per objective")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(*args.one)))
+        print(json.dumps(one(*args.one, settings=args.set)))
         return 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = []
     for objective in ("sft", "dpo"):
-        for impl in ("ours", "trl"):
-            out = subprocess.run([sys.executable, "-m", "experiments.bench_post_training", "--one", impl, objective],
-                                 cwd=root, capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
+        for _ in range(args.repeats):
+            for impl in ("ours", "trl"):
+                load = os.getloadavg()
+                cmd = [sys.executable, "-m", "experiments.bench_post_training", "--one", impl, objective]
+                out = subprocess.run(cmd + (["--set", *args.set] if impl == "ours" and args.set else []),
+                                     cwd=root, capture_output=True, text=True, check=True).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]) | {"load_before": [round(x, 2) for x in load]})
+                print(rows[-1], flush=True)
     for objective in ("sft", "dpo"):
-        o, t = (next(r for r in rows if r["impl"] == i and r["objective"] == objective) for i in ("ours", "trl"))
-        print(f"{objective}: ours {o['tokens_per_s']:,.0f} tok/s ({o['peak_rss_gb']:.2f} GB), TRL "
-              f"{t['tokens_per_s']:,.0f} tok/s ({t['peak_rss_gb']:.2f} GB): {o['tokens_per_s'] / t['tokens_per_s']:.2f}x")
+        pairs = zip(*([r for r in rows if r["impl"] == i and r["objective"] == objective] for i in ("ours", "trl")))
+        for o, t in pairs:
+            print(f"{objective}: ours {o['tokens_per_s']:,.0f} tok/s ({o['peak_rss_gb']:.2f} GB), TRL "
+                  f"{t['tokens_per_s']:,.0f} tok/s ({t['peak_rss_gb']:.2f} GB): "
+                  f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x  (load {o['load_before'][0]}, {t['load_before'][0]})")
     return 0
 
 
