@@ -119,8 +119,8 @@ def test_bad_configs_and_inputs_are_clear_errors(tmp_path, capsys):
         lora.LoraConfig(rank=0)
     with pytest.raises(ConfigError, match=r"LoraConfig.rank=2.5 .*expected an integer"):
         lora.LoraConfig(rank=2.5)
-    with pytest.raises(ConfigError, match=r"LoraConfig.dropout: 0.1; dropout .* not supported yet"):
-        lora.LoraConfig(dropout=0.1)
+    with pytest.raises(ConfigError, match=r"LoraConfig.dropout: 1.0; expected a rate in \[0, 1\)"):
+        lora.LoraConfig(dropout=1.0)
     with pytest.raises(ConfigError, match=r"adapters: adapter shapes"):
         lora.save_adapters(str(tmp_path / "x"), CFG, lora.LoraConfig(rank=2, targets=lora.TARGETS), random_adapters())
     assert not (tmp_path / "x").exists()
