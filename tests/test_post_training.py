@@ -72,6 +72,35 @@ def test_dpo_loss_closed_form():
     np.testing.assert_allclose(loss, 0.75 * math.log1p(math.exp(-1)) + 0.25 * math.log1p(math.e), rtol=1e-6)
 
 
+def test_dpo_loss_torchtunes_published_case():
+    """torchtune's DPO unit test, transcribed: pytorch/torchtune tests/torchtune/rlhf/loss/test_dpo_loss.py
+    (commit 20fe62216f89923b453848db5d5c5cfc7244ca14), `TestDPOLosses.test_dpo_loss`: beta 0.1, no label
+    smoothing; policy/reference log-ratio differences [0, 10, 20] -> scaled logits [0, 1, 2], losses
+    -log(1 / (1 + exp(-[0, 1, 2]))), checked there at atol 1e-4, rtol 1e-5 (kept here)."""
+    pc, pr = jnp.array([-0.5, -10.0, -1.0]), jnp.array([-0.1, -30.0, -21.0])
+    rc, rr = jnp.array([-0.5, -10.1, -0.1]), jnp.array([-0.1, -20.1, -0.1])
+    losses, _, _ = llama_loss.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0)
+    expected = -np.log(1 / (1 + np.exp([0.0, -1.0, -2.0])))
+    np.testing.assert_allclose(losses, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_dpo_loss_tunix_published_case():
+    """Tunix's DPO loss unit test, transcribed: google/tunix tests/sft/dpo/dpo_trainer_test.py (commit
+    35bed91da7b9c2faa981c5f6e5c8c80a7441354d), `test_dpo_loss_fn`: np.random.seed(0); per-token policy log-probs
+    N(0, 5) of shape [8, 4] (rows 0-3 chosen, 4-7 rejected, completion mask all ones), reference sequence
+    log-probs N(0, 5) [8, 4] summed over tokens; beta 0.1: mean loss 0.753059 with label_smoothing 0 and
+    0.925447 with 0.3 (conservative DPO), at atol 1e-5 as there."""
+    np.random.seed(0)
+    per_token = np.random.normal(0, 5, size=(8, 4))
+    ref = np.random.normal(0, 5, size=(8, 4)).sum(axis=-1)
+    pol = per_token.sum(axis=-1)
+    for ls, want in ((0.0, 0.753059), (0.3, 0.925447)):
+        losses, _, _ = llama_loss.dpo_loss(jnp.asarray(pol[:4], jnp.float32), jnp.asarray(pol[4:], jnp.float32),
+                                           jnp.asarray(ref[:4], jnp.float32), jnp.asarray(ref[4:], jnp.float32),
+                                           beta=0.1, label_smoothing=ls)
+        np.testing.assert_allclose(float(jnp.mean(losses)), want, atol=1e-5)
+
+
 def test_pair_sums_by_hand():
     x = jnp.arange(1.0, 9.0).reshape(1, 8)
     seg = jnp.asarray([[1, 1, 2, 3, 3, 4, 0, 0]])
