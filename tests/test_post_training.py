@@ -547,6 +547,19 @@ def test_lora_sft_resume_and_dpo_starts_at_ln2(tmp_path):
     assert la == {s: r["loss"] for s, r in metrics_by_step(b).items()} and la[4] < la[1]
     _, lcfg, ad, _ = lora.load_adapters(os.path.join(a, "adapters"))
     assert lcfg.rank == 4 and set(ad) == {"wq", "wv"}
+    # int8 base from init_from (re-read and re-quantized on resume) with adapter dropout: resume is exact too
+    from llama.checkpoint import save_model
+
+    init = save_model(str(tmp_path / "init"), TINY.replace(vocab_size=512, max_seq_len=1024),
+                      model.init_params(TINY.replace(vocab_size=512, max_seq_len=1024), jax.random.key(4)))
+    lo8 = ["--set", "lora={'rank': 4, 'alpha': 8.0, 'targets': ('wq', 'wv'), 'dropout': 0.1, 'base_int8': True}",
+           f"init_from={init}"]
+    d, e = str(tmp_path / "d"), str(tmp_path / "e")
+    assert main(["--config", exp, "--out", d, *lo8]) == 0
+    assert main(["--config", exp, "--out", e, *lo8, "steps=2"]) == 0
+    assert main(["--config", exp, "--out", e, *lo8]) == 0
+    ld = {s: r["loss"] for s, r in metrics_by_step(d).items()}
+    assert ld == {s: r["loss"] for s, r in metrics_by_step(e).items()} and ld[4] < ld[1]
     exp = write_experiment(tmp_path, "dpo", write_rows(tmp_path, "preference"), steps=1)
     c = str(tmp_path / "c")
     assert main(["--config", exp, "--out", c, "--set", lo]) == 0
