@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
     ap.add_argument("--system", help="system prompt")
     G.add_sampling_flags(ap, max_new_tokens=1024)
     ap.add_argument("--quantize", choices=["int8"])
+    ap.add_argument("--lora", choices=G.LORA_MODES, default="merge",
+                    help="a LoRA run or adapter checkpoint: merge the adapters at load, or apply them at runtime")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8")
     ap.add_argument("--cache-dtype", choices=["float32", "bfloat16", "int8"], help="KV cache dtype (default: compute)")
@@ -64,7 +66,8 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
     if not hasattr(tok, "eot_id"):
         raise cli.UsageError(f"--tokenizer: llama.chat needs the Llama 3 tokenizer (the 3.1 chat format's special tokens); got "
                          f"{tok!r}: pass --tokenizer with a Llama 3 tokenizer.model, or use llama.generate")
-    cfg, params, _ = G.load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype)
+    cfg, params, _ = G.load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype,
+                                          lora_mode=a.lora)
     # The decode loop streams from one device-resident row; a mesh shards the weights (tensor parallel).
     sampling = SamplingConfig(a.temperature, a.top_p, a.top_k)
     system = [{"role": "system", "content": a.system}] if a.system else []

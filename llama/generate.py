@@ -350,13 +350,64 @@ def stream(params, prompt: Sequence[int], *, cfg: ModelConfig, max_new_tokens: i
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+LORA_MODES = ("merge", "runtime")
+
+
+def adapter_dir(checkpoint: str) -> str | None:
+    """The LoRA adapter checkpoint `checkpoint` names: itself (llama.lora.save_adapters' layout), or a LoRA
+    training run's final RUN/adapters (llama/train.py writes it at the end of the run); else None."""
+    from llama import lora
+
+    for d in (checkpoint, os.path.join(checkpoint, "adapters")):
+        if lora.is_adapter_checkpoint(d):
+            return d
+    return None
+
+
+def _lora_base(adir: str) -> str:
+    from llama import lora
+    from llama.checkpoint import CheckpointError
+
+    base = lora.load_adapters(adir)[3]
+    if not base:
+        raise CheckpointError(f"{os.path.join(adir, lora.LORA_FILE)}: records no base checkpoint (the run trained "
+                              "adapters on a seed-initialised model, which has no saved weights to serve with); "
+                              "train with init_from=<model checkpoint>")
+    return base
+
+
 def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantize: str | None = None,
-                       dtype: str | None = None):
+                       dtype: str | None = None, lora_mode: str = "merge"):
     """(cfg, params, mesh) from a model checkpoint directory: restored, optionally cast, placed on the mesh
     and int8-quantized there (the quantizer runs jitted on the devices, donating the full-precision copy).
-    An int8 checkpoint (`python -m llama.convert ... --quantize int8`) loads as int8 whatever `quantize` says."""
+    An int8 checkpoint (`python -m llama.convert ... --quantize int8`) loads as int8 whatever `quantize` says.
+
+    A LoRA adapter checkpoint or LoRA training run (`adapter_dir`) loads its base (lora.json's "base") and
+    `lora_mode` "merge" folds the adapters in at load (lora.merge, then int8 if asked: plain weights, the
+    speed of the base model), "runtime" keeps them apart (lora.apply: model.linear adds (x A) B at every
+    projection; with int8 the base is quantized and the adapters stay float32)."""
     from llama import quant
     from llama.checkpoint import load_model
+
+    if lora_mode not in LORA_MODES:
+        raise ValueError(f"--lora {lora_mode!r}: expected one of {list(LORA_MODES)}")
+    adir = adapter_dir(checkpoint)
+    if adir is not None:
+        from llama import lora
+
+        _, lcfg, adapters, _ = lora.load_adapters(adir)
+        cfg, params, mesh = load_for_inference(_lora_base(adir), mesh_text=mesh_text, dtype=dtype)
+        lora.check_adapters(adapters, cfg, lcfg, where=os.path.join(adir, lora.ADAPTERS_DIR))
+        if mesh is not None:
+            adapters = jax.device_put(adapters, sharding_rules.param_shardings(lora.adapter_specs(cfg, lcfg), mesh))
+        if lora_mode == "merge":
+            params = jax.jit(lambda p, a: lora.merge(p, a, lcfg), donate_argnums=0)(params, adapters)
+        if quantize == "int8" and not quant.is_quantized(params):
+            out_sh = param_shardings(cfg, mesh, quantized=True) if mesh is not None else None
+            params = jax.jit(quant.quantize_params, out_shardings=out_sh, donate_argnums=0)(params)
+        if lora_mode == "runtime":
+            params = lora.apply(params, jax.tree.map(jnp.asarray, adapters), lcfg)
+        return cfg, params, mesh
 
     mesh_cfg = sharding_rules.MeshConfig.parse(mesh_text) if mesh_text else None
     mesh = sharding_rules.make_mesh(mesh_cfg) if mesh_cfg is not None else None
@@ -382,6 +433,9 @@ def load_tokenizer_for(checkpoint: str, path: str | None):
     from llama.checkpoint import read_config
     from llama.tokenizer import TokenizerError, check_vocab, load_tokenizer
 
+    adir = adapter_dir(checkpoint)
+    if adir is not None:  # a LoRA run or adapter checkpoint: the base's tokenizer and vocabulary
+        checkpoint = _lora_base(adir)
     if path is None and os.path.exists(os.path.join(checkpoint, "tokenizer.model")):
         path = os.path.join(checkpoint, "tokenizer.model")
     tok = load_tokenizer(path)
@@ -435,13 +489,16 @@ def add_sampling_flags(ap, max_new_tokens: int) -> None:
 @cli.command
 def main(argv: Sequence[str] | None = None) -> None:
     ap = cli.ArgumentParser(prog="python -m llama.generate", description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="model checkpoint directory (config.json + params/)")
+    ap.add_argument("--checkpoint", required=True, help="model checkpoint directory (config.json + params/), a "
+                    "training run, or a LoRA run / adapter checkpoint (with its base)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompt-file", help="a text file, one prompt per line (blank lines skipped)")
     ap.add_argument("--tokenizer", help="tokenizer file (default: DIR/tokenizer.model, else Llama 3's)")
     add_sampling_flags(ap, max_new_tokens=256)
     ap.add_argument("--quantize", choices=["int8"], help="weight-only int8 for the linear layers")
+    ap.add_argument("--lora", choices=LORA_MODES, default="merge", help="a LoRA run or adapter checkpoint: merge "
+                    "the adapters into the base at load (default) or apply them at runtime")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params and compute")
     ap.add_argument("--cache-dtype", choices=["float32", "bfloat16", "int8"],
                     help="KV cache dtype (default: the compute dtype); int8: one float32 scale per token and KV head")
@@ -461,7 +518,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_report_dir(a.report, a.checkpoint, a.tokenizer)  # before anything is loaded or generated
     texts = [a.prompt] if a.prompt is not None else read_prompts(a.prompt_file)
     tok = load_tokenizer_for(a.checkpoint, a.tokenizer)
-    cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype)
+    cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype,
+                                           lora_mode=a.lora)
     if a.attention_impl:
         cfg = cfg.replace(attention_impl=a.attention_impl)
     prompts = [tok.encode(t, bos=True) for t in texts]

@@ -11,8 +11,15 @@ Initialisation as PEFT's default (`LoraLayer.reset_lora_parameters`, init_lora_w
 kaiming-uniform with a=sqrt(5) over its fan-in (= U(-1/sqrt(fan_in), 1/sqrt(fan_in))), B is zero, so a fresh
 adapter leaves the model unchanged.
 
-Dropout on the adapter path is not supported yet (it needs an rng threaded through the layer scan): a
-LoraConfig with dropout > 0 is a ConfigError, so nothing trains silently without the dropout it asked for.
+Adapter dropout as PEFT's `Linear.forward`: lora_B(lora_A(dropout(x))) * scaling, i.e. inverted dropout (kept
+inputs scaled by 1/(1-p)) on the adapter's input only, the base matmul sees x unchanged. Only in training:
+`apply(..., key=k)` gives each wrapped weight one key per layer (`LoraWeight.key`, sliced by the layer scan);
+without a key (evaluation, generation, merge) there is no dropout. The trainer derives k from its seed, the step
+and the micro-batch (llama/train.py), so a run is deterministic and resumes exactly.
+
+`base_int8`: the trainer keeps the frozen base as int8 weights (llama/quant.py: per-channel symmetric, the
+scheme llama.generate --int8 serves), a QLoRA-like saving (QLoRA, Dettmers et al. 2023, uses 4-bit NF4; this is
+the project's int8). The adapters stay float32 and are trained against the int8 base's outputs.
 
 Adapter checkpoints (`save_adapters` / `load_adapters`): a directory D with D/config.json (the base model's
 ModelConfig), D/lora.json (the LoraConfig and the base it was trained on) and D/adapters/ (an Orbax PyTree of the
@@ -52,6 +59,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("wq", "wv")  # PEFT's default target_modules for Llama: q_proj, v_proj
+    base_int8: bool = False  # train against an int8 copy of the frozen base (module docstring)
 
     def __post_init__(self):
         if isinstance(self.targets, list):
@@ -61,9 +69,10 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.rank: {self.rank}; expected a positive integer")
         if not self.alpha > 0:
             raise ConfigError(f"LoraConfig.alpha: {self.alpha}; expected a positive number")
-        if self.dropout != 0:
-            raise ConfigError(f"LoraConfig.dropout: {self.dropout}; dropout on the adapter path is not supported "
-                              "yet (llama/lora.py); use 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoraConfig.dropout: {self.dropout}; expected a rate in [0, 1)")
+        if not isinstance(self.base_int8, bool):
+            raise ConfigError(f"LoraConfig.base_int8: {self.base_int8!r}; expected true or false")
         if not isinstance(self.targets, tuple) or not self.targets:
             raise ConfigError(f"LoraConfig.targets: {self.targets!r}; expected a non-empty tuple of {TARGETS}")
         bad = [t for t in self.targets if t not in N_IN]
@@ -117,12 +126,16 @@ def check_adapters(adapters, cfg: ModelConfig, lcfg: LoraConfig, where: str = "a
 
 
 # ----------------------------------------------------------------------------------------- apply, merge
-def apply(params: model.Params, adapters: dict, lcfg: LoraConfig) -> model.Params:
+def apply(params: model.Params, adapters: dict, lcfg: LoraConfig, key: jax.Array | None = None) -> model.Params:
     """params with each targeted layer weight wrapped as a LoraWeight; `model.forward` runs it as it is.
-    Differentiate a loss of `apply(params, adapters, lcfg)` w.r.t. `adapters` to train only the adapters."""
+    Differentiate a loss of `apply(params, adapters, lcfg)` w.r.t. `adapters` to train only the adapters.
+    `key` (a typed PRNG key, training only) turns on lcfg.dropout: one key per target and layer."""
     layers = dict(params["layers"])
-    for t, ab in adapters.items():
-        layers[t] = LoraWeight(layers[t], ab["a"], ab["b"], lcfg.scale)
+    for i, (t, ab) in enumerate(sorted(adapters.items())):
+        k = None
+        if key is not None and lcfg.dropout > 0:
+            k = jax.random.key_data(jax.random.split(jax.random.fold_in(key, i), ab["a"].shape[0]))  # [L, 2]
+        layers[t] = LoraWeight(layers[t], ab["a"], ab["b"], lcfg.scale, key=k, dropout=lcfg.dropout)
     return {**params, "layers": layers}
 
 

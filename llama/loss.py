@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama import model as llama_model
 from llama.config import ModelConfig
@@ -115,6 +116,10 @@ def _unembed_vjp(head, h, cfg: ModelConfig):
 
     return logits, pullback
 
+def _add_float(acc, d):
+    """Accumulates a head gradient; an int8 head's (a frozen LoRA base, lora.base_int8) has none (float0)."""
+    return acc + d if jnp.issubdtype(acc.dtype, jnp.floating) else acc
+
 
 def _scan_chunks(head, h, targets, mask, cfg: ModelConfig, z_loss: float, c: int, with_grads: bool):
     """Scans the chunks. Returns (loss_sum, nll_sum, z_sum) and, with_grads, the gradient of loss_sum with
@@ -141,7 +146,7 @@ def _scan_chunks(head, h, targets, mask, cfg: ModelConfig, z_loss: float, c: int
         dlogits = (e * (m_i * (1 + 2 * z_loss * logz) / total)[..., None] - onehot * m_i[..., None])
         d_head, d_h = pullback(dlogits)
         nll_sum, z_sum, g_head = carry
-        return (nll_sum + nll, z_sum + z, jax.tree.map(jnp.add, g_head, d_head)), d_h
+        return (nll_sum + nll, z_sum + z, jax.tree.map(_add_float, g_head, d_head)), d_h
 
     zero = jnp.float32(0)
     if not with_grads:
@@ -166,7 +171,10 @@ def _chunked_bwd(cfg, z_loss, c, grads, cotangents):
     g = cotangents[0]
     g_head, g_h = grads
     scale = lambda d: (d.astype(jnp.float32) * g).astype(d.dtype)  # noqa: E731  (g in float32: bf16 h stays exact)
-    return jax.tree.map(scale, g_head), scale(g_h), None, None
+    # an integer (int8) head leaf has no gradient: its cotangent is float0 zeros
+    no_grad = lambda d: np.zeros(d.shape, jax.dtypes.float0)  # noqa: E731
+    return (jax.tree.map(lambda d: scale(d) if jnp.issubdtype(d.dtype, jnp.floating) else no_grad(d), g_head),
+            scale(g_h), None, None)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -124,6 +124,10 @@ class LoraWeight:
     a: jax.Array
     b: jax.Array
     scale: float = dataclasses.field(metadata=dict(static=True))
+    # Adapter dropout (training only): raw PRNG key data (one key per layer while stacked) and the rate. None /
+    # 0 = no dropout, the eval and generation path.
+    key: Any = None
+    dropout: float = dataclasses.field(default=0.0, metadata=dict(static=True))
 
 
 def linear(eqn: str, x: jax.Array, w) -> jax.Array:
@@ -135,7 +139,11 @@ def linear(eqn: str, x: jax.Array, w) -> jax.Array:
         xs, ws = ins.split(",")
         w_in, w_out = "".join(a for a in ws if a in xs), "".join(a for a in ws if a not in xs)
         rest = "".join(a for a in xs if a not in ws)  # B, T
-        xa = jnp.einsum(f"{xs},{w_in}R->{rest}R", x, w.a.astype(x.dtype))
+        xd = x
+        if w.key is not None and w.dropout > 0:  # PEFT: lora_B(lora_A(dropout(x))) * scaling, inverted dropout
+            keep = jax.random.bernoulli(jax.random.wrap_key_data(w.key), 1.0 - w.dropout, x.shape)
+            xd = jnp.where(keep, x / jnp.asarray(1.0 - w.dropout, x.dtype), jnp.zeros((), x.dtype))
+        xa = jnp.einsum(f"{xs},{w_in}R->{rest}R", xd, w.a.astype(x.dtype))
         delta = jnp.einsum(f"{rest}R,R{w_out}->{out}", xa, w.b.astype(x.dtype))
         return linear(eqn, x, w.base) + (w.scale * delta).astype(x.dtype)
     if isinstance(w, QuantizedWeight):

@@ -356,12 +356,20 @@ class TrainState:
     base: Any = None
 
 
-def model_params(params, base, cfg: TrainConfig):
+def model_params(params, base, cfg: TrainConfig, key=None):
     """The parameters the model runs with: `params` itself, or with lora the base with the adapters applied
-    through model.linear (lora.apply: no merged copy)."""
+    through model.linear (lora.apply: no merged copy). `key` (training only) turns on lora.dropout."""
     from llama import lora
 
-    return params if cfg.lora is None else lora.apply(base, params, cfg.lora)
+    return params if cfg.lora is None else lora.apply(base, params, cfg.lora, key)
+
+
+def frozen_base(params, cfg: TrainConfig):
+    """The LoRA run's frozen base as the state holds it: the params, or int8 (llama/quant.py) with
+    lora.base_int8."""
+    from llama import quant
+
+    return quant.quantize_params(params) if cfg.lora is not None and cfg.lora.base_int8 else params
 
 
 def _objective(params, mb: dict, *, cfg: TrainConfig, n_tokens):
@@ -424,34 +432,39 @@ def _normalizers(batch: dict, cfg: TrainConfig) -> dict:
     return out
 
 
-def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None, ref_params=None, base=None):
+def compute_grads(params, batch: dict, *, cfg: TrainConfig, mesh=None, ref_params=None, base=None, key=None):
     """Gradient of the batch's mean loss (the objective's: `_objective` for pretrain and sft, `_dpo_objective`
     for dpo), accumulated over cfg.micro_batches with lax.scan (one code path: k = 1 is a scan of length one).
     With lora, `params` are the adapters and `base` the frozen base: the gradient is the adapters' only; the DPO
-    reference is then the base itself. Returns (float32 grads, summed metrics dict, normalizers dict)."""
+    reference is then the base itself (no dropout). `key`: the step's PRNG key for lora.dropout (folded with the
+    micro-batch index). Returns (float32 grads, summed metrics dict, normalizers dict)."""
     k = cfg.micro_batches
     micro = {name: _split_micro(jnp.asarray(batch[name]), k, mesh) for name in BATCH_KEYS}
     norms = _normalizers(batch, cfg)
     if cfg.objective == "dpo":
         ref = base if cfg.lora is not None and ref_params is None else ref_params
 
-        def fn(p, mb):
-            return _dpo_objective(model_params(p, base, cfg), mb, cfg=cfg, norms=norms, ref_params=ref)
+        def fn(p, mb, i):
+            return _dpo_objective(model_params(p, base, cfg, mb_key(i)), mb, cfg=cfg, norms=norms, ref_params=ref)
     else:
-        def fn(p, mb):
-            loss, (nll_sum, z_sum) = _objective(model_params(p, base, cfg), mb, cfg=cfg, n_tokens=norms["tokens"])
+        def fn(p, mb, i):
+            loss, (nll_sum, z_sum) = _objective(model_params(p, base, cfg, mb_key(i)), mb, cfg=cfg,
+                                                n_tokens=norms["tokens"])
             return loss, {"nll_sum": nll_sum, "z_sum": z_sum}
     grad_fn = jax.grad(fn, has_aux=True)
 
-    def one(carry, mb):
+    def mb_key(i):
+        return None if key is None else jax.random.fold_in(key, i)
+
+    def one(carry, xs):
         grads, sums = carry
-        g, s = grad_fn(params, mb)
+        g, s = grad_fn(params, *xs)
         return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s)), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    shapes = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], micro))[1]
+    shapes = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], micro), jnp.int32(0))[1]
     sums0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-    (grads, sums), _ = jax.lax.scan(one, (zeros, sums0), micro)
+    (grads, sums), _ = jax.lax.scan(one, (zeros, sums0), (micro, jnp.arange(k, dtype=jnp.int32)))
     return grads, sums, norms
 
 
@@ -470,8 +483,11 @@ def objective_metrics(sums: dict, norms: dict, cfg: TrainConfig) -> dict:
 def train_step(state: TrainState, batch: dict, *, cfg: TrainConfig, tx: optax.GradientTransformation,
                mesh=None) -> tuple[TrainState, dict]:
     """One optimizer step: accumulated gradients, global-norm clipping and AdamW (both inside `tx`)."""
+    # lora.dropout's key: a function of the seed and the step only, so resumed runs draw the same masks.
+    key = (jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+           if cfg.lora is not None and cfg.lora.dropout > 0 else None)
     grads, sums, norms = compute_grads(state.params, batch, cfg=cfg, mesh=mesh, ref_params=state.ref_params,
-                                       base=state.base)
+                                       base=state.base, key=key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = objective_metrics(sums, norms, cfg) | {
@@ -482,7 +498,7 @@ def train_step(state: TrainState, batch: dict, *, cfg: TrainConfig, tx: optax.Gr
 
 def state_shardings(cfg: TrainConfig, mesh) -> TrainState:
     """The TrainState's NamedShardings, derived from sharding.rules (see the module docstring)."""
-    from llama import lora
+    from llama import lora, quant
 
     tx = optim.make_optimizer(cfg.optimizer)
     p_sh = param_shardings(llama_model.param_specs(cfg.model), mesh)
@@ -494,7 +510,8 @@ def state_shardings(cfg: TrainConfig, mesh) -> TrainState:
                                    is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     return TrainState(step=replicated(mesh), params=t_sh, opt_state=opt_sh, rng=replicated(mesh),
                       ref_params=p_sh if cfg.objective == "dpo" and cfg.lora is None else None,
-                      base=p_sh if cfg.lora is not None else None)
+                      base=None if cfg.lora is None else param_shardings(quant.quantized_specs(cfg.model), mesh)
+                      if cfg.lora.base_int8 else p_sh)
 
 
 def _init_state(cfg: TrainConfig, tx, seed: int, params=None) -> TrainState:
@@ -506,7 +523,7 @@ def _init_state(cfg: TrainConfig, tx, seed: int, params=None) -> TrainState:
     if cfg.lora is not None:
         from llama import lora
 
-        base, params = params, lora.init_adapters(cfg.model, cfg.lora, jax.random.fold_in(params_key, 1))
+        base, params = frozen_base(params, cfg), lora.init_adapters(cfg.model, cfg.lora, jax.random.fold_in(params_key, 1))
     # DPO's reference: its own buffers (the state is donated); with lora the frozen base is the reference.
     ref = jax.tree.map(jnp.copy, params) if cfg.objective == "dpo" and cfg.lora is None else None
     return TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(rng_key), ref, base)
@@ -857,8 +874,9 @@ def main(argv=None) -> int:
             data.set_state(data_state)
         say(f"resuming {out} from step {start}")
     if cfg.lora is not None and start is not None:  # the frozen base is not checkpointed: reload it
-        state = dataclasses.replace(state, base=load_init_params(cfg.init_from, cfg, mesh) if cfg.init_from
-                                    else init_fn(cfg.seed).base)
+        state = dataclasses.replace(state, base=jax.jit(functools.partial(frozen_base, cfg=cfg),
+                                                        out_shardings=state_shardings(cfg, mesh).base)(
+            load_init_params(cfg.init_from, cfg, mesh)) if cfg.init_from else init_fn(cfg.seed).base)
     if cfg.objective == "dpo" and cfg.lora is None and (cfg.dpo.reference or start is not None):
         # The frozen reference: dpo.reference, else the starting policy (reloaded on resume: not checkpointed).
         src = cfg.dpo.reference or cfg.init_from

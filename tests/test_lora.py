@@ -119,8 +119,8 @@ def test_bad_configs_and_inputs_are_clear_errors(tmp_path, capsys):
         lora.LoraConfig(rank=0)
     with pytest.raises(ConfigError, match=r"LoraConfig.rank=2.5 .*expected an integer"):
         lora.LoraConfig(rank=2.5)
-    with pytest.raises(ConfigError, match=r"LoraConfig.dropout: 0.1; dropout .* not supported yet"):
-        lora.LoraConfig(dropout=0.1)
+    with pytest.raises(ConfigError, match=r"LoraConfig.dropout: 1.0; expected a rate in \[0, 1\)"):
+        lora.LoraConfig(dropout=1.0)
     with pytest.raises(ConfigError, match=r"adapters: adapter shapes"):
         lora.save_adapters(str(tmp_path / "x"), CFG, lora.LoraConfig(rank=2, targets=lora.TARGETS), random_adapters())
     assert not (tmp_path / "x").exists()
@@ -160,3 +160,59 @@ def test_peft_export_is_atomic_and_overwrites_only_a_peft_adapter(tmp_path, caps
     assert len(header) == 2 * len(lora.TARGETS) * CFG.n_layers
     assert header["base_model.model.model.layers.1.self_attn.o_proj.lora_A.weight"].shape == (4, CFG.n_heads * CFG.head_dim)
     assert header["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (CFG.dim, 4)
+
+
+@pytest.mark.slow
+def test_generate_and_chat_on_a_lora_run_merged_and_at_runtime(tmp_path, capsys):
+    """`llama.generate --checkpoint RUN` on a LoRA run (RUN/adapters, as llama/train.py writes it, recording its
+    base): --lora merge and --lora runtime give the same greedy ids as generation from the merged export saved as a
+    plain model checkpoint, and differ from the base's (the adapters matter). `llama.chat` runs on it both ways."""
+    import io
+
+    from llama import chat
+    from llama import generate as G
+    from llama.convert import load_llama2c
+    from llama.tokenizer import load_tokenizer
+    from tests.conftest import require_shared
+
+    cfg, params = load_llama2c(str(require_shared("assets", "llama2c_stories260K", "stories260K.bin")))
+    tok = str(require_shared("assets", "llama2c_stories260K", "tok512.model"))
+    lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))
+    ad = random_adapters(cfg, lcfg)
+    base = save_model(str(tmp_path / "base"), cfg, params)
+    lora.save_adapters(str(tmp_path / "run" / "adapters"), cfg, lcfg, jax.device_get(ad), base=base)
+    merged = save_model(str(tmp_path / "merged"), cfg, lora.merge(params, ad, lcfg))
+
+    def ids(ckpt, *extra):
+        G.main(["--checkpoint", ckpt, "--tokenizer", tok, "--prompt", "Once upon a time", "--temperature", "0",
+                "--max-new-tokens", "30", "--json-ids", *extra])
+        return json.loads(capsys.readouterr().out.strip().splitlines()[0])["ids"]
+
+    want = ids(merged)
+    assert ids(str(tmp_path / "run")) == want
+    assert ids(str(tmp_path / "run"), "--lora", "runtime") == want
+    assert ids(str(tmp_path / "run" / "adapters"), "--lora", "runtime") == want
+    assert ids(base) != want
+    prompt = load_tokenizer(tok).encode("Once upon a time", bos=True)
+    _, p_rt, _ = G.load_for_inference(str(tmp_path / "run"), lora_mode="runtime")
+    assert isinstance(p_rt["layers"]["wq"], model.LoraWeight)
+    assert G.generate(p_rt, [prompt], cfg=cfg, max_new_tokens=30).tokens[0] == want
+
+    # chat needs the Llama 3 tokenizer: a tiny random model with its vocabulary, adapters on top
+    tok3 = str(require_shared("assets", "llama3_tokenizer", "tokenizer.model"))
+    cfg3 = TINY.replace(vocab_size=128256, dim=32, tie_embeddings=True, bos_id=128000, eos_ids=(128001, 128008, 128009))
+    p3 = model.init_params(cfg3, jax.random.key(9))
+    base3 = save_model(str(tmp_path / "base3"), cfg3, p3)
+    lora.save_adapters(str(tmp_path / "run3" / "adapters"), cfg3, lcfg, jax.device_get(random_adapters(cfg3, lcfg)),
+                       base=base3)
+    for mode in G.LORA_MODES:
+        stdout = io.StringIO()
+        chat.main(["--checkpoint", str(tmp_path / "run3"), "--tokenizer", tok3, "--max-new-tokens", "5",
+                   "--temperature", "0", "--lora", mode], stdin=io.StringIO("Hi there\n/exit\n"), stdout=stdout)
+        assert stdout.getvalue().count(">>> ") == 2
+    # an adapter checkpoint without a recorded base is a clear error
+    lora.save_adapters(str(tmp_path / "nobase"), cfg, lcfg, jax.device_get(ad), base=None)
+    from llama.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="records no base checkpoint"):
+        G.load_for_inference(str(tmp_path / "nobase"))

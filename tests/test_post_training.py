@@ -72,6 +72,35 @@ def test_dpo_loss_closed_form():
     np.testing.assert_allclose(loss, 0.75 * math.log1p(math.exp(-1)) + 0.25 * math.log1p(math.e), rtol=1e-6)
 
 
+def test_dpo_loss_torchtunes_published_case():
+    """torchtune's DPO unit test, transcribed: pytorch/torchtune tests/torchtune/rlhf/loss/test_dpo_loss.py
+    (commit 20fe62216f89923b453848db5d5c5cfc7244ca14), `TestDPOLosses.test_dpo_loss`: beta 0.1, no label
+    smoothing; policy/reference log-ratio differences [0, 10, 20] -> scaled logits [0, 1, 2], losses
+    -log(1 / (1 + exp(-[0, 1, 2]))), checked there at atol 1e-4, rtol 1e-5 (kept here)."""
+    pc, pr = jnp.array([-0.5, -10.0, -1.0]), jnp.array([-0.1, -30.0, -21.0])
+    rc, rr = jnp.array([-0.5, -10.1, -0.1]), jnp.array([-0.1, -20.1, -0.1])
+    losses, _, _ = llama_loss.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0)
+    expected = -np.log(1 / (1 + np.exp([0.0, -1.0, -2.0])))
+    np.testing.assert_allclose(losses, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_dpo_loss_tunix_published_case():
+    """Tunix's DPO loss unit test, transcribed: google/tunix tests/sft/dpo/dpo_trainer_test.py (commit
+    35bed91da7b9c2faa981c5f6e5c8c80a7441354d), `test_dpo_loss_fn`: np.random.seed(0); per-token policy log-probs
+    N(0, 5) of shape [8, 4] (rows 0-3 chosen, 4-7 rejected, completion mask all ones), reference sequence
+    log-probs N(0, 5) [8, 4] summed over tokens; beta 0.1: mean loss 0.753059 with label_smoothing 0 and
+    0.925447 with 0.3 (conservative DPO), at atol 1e-5 as there."""
+    np.random.seed(0)
+    per_token = np.random.normal(0, 5, size=(8, 4))
+    ref = np.random.normal(0, 5, size=(8, 4)).sum(axis=-1)
+    pol = per_token.sum(axis=-1)
+    for ls, want in ((0.0, 0.753059), (0.3, 0.925447)):
+        losses, _, _ = llama_loss.dpo_loss(jnp.asarray(pol[:4], jnp.float32), jnp.asarray(pol[4:], jnp.float32),
+                                           jnp.asarray(ref[:4], jnp.float32), jnp.asarray(ref[4:], jnp.float32),
+                                           beta=0.1, label_smoothing=ls)
+        np.testing.assert_allclose(float(jnp.mean(losses)), want, atol=1e-5)
+
+
 def test_pair_sums_by_hand():
     x = jnp.arange(1.0, 9.0).reshape(1, 8)
     seg = jnp.asarray([[1, 1, 2, 3, 3, 4, 0, 0]])
@@ -375,6 +404,131 @@ def test_lora_state_trains_and_stores_only_adapters():
     assert np.abs(np.asarray(s1.params["wq"]["b"])).max() > 0
 
 
+def _lora_step_inputs(lcfg, seed=0):
+    """A LoRA TrainConfig, its step-0 state with nonzero B (so the adapter path matters), and a batch."""
+    from llama import lora, optim
+    from llama.train import _init_state
+
+    cfg = TrainConfig(model=CFG, lora=lcfg, batch_size=2, seq_len=16, micro_batches=2)
+    tx = optim.make_optimizer(cfg.optimizer.replace(warmup_steps=0))
+    s0 = _init_state(cfg, tx, seed, random_params())
+    ad = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(7), x.shape), s0.params)
+    s0 = s0.__class__(s0.step, ad, tx.init(ad), s0.rng, s0.ref_params, s0.base)
+    toks = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 17)).astype(np.int32)
+    batch = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((2, 16), np.int32),
+             "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)), "loss_mask": np.ones((2, 16), np.float32)}
+    return cfg, tx, s0, batch
+
+
+@pytest.mark.slow
+def test_lora_dropout_trains_with_the_steps_key_and_evaluates_without():
+    """lora.dropout: 0 leaves the step bit for bit as without a key; > 0 changes the step's loss and gradients,
+    deterministically (same state -> same step), and differs between steps (the key folds the step in); the
+    eval/generation params (`model_params` without a key) carry no dropout."""
+    from llama import lora
+    from llama.train import model_params, train_step
+
+    lc0 = lora.LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"))
+    cfg0, tx, s0, batch = _lora_step_inputs(lc0)
+    step0 = jax.jit(lambda s, b: train_step(s, b, cfg=cfg0, tx=tx))
+    g_nokey = compute_grads(s0.params, batch, cfg=cfg0, base=s0.base)[0]
+    g_key = compute_grads(s0.params, batch, cfg=cfg0, base=s0.base, key=jax.random.key(1))[0]
+    jax.tree.map(np.testing.assert_array_equal, g_key, g_nokey)  # rate 0: the key changes nothing
+    _, m0 = step0(s0, batch)
+
+    lc = lc0.__class__(**{**lc0.to_dict(), "targets": lc0.targets, "dropout": 0.5})
+    cfg = cfg0.replace(lora=lc)
+    step = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, tx=tx))
+    (s1, m1), (s1b, m1b) = step(s0, batch), step(s0, batch)
+    assert abs(float(m1["loss"]) - float(m0["loss"])) > 1e-4  # the adapter path saw dropped inputs
+    np.testing.assert_array_equal(m1["loss"], m1b["loss"])  # deterministic given the seed
+    jax.tree.map(np.testing.assert_array_equal, s1.params, s1b.params)
+    s_next = s0.__class__(s0.step + 1, s0.params, s0.opt_state, s0.rng, None, s0.base)
+    assert float(step(s_next, batch)[1]["loss"]) != float(m1["loss"])  # another step, other masks
+    # evaluation: no key -> no dropout, equal to rate 0 bit for bit
+    for t, w in model_params(s0.params, s0.base, cfg)["layers"].items():
+        assert not isinstance(w, model.LoraWeight) or w.key is None
+    h = lambda p: model.forward(p, jnp.asarray(batch["tokens"]), cfg=CFG)
+    np.testing.assert_array_equal(h(model_params(s0.params, s0.base, cfg)), h(model_params(s0.params, s0.base, cfg0)))
+
+
+def test_lora_dropout_is_pefts_formula_by_hand():
+    """One projection, by hand: y = x W + (dropout(x) A B) * alpha / r with inverted dropout (kept inputs
+    scaled by 1/(1-p)), PEFT's `lora.Linear.forward` (result + lora_B(lora_A(dropout(x))) * scaling). PEFT's
+    own layer is run with its dropout module replaced by ours (torch's RNG cannot draw JAX's mask), which checks
+    where the dropout sits: on the adapter input only, not on the base path or the output."""
+    import torch
+    from peft import LoraConfig as PeftConfig, get_peft_model
+
+    p, r, alpha = 0.3, 2, 6.0
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    w, a, b = (rng.standard_normal(s).astype(np.float32) for s in ((8, 6), (8, r), (r, 6)))
+    key = jax.random.key_data(jax.random.key(3))
+    ours = model.linear("BTD,DF->BTF", jnp.asarray(x), model.LoraWeight(jnp.asarray(w), jnp.asarray(a),
+                                                                         jnp.asarray(b), alpha / r, key=key, dropout=p))
+    keep = np.asarray(jax.random.bernoulli(jax.random.wrap_key_data(key), 1 - p, x.shape))
+    assert 0 < keep.mean() < 1
+    xd = np.where(keep, x / (1 - p), 0)
+    np.testing.assert_allclose(ours, x @ w + (xd @ a @ b) * alpha / r, rtol=1e-5, atol=1e-5)
+
+    class Masked(torch.nn.Module):  # PEFT's lora_dropout slot, with our mask
+        def forward(self, t):
+            return t * torch.from_numpy(keep.astype(np.float32)) / (1 - p)
+
+    base = torch.nn.Sequential()
+    base.add_module("proj", torch.nn.Linear(8, 6, bias=False))
+    base.proj.weight.data = torch.from_numpy(w.T.copy())
+    pm = get_peft_model(base, PeftConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=["proj"]))
+    layer = pm.base_model.model.proj
+    layer.lora_A["default"].weight.data = torch.from_numpy(a.T.copy())
+    layer.lora_B["default"].weight.data = torch.from_numpy(b.T.copy())
+    layer.lora_dropout["default"] = Masked()
+    pm.train()
+    with torch.no_grad():
+        np.testing.assert_allclose(ours, pm(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_lora_int8_base_trains_adapters_only_against_the_int8_base():
+    """lora.base_int8: the state's base is int8 (QuantizedWeight) and stays so after a step, bit for bit;
+    parameters, gradients and AdamW moments are adapter-sized; the step's loss and gradients equal those of the
+    same LoRA on the dequantized base (q * s) within 1e-5: (x q) s and x (q s) differ by float32 summation order
+    only. Against the original float base the loss moves by the int8 rounding, at most ~ max|w|/254 per weight."""
+    from jax.sharding import AbstractMesh
+
+    from llama import lora, quant
+    from llama.train import abstract_state, train_step
+
+    lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down"), base_int8=True)
+    cfg, tx, s0, batch = _lora_step_inputs(lcfg)
+    mesh = AbstractMesh((1, 1, 1, 1), ("data", "fsdp", "tensor", "context"))
+    abstract = abstract_state(cfg, mesh)
+    assert isinstance(abstract.base["layers"]["wq"], model.QuantizedWeight)
+    assert abstract.base["layers"]["wq"].q.dtype == jnp.int8 and s0.base["layers"]["w_up"].q.dtype == jnp.int8
+    adapter_shapes = {s.shape for s in jax.tree.leaves(lora.adapter_specs(CFG, lcfg), is_leaf=model.is_spec)}
+    assert {x.shape for x in jax.tree.leaves(abstract.params)} == adapter_shapes
+    assert {x.shape for x in jax.tree.leaves(abstract.opt_state) if x.ndim} == adapter_shapes
+
+    s1, m = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, tx=tx))(s0, batch)
+    jax.tree.map(np.testing.assert_array_equal, s1.base, s0.base)
+    assert s1.base["layers"]["wq"].q.dtype == jnp.int8
+    g8, sums8, norms = compute_grads(s0.params, batch, cfg=cfg, base=s0.base)
+    assert {x.shape for x in jax.tree.leaves(g8)} == adapter_shapes
+
+    deq = jax.tree.map(lambda w: quant.dequantize(w) if isinstance(w, model.QuantizedWeight) else w, s0.base,
+                       is_leaf=lambda w: isinstance(w, model.QuantizedWeight))
+    fcfg = cfg.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w_down")))
+    gd, sumsd, _ = compute_grads(s0.params, batch, cfg=fcfg, base=deq)
+    loss8, lossd = objective_metrics(sums8, norms, cfg)["loss"], objective_metrics(sumsd, norms, fcfg)["loss"]
+    np.testing.assert_allclose(loss8, lossd, rtol=TOL)
+    np.testing.assert_allclose(m["loss"], lossd, rtol=TOL)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=TOL * np.abs(y).max(), rtol=0), g8, gd)
+    _, sumsf, _ = compute_grads(s0.params, batch, cfg=fcfg, base=random_params())
+    lossf = objective_metrics(sumsf, norms, fcfg)["loss"]
+    assert 0 < abs(float(loss8) - float(lossf)) < 0.05 * float(lossf)  # int8 rounding moves it, a little
+
+
 @pytest.mark.slow
 def test_lora_sft_resume_and_dpo_starts_at_ln2(tmp_path):
     """LoRA SFT through `python -m llama.train`: 4 steps straight == 2 + resume + 2 (the base is rebuilt from the
@@ -393,6 +547,19 @@ def test_lora_sft_resume_and_dpo_starts_at_ln2(tmp_path):
     assert la == {s: r["loss"] for s, r in metrics_by_step(b).items()} and la[4] < la[1]
     _, lcfg, ad, _ = lora.load_adapters(os.path.join(a, "adapters"))
     assert lcfg.rank == 4 and set(ad) == {"wq", "wv"}
+    # int8 base from init_from (re-read and re-quantized on resume) with adapter dropout: resume is exact too
+    from llama.checkpoint import save_model
+
+    init = save_model(str(tmp_path / "init"), TINY.replace(vocab_size=512, max_seq_len=1024),
+                      model.init_params(TINY.replace(vocab_size=512, max_seq_len=1024), jax.random.key(4)))
+    lo8 = ["--set", "lora={'rank': 4, 'alpha': 8.0, 'targets': ('wq', 'wv'), 'dropout': 0.1, 'base_int8': True}",
+           f"init_from={init}"]
+    d, e = str(tmp_path / "d"), str(tmp_path / "e")
+    assert main(["--config", exp, "--out", d, *lo8]) == 0
+    assert main(["--config", exp, "--out", e, *lo8, "steps=2"]) == 0
+    assert main(["--config", exp, "--out", e, *lo8]) == 0
+    ld = {s: r["loss"] for s, r in metrics_by_step(d).items()}
+    assert ld == {s: r["loss"] for s, r in metrics_by_step(e).items()} and ld[4] < ld[1]
     exp = write_experiment(tmp_path, "dpo", write_rows(tmp_path, "preference"), steps=1)
     c = str(tmp_path / "c")
     assert main(["--config", exp, "--out", c, "--set", lo]) == 0
