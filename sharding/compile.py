@@ -212,12 +212,23 @@ def _prefill_inputs(cfg, mesh, case: Case):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=rules.fitted_sharding(
             mesh, ("batch",) + (None,) * (len(shape) - 1), shape))
 
+    # The prompt in passes of at most generate.PREFILL_CHUNK tokens, by `generate._prepare`'s rule (equal chunks
+    # rounded up to its BUCKET, the prompt padded to n of them), as `llama.generate` runs it by default and the
+    # planner plans it. Compiling one whole-prompt pass instead made XLA's 8B prefill temp 2.55x the planner's
+    # (the [1, 8192, ...] activations of one pass over 8K tokens against the planner's 4K; docs/sharding.md).
+    chunk = None
+    if generate.PREFILL_CHUNK < T:
+        n = -(-T // generate.PREFILL_CHUNK)
+        per_pass = -(-T // n)
+        chunk = -(-per_pass // generate.BUCKET) * generate.BUCKET
+        T = n * chunk
     key = jax.eval_shape(lambda: jax.random.key(0))
     args = (params, batch_arg((B, T), jnp.int32), batch_arg((B,), jnp.int32), batch_arg((B,), jnp.int32),
             batch_arg((B, len(cfg.eos_ids)), jnp.int32), jax.ShapeDtypeStruct(key.shape, key.dtype,
                                                                              sharding=rules.replicated(mesh)))
-    static = dict(cfg=cfg, sampling=SamplingConfig(), max_new=case.max_new, cache_len=case.seq_len,
-                  cache_sharding=generate.cache_sharding(cfg, mesh, B, case.seq_len), cache_dtype=case.cache_dtype)
+    static = dict(cfg=cfg, sampling=SamplingConfig(), max_new=case.max_new, cache_len=max(case.seq_len, T),
+                  cache_sharding=generate.cache_sharding(cfg, mesh, B, max(case.seq_len, T)),
+                  cache_dtype=case.cache_dtype, chunk=chunk)
     return args, static
 
 
@@ -280,6 +291,10 @@ def memory(compiled) -> dict[str, int]:
     out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp",
                                                                   "generated_code")}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    # XLA's own peak of live buffers (the buffer assignment's heap with the arguments), where the backend reports
+    # it: with tensor > 2 the TPU compiler's temp_size exceeds peak - arguments by about one float32 copy of the
+    # layer weights (docs/sharding.md, "Where XLA's temp exceeds its own peak")
+    out["peak"] = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)
     return out
 
 
