@@ -291,9 +291,10 @@ def memory(compiled) -> dict[str, int]:
     out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp",
                                                                   "generated_code")}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    # XLA's own peak of live buffers (the buffer assignment's heap with the arguments), where the backend reports
-    # it: with tensor > 2 the TPU compiler's temp_size exceeds peak - arguments by about one float32 copy of the
-    # layer weights (docs/sharding.md, "Where XLA's temp exceeds its own peak")
+    # XLA's own peak of live buffers (the buffer assignment's heap with the arguments and outputs), where the
+    # backend reports it: in training steps the TPU compiler's temp_size exceeds peak - arguments by about one
+    # float32 copy of the parameters, a reservation no buffer in its dumped assignment accounts for
+    # (docs/sharding.md, "Where XLA still differs")
     out["peak"] = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)
     return out
 
