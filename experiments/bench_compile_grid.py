@@ -6,7 +6,8 @@
 Each case is one `python -m sharding.compile ... --json` in its own process (a big model's compile holds a few GB
 of host memory; a case that runs out of time is recorded as such). Results: OUT/<case>.json, and OUT/table.md
 with per-chip XLA memory (arguments, outputs - aliased, temp, total), the planner's total and the ratio of each
-component, HBM fit, compile time and collectives. Needs libtpu (requirements-tpu.txt).
+component, XLA's peak of live buffers less arguments and outputs ("peak temp", from `peak_memory_in_bytes`: its
+buffer assignment's heap, smaller than `temp` with big layer stacks; docs/sharding.md), HBM fit, compile time and collectives. Needs libtpu (requirements-tpu.txt).
 """
 
 from __future__ import annotations
@@ -96,25 +97,29 @@ def replan(r: dict) -> dict:
 def table(results: list[dict]) -> str:
     gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
     rows = ["| case | mesh (chips) | XLA args | XLA out - alias | XLA temp | XLA total | planner total | "
-            "ratio args / temp / total | HBM GiB | fits | compile s | all-gather / reduce-scatter / all-reduce / "
-            "all-to-all / permute |", "|" + "---|" * 12]
+            "ratio args / temp / total | XLA peak temp (ratio to planner temp) | HBM GiB | fits | compile s | "
+            "all-gather / reduce-scatter / all-reduce / all-to-all / permute |", "|" + "---|" * 13]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['case']} | | | | | | | | | {r['error']} | | |")
+            rows.append(f"| {r['case']} | | | | | | | | | | {r['error']} | | |")
             continue
         if r["xla"] is None:  # XLA's TPU compiler refused: it does not fit
             oom, mesh = r["xla_out_of_memory"], ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
             need = (f"needs {oom['required_bytes'] / 1e9:.1f} GB {oom['what']}" if "required_bytes" in oom
                     else oom["message"])
-            rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | | | | XLA: {need} | {gb(r['planner']['total'])} | | "
+            rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | | | | XLA: {need} | {gb(r['planner']['total'])} | | | "
                         f"{r['hbm_bytes'] / 2**30:.0f} | NO | {r['compile_s']:.0f} | |")
             continue
         x, p, c = r["xla"], r["planner"], r["collectives"]
         ratio = lambda k: f"{x[k] / p[k]:.2f}" if p[k] else "-"  # noqa: E731
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
+        # XLA's own peak of live buffers less the arguments and the outputs not aliased to them: the temporaries
+        # of its buffer assignment (results recorded before sharding.compile kept peak_memory_in_bytes have none)
+        live = x.get("peak", 0) - x["argument"] - (x["output"] - x["alias"])
+        heap = f"{gb(live)} ({live / p['temp']:.2f})" if x.get("peak") else ""
         rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | {gb(x['argument'])} | {gb(x['output'] - x['alias'])} | "
                     f"{gb(x['temp'])} | {gb(x['total'])} | {gb(p['total'])} | {ratio('argument')} / {ratio('temp')} / "
-                    f"{ratio('total')} | {r['hbm_bytes'] / 2**30:.0f} | "
+                    f"{ratio('total')} | {heap} | {r['hbm_bytes'] / 2**30:.0f} | "
                     f"{'yes' if r['fits'] else 'NO'} | "
                     f"{r['compile_s']:.0f} | {' / '.join(str(c[k]) for k in c)} |")
     return "\n".join(rows)

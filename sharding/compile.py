@@ -212,12 +212,23 @@ def _prefill_inputs(cfg, mesh, case: Case):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=rules.fitted_sharding(
             mesh, ("batch",) + (None,) * (len(shape) - 1), shape))
 
+    # The prompt in passes of at most generate.PREFILL_CHUNK tokens, by `generate._prepare`'s rule (equal chunks
+    # rounded up to its BUCKET, the prompt padded to n of them), as `llama.generate` runs it by default and the
+    # planner plans it. Compiling one whole-prompt pass instead made XLA's 8B prefill temp 2.55x the planner's
+    # (the [1, 8192, ...] activations of one pass over 8K tokens against the planner's 4K; docs/sharding.md).
+    chunk = None
+    if generate.PREFILL_CHUNK < T:
+        n = -(-T // generate.PREFILL_CHUNK)
+        per_pass = -(-T // n)
+        chunk = -(-per_pass // generate.BUCKET) * generate.BUCKET
+        T = n * chunk
     key = jax.eval_shape(lambda: jax.random.key(0))
     args = (params, batch_arg((B, T), jnp.int32), batch_arg((B,), jnp.int32), batch_arg((B,), jnp.int32),
             batch_arg((B, len(cfg.eos_ids)), jnp.int32), jax.ShapeDtypeStruct(key.shape, key.dtype,
                                                                              sharding=rules.replicated(mesh)))
-    static = dict(cfg=cfg, sampling=SamplingConfig(), max_new=case.max_new, cache_len=case.seq_len,
-                  cache_sharding=generate.cache_sharding(cfg, mesh, B, case.seq_len), cache_dtype=case.cache_dtype)
+    static = dict(cfg=cfg, sampling=SamplingConfig(), max_new=case.max_new, cache_len=max(case.seq_len, T),
+                  cache_sharding=generate.cache_sharding(cfg, mesh, B, max(case.seq_len, T)),
+                  cache_dtype=case.cache_dtype, chunk=chunk)
     return args, static
 
 
@@ -280,6 +291,11 @@ def memory(compiled) -> dict[str, int]:
     out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp",
                                                                   "generated_code")}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    # XLA's own peak of live buffers (the buffer assignment's heap with the arguments and outputs), where the
+    # backend reports it: in training steps the TPU compiler's temp_size exceeds peak - arguments by about one
+    # float32 copy of the parameters, a reservation no buffer in its dumped assignment accounts for
+    # (docs/sharding.md, "Where XLA still differs")
+    out["peak"] = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)
     return out
 
 
@@ -304,8 +320,18 @@ def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float
         out |= {"argument": state, "output": state, "alias": state,
                 "temp": p.grads_bytes + p.update_bytes + p.activations_bytes + p.gathered_bytes}
     elif case.mode == "prefill":  # the cache is created inside and returned
+        # XLA's layout copies around the loop over prefill passes (buffer assignment of the 8B prefill on v5e:2x2,
+        # tensor=4, 2026-12-04; docs/sharding.md): the cache is carried in a layout other than the returned one,
+        # so a second cache-sized buffer (as in the decode loop below), and the stacked wq, wk and wv are copied
+        # once, before the loop, into the layout the loop body's matmuls read (bf16[32,4096,8,128]{3,2,1,0} ->
+        # {1,3,2,0}). Measured 0.27 + 0.40 of the 0.72 GB temp; the pass's own activations are the rest.
+        sizes = mesh_cfg.shape(n)
+        layers = P.model.param_specs(cfg)["layers"]
+        w = 1 if case.quantize == "int8" else P._BYTES[cfg.compute_dtype]
+        relayout = P.sharded_bytes({k: layers[k] for k in ("wq", "wk", "wv")}, sizes, lambda path, s: w)
+        out["relayout"] = relayout
         out |= {"argument": p.params_bytes, "output": p.kv_cache_bytes, "alias": 0.0,
-                "temp": p.activations_bytes + p.gathered_bytes}
+                "temp": p.activations_bytes + p.gathered_bytes + p.kv_cache_bytes + relayout}
     else:  # decode: the cache comes in donated and goes out aliased; one token per row per step
         sizes = mesh_cfg.shape(n)
         dp = sizes["data"] * sizes["fsdp"]
@@ -445,7 +471,7 @@ def format_result(r: dict) -> str:
     if r["mode"] != "training":
         what += f", {r['quantize'] or r['compute_dtype']} weights, {r['cache_dtype'] or r['compute_dtype']} cache"
     parts = {"training": ("params + optimizer state", "the new state", "grads + update + activations + gathers"),
-             "prefill": ("params", "KV cache", "activations + FSDP gathers"),
+             "prefill": ("params", "KV cache", "activations + FSDP gathers + a cache copy + q/k/v relayout"),
              "decode": ("params + KV cache", "the new KV cache", "a cache copy + one step's activations + gathers")}
     pa, po, pt = parts[r["mode"]]
     mem = f", {r['hbm_bytes'] / 2**30:.0f} GiB HBM each" if r["hbm_bytes"] else ""

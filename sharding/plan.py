@@ -54,7 +54,8 @@ weights that take part in matmuls (every parameter but the embedding gather and 
 projection) and the second term is attention's QK^T and AV (forward 4*L*N*H*T, times 3 with the backward),
 counted over the full T x T square as the xla path computes it. The Llama 3 paper's 3.8e25 for 405B on 15.6T
 tokens is 6*P*D alone (3.78e25); the attention term adds 8% at T = 8192. Device-hours = FLOPs / (MFU * peak *
-3600), peak = dense bf16 (H100 SXM: 989 TFLOP/s).
+3600), peak = dense bf16 (H100 SXM: 989 TFLOP/s). LoRA (`lora=`): 4*P + 6*P_adapters + 12*L*(N*H)*T per token, the
+frozen base's weight gradients skipped (`lora_train_flops_per_token`; Hu et al. 2021, section 4.2).
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ class Plan:
     kv_cache_bytes: float
     gathered_bytes: float  # FSDP: weights all-gathered for use (and their float32 gradients in training)
     device_memory: float
-    flops_per_token: float = 0.0  # 6P + attention
-    flops_6p_per_token: float = 0.0  # 6P alone (the Llama 3 paper's convention)
+    flops_per_token: float = 0.0  # 6P + attention (LoRA: 4P + 6P_adapters + attention)
+    flops_6p_per_token: float = 0.0  # the weights' term alone: 6P (the Llama 3 paper's convention); LoRA 4P + 6P_a
     tokens: float = 0.0
     mfu: float = 0.0
     peak_flops: float = H100_BF16_PEAK
@@ -167,6 +168,26 @@ def weights_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, quantize: 
     if quantize:
         raise ValueError(f"--quantize {quantize!r}: only int8 is implemented (llama.quant)")
     return sharded_bytes(model.param_specs(cfg), sizes, lambda p, s: a)
+
+
+def lora_train_flops_per_token(cfg: ModelConfig, seq_len: int, lora) -> float:
+    """Model FLOPs to train LoRA adapters (`llama.lora.LoraConfig`) on one token: 4*P + 6*P_a + 12*L*N*H*T.
+
+    A matmul with W of P weights costs 2P per token forward, 2P backward for its input gradient and 2P backward
+    for its weight gradient (PaLM appendix B's 6P). The base is frozen, so its weight gradients are never formed
+    (jax.grad is taken with respect to the adapters only, llama/lora.py): 2P + 2P for every base weight, the output
+    layer included (the hidden-state gradient still flows through it). Each adapter (x A B, P_a = its A and B
+    elements) is trained, so 6 P_a. Attention's QK^T and AV have no weights: their backward is unchanged (the 12
+    L N H T term). Hu et al. 2021 (LoRA, section 4.2, "Practical Benefits"): "we do not need to calculate the
+    gradient for the vast majority of the parameters", a 25% measured speedup on GPT-3 175B (4P/6P = 0.67 of the
+    FLOPs). Not subtracted: the input gradient of the first layer's projections (the embedding is frozen, so XLA
+    may drop it: at most 2 x (N + 2K) H D of 4P per token, 1/L of the attention projections)."""
+    from llama import lora as llama_lora
+
+    adapters = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(
+        llama_lora.adapter_specs(cfg, lora), is_leaf=model.is_spec))
+    return (4.0 * matmul_params(cfg) + 6.0 * adapters
+            + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len)
 
 
 def device_hours(flops: float, mfu: float, peak_flops: float = H100_BF16_PEAK) -> float:
@@ -349,10 +370,16 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         chunk = min(seq_len, prefill_chunk or seq_len)  # one prefill pass at a time (llama.generate.prefill)
         acts = (b_local * chunk * inference_bytes_per_token(cfg, seq_len, t, a)
                 + attention_tile_bytes(cfg, b_local, chunk, t, training=False) + b_local * 4 * cfg.vocab_size)
+    if mode != "training":
+        flops = weight_flops = 0.0
+    elif lora is not None:  # no base weight gradients (lora_train_flops_per_token)
+        flops = lora_train_flops_per_token(cfg, seq_len, lora)
+        weight_flops = flops - 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+    else:
+        flops, weight_flops = training_flops_per_token(cfg, seq_len), 6.0 * matmul_params(cfg)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
-                fsdp_gathered_bytes(cfg, sizes, a, mode, quantize, fused_loss=bool(loss_chunk)), device_memory, training_flops_per_token(cfg, seq_len) if mode == "training" else 0.0,
-                6.0 * matmul_params(cfg) if mode == "training" else 0.0, tokens, mfu, peak_flops, update,
-                lora is not None)
+                fsdp_gathered_bytes(cfg, sizes, a, mode, quantize, fused_loss=bool(loss_chunk)), device_memory,
+                flops, weight_flops, tokens, mfu, peak_flops, update, lora is not None)
 
 
 def format_plan(p: Plan) -> str:
@@ -376,10 +403,12 @@ def format_plan(p: Plan) -> str:
         lines += ["  (no pipeline parallelism in this project: Llama 3 trained 405B at 128K tokens with PP 16 as well "
                   "(paper Table 4); here fsdp takes its devices, so weights are all-gathered every layer instead)"]
     if p.mode == "training":
-        lines += [f"training FLOPs: {p.flops_per_token:.4g} per token (6P + 12 L N H T)"]
+        weights = "4P + 6P_adapters" if p.lora else "6P"
+        lines += [f"training FLOPs: {p.flops_per_token:.4g} per token ({weights} + 12 L N H T"
+                  + ("; LoRA: no base weight gradients)" if p.lora else ")")]
         if p.tokens:
             lines += [f"  x {p.tokens:.4g} tokens = {p.total_flops:.4g} FLOPs "
-                      f"(6P alone: {p.flops_6p_per_token * p.tokens:.4g})"]
+                      f"({weights} alone: {p.flops_6p_per_token * p.tokens:.4g})"]
             if p.mfu:
                 hours = p.device_hours
                 lines += [f"  at MFU {p.mfu:.2f} of {p.peak_flops / 1e12:.0f} TFLOP/s: {hours:.4g} device-hours "

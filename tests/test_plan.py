@@ -165,3 +165,40 @@ def test_lora_flags_are_checked(capsys):
         P.plan(LLAMA31_8B, MeshConfig(1, 1, 1), 1, mode="inference", lora=LoraConfig())
     with pytest.raises(ValueError, match="--quantize applies to inference, or to training with --lora"):
         P.plan(LLAMA31_8B, MeshConfig(1, 1, 1), 1, mode="training", quantize="int8")
+
+
+def test_lora_training_flops_match_xlas_count_of_the_adapter_gradient():
+    """4P + 6P_adapters + attention per token (sharding.plan.lora_train_flops_per_token) against XLA's CPU cost
+    analysis of jax.grad with respect to the adapters, and 6P + attention against the full gradient. One layer, so
+    that the cost analysis (which counts a scanned layer body once) sees every op; float32, remat none, whole logits,
+    the xla attention path. Elementwise ops (norms, RoPE, softmax) add about 1% to XLA's count: 3% is
+    the tolerance. With one layer the skipped input gradient of the first layer's q/k/v projections (the embedding
+    is frozen; 2 D (N + 2K) H per token, 1/L of the projections, which the formula keeps) is taken out here."""
+    from llama import loss as llama_loss
+    from llama import lora as llama_lora
+
+    cfg = TINY.replace(n_layers=1, dim=256, ffn_dim=768, vocab_size=512, attention_impl="xla", remat="none",
+                       compute_dtype="float32", param_dtype="float32")
+    lcfg = llama_lora.LoraConfig(8, targets=llama_lora.TARGETS)
+    B, T = 2, 64
+    base = model.abstract_params(cfg)
+    adapters = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
+                            llama_lora.adapter_specs(cfg, lcfg), is_leaf=model.is_spec)
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+    def objective(params, tokens):
+        h = model.hidden_states(params, tokens, None, None, cfg=cfg)
+        return llama_loss.next_token_loss(params, h, tokens, jnp.ones(tokens.shape, bool), cfg=cfg, z_loss=0.0,
+                                          chunk=0)[0]
+
+    def flops(fn, *args):
+        return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"] / (B * T)
+
+    full = flops(jax.grad(objective), base, tokens)
+    lora = flops(jax.grad(lambda a, p, t: objective(llama_lora.apply(p, a, lcfg), t)), adapters, base, tokens)
+    D, N, K, H = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    assert full == pytest.approx(P.training_flops_per_token(cfg, T), rel=0.03)
+    assert lora == pytest.approx(P.lora_train_flops_per_token(cfg, T, lcfg) - 2 * D * (N + 2 * K) * H, rel=0.03)
+    assert lora < 0.75 * full  # the base's weight gradients are really skipped (6P would make it ~1.0)
+    plan = P.plan(cfg, MeshConfig(1, 1, 1), 1, mode="training", seq_len=T, batch=B, lora=lcfg, attention="xla")
+    assert plan.flops_per_token == P.lora_train_flops_per_token(cfg, T, lcfg)
