@@ -902,7 +902,9 @@ def main(argv=None) -> int:
     writer = llama_metrics.MetricsWriter(out) if primary else None
 
     def step_flops(c: TrainConfig) -> float:
-        return llama_metrics.train_flops_per_token(c.model, c.seq_len) * c.batch_size * c.seq_len
+        per_token = (llama_metrics.lora_train_flops_per_token(c.model, c.seq_len, c.lora) if c.lora is not None
+                     else llama_metrics.train_flops_per_token(c.model, c.seq_len))  # LoRA: no base weight grads
+        return per_token * c.batch_size * c.seq_len
 
     peak = llama_metrics.peak_flops(override=cfg.peak_flops)
     last_saved, status, stop, last_eval = start, 0, False, None

@@ -540,11 +540,21 @@ def test_lora_sft_resume_and_dpo_starts_at_ln2(tmp_path):
     lo = "lora={'rank': 4, 'alpha': 8.0, 'targets': ('wq', 'wv')}"
     exp = write_experiment(tmp_path, "sft", write_rows(tmp_path, "chat", 40))
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    assert main(["--config", exp, "--out", a, "--set", lo]) == 0
+    assert main(["--config", exp, "--out", a, "--set", lo, "peak_flops=1e12"]) == 0
     assert main(["--config", exp, "--out", b, "--set", lo, "steps=2"]) == 0
     assert main(["--config", exp, "--out", b, "--set", lo]) == 0
     la = {s: r["loss"] for s, r in metrics_by_step(a).items()}
     assert la == {s: r["loss"] for s, r in metrics_by_step(b).items()} and la[4] < la[1]
+    # MFU counts LoRA's FLOPs (no weight gradients for the frozen base: 4P + 6P_adapters + attention), not 6P
+    from llama import metrics as llama_metrics
+    from llama.train import load_experiment
+    from sharding.rules import make_mesh
+
+    cfg = load_experiment(exp).replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv")))
+    want = llama_metrics.lora_train_flops_per_token(cfg.model, cfg.seq_len, cfg.lora) * cfg.batch_size * cfg.seq_len
+    assert want < llama_metrics.train_flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    for r in metrics_by_step(a).values():
+        assert r["mfu"] * 1e12 * r["step_time_s"] * make_mesh(cfg.mesh).size == pytest.approx(want, rel=1e-6)
     _, lcfg, ad, _ = lora.load_adapters(os.path.join(a, "adapters"))
     assert lcfg.rank == 4 and set(ad) == {"wq", "wv"}
     # int8 base from init_from (re-read and re-quantized on resume) with adapter dropout: resume is exact too
