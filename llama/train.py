@@ -365,11 +365,18 @@ def model_params(params, base, cfg: TrainConfig, key=None):
 
 
 def frozen_base(params, cfg: TrainConfig):
-    """The LoRA run's frozen base as the state holds it: the params, or int8 (llama/quant.py) with
-    lora.base_int8."""
+    """The LoRA run's frozen base as the state holds it: int8 (llama/quant.py) with lora.base_int8, else in the
+    compute dtype. It is never updated, and every use casts it to the compute dtype anyway (model.linear, the norms'
+    gains, the embedding's gather), so a bfloat16 run holds a bfloat16 base with the same results: 2 bytes per
+    weight, as sharding.plan's LoRA case and torchtune's LoRA recipes count it, not float32's 4."""
     from llama import quant
 
-    return quant.quantize_params(params) if cfg.lora is not None and cfg.lora.base_int8 else params
+    if cfg.lora is not None and cfg.lora.base_int8:
+        return quant.quantize_params(params)
+    dt = jnp.dtype(cfg.model.compute_dtype)
+    if cfg.lora is None or dt == jnp.float32:
+        return params
+    return jax.tree.map(lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
 def _objective(params, mb: dict, *, cfg: TrainConfig, n_tokens):

@@ -404,6 +404,30 @@ def test_lora_state_trains_and_stores_only_adapters():
     assert np.abs(np.asarray(s1.params["wq"]["b"])).max() > 0
 
 
+def test_lora_bf16_run_holds_a_bf16_base_with_the_same_step():
+    """compute_dtype bfloat16: the frozen base is held in bfloat16 (2 bytes per weight, as sharding.plan's LoRA
+    case counts it), and the step equals one over the float32 base, which every use casts to bfloat16 anyway
+    (the same bf16 operands; 1e-6 covers a different float32 accumulation order, observed equal)."""
+    from llama import lora, optim
+    from llama.train import _init_state, train_step
+
+    bf = CFG.replace(compute_dtype="bfloat16")
+    cfg = TrainConfig(model=bf, lora=lora.LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv")), batch_size=2,
+                      seq_len=16)
+    tx = optim.make_optimizer(cfg.optimizer.replace(warmup_steps=0))
+    s0 = _init_state(cfg, tx, 0, random_params())
+    assert {str(x.dtype) for x in jax.tree.leaves(s0.base)} == {"bfloat16"}
+    s32 = s0.__class__(s0.step, s0.params, s0.opt_state, s0.rng, s0.ref_params,
+                       jax.tree.map(lambda x: x.astype(jnp.float32), random_params()))
+    toks = np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 17)).astype(np.int32)
+    batch = {"tokens": toks[:, :-1], "targets": toks[:, 1:], "segment_ids": np.ones((2, 16), np.int32),
+             "positions": np.tile(np.arange(16, dtype=np.int32), (2, 1)), "loss_mask": np.ones((2, 16), np.float32)}
+    step = jax.jit(lambda s, b: train_step(s, b, cfg=cfg, tx=tx))
+    (a, ma), (b, mb) = step(s0, batch), step(s32, batch)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9), a.params, b.params)
+
+
 def _lora_step_inputs(lcfg, seed=0):
     """A LoRA TrainConfig, its step-0 state with nonzero B (so the adapter path matters), and a batch."""
     from llama import lora, optim
