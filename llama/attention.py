@@ -100,14 +100,21 @@ def block_sizes(block_q: int = 0, block_k: int = 0, backend: str | None = None) 
 
 
 def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots: jax.Array | None = None,
-              impl: str = "flash", block_q: int = 0, block_k: int = 0) -> jax.Array:
+              impl: str = "flash", block_q: int = 0, block_k: int = 0,
+              parent_ids: jax.Array | None = None) -> jax.Array:
     """q: [B, T, N, H] -> [B, T, N, H]. block_q, block_k: tile sizes (0: `block_sizes`' default).
 
     kv is either (k, v), [B, T, K, H] each, for causal self-attention over one (possibly packed) sequence
     (query and key slots 0..T-1; `segment_ids` [B, T] or None), which is differentiable; or a `CachedKV` for
     attention against a KV cache, where `q_slots` [B, T] are the queries' slots (= positions) and each query
-    sees the cache slots <= its own."""
+    sees the cache slots <= its own.
+
+    parent_ids [B, T] (self-attention, impl "xla" only): a query also sees the earlier keys of segment
+    `parent_ids`, which makes a row a set of request trees (a shared context, then continuations that each see
+    it and themselves: llama/eval.py's choice scoring)."""
     check_impl(impl)
+    if parent_ids is not None and (impl != "xla" or isinstance(kv, CachedKV)):
+        raise ValueError(f"attention: parent_ids (request trees) need impl='xla' self-attention, not {impl!r}")
     block_q, block_k = block_sizes(block_q, block_k)
     B, T, N, H = q.shape
     if isinstance(kv, CachedKV):
@@ -121,10 +128,12 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
     from llama import context_parallel
 
     if context_parallel.context_size() > 1:
+        if parent_ids is not None:
+            raise ValueError("attention: parent_ids (request trees) are not supported under context parallelism")
         return context_parallel.attention(q, k, v, segment_ids, impl=impl, block_q=block_q, block_k=block_k)
     if impl == "xla":
         slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        return _reference(q, k, v, slots, segment_ids, segment_ids)
+        return _reference(q, k, v, slots, segment_ids, segment_ids, parent_ids)
     if impl == "cudnn" and segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     if impl == "splash":
@@ -135,14 +144,15 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def _reference(q, k, v, q_slots, q_segment, k_segment) -> jax.Array:
+def _reference(q, k, v, q_slots, q_segment, k_segment, q_parent=None) -> jax.Array:
     """The dense reference: float32 scores [B, K, G, T, S] and a [B, T, S] mask (key slot <= query slot, same
-    segment). Softmax in float32, as Meta and HF."""
+    segment, or the query's parent segment where given). Softmax in float32, as Meta and HF."""
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= q_slots[:, :, None]
     if q_segment is not None:
-        mask &= q_segment[:, :, None] == k_segment[:, None, :]
+        same = q_segment[:, :, None] == k_segment[:, None, :]
+        mask &= same if q_parent is None else same | (q_parent[:, :, None] == k_segment[:, None, :])
     qg = q.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) / np.float32(np.sqrt(H))
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)

@@ -108,31 +108,11 @@ _query_jit = _jit(query_logprobs)
 def tree_query_logprobs(params, tokens, positions, segment_ids, parents, q_pos, q_tok, *, cfg: ModelConfig):
     """`query_logprobs` for rows of request trees: a shared context (the trunk) followed by its continuations
     (branches), each branch seeing the trunk and itself only, its positions continuing the trunk's. A token at
-    slot s attends to slot s' <= s of its own segment or of its `parents` segment (a trunk's parent is itself).
-    This is `model.decoder_layer` with the dense reference attention (llama/attention.py `_reference`) under that
-    mask instead of the causal same-segment one; tests/test_eval.py checks it against `query_logprobs`. The mask
-    is [B, T, T]: rows are short (TREE_MAX_ROW)."""
-    B, T = tokens.shape
-    slot = jnp.arange(T, dtype=jnp.int32)
-    mask = (slot[None, None, :] <= slot[None, :, None]) & (
-        (segment_ids[:, :, None] == segment_ids[:, None, :]) | (parents[:, :, None] == segment_ids[:, None, :]))
-    inv_freq = model.rope_frequencies(cfg)
-
-    def layer(x, p):
-        h = model.rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q = model.apply_rope(model.linear("BTD,DNH->BTNH", h, p["wq"]), positions, inv_freq)
-        k = model.apply_rope(model.linear("BTD,DKH->BTKH", h, p["wk"]), positions, inv_freq)
-        v = model.linear("BTD,DKH->BTKH", h, p["wv"])
-        N, K, H = q.shape[2], k.shape[2], q.shape[3]
-        qg = q.reshape(B, T, K, N // K, H)
-        s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) / np.float32(np.sqrt(H))
-        s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
-        pr = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        o = jnp.einsum("BKGTS,BSKH->BTKGH", pr, v).reshape(B, T, N, H)
-        x = x + model.linear("BTNH,NHD->BTD", o, p["wo"])
-        return x + model.mlp(model.rms_norm(x, p["mlp_norm"], cfg.norm_eps), p), None
-
-    h, _ = jax.lax.scan(layer, model.embed(params, tokens, cfg), params["layers"])
+    slot s attends to slot s' <= s of its own segment or of its `parents` segment (a trunk's parent is itself):
+    the model with the dense reference attention (`attention.attention`'s parent_ids); tests/test_eval.py checks
+    it against `query_logprobs`. The mask is [B, T, T]: rows are short (TREE_MAX_ROW)."""
+    h = model.hidden_states(params, tokens, positions, segment_ids, cfg=cfg.replace(attention_impl="xla"),
+                            parent_ids=parents)
     return _read_queries(params, h, q_pos, q_tok, cfg)
 
 

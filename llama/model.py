@@ -203,8 +203,8 @@ def mlp(x: jax.Array, p: Params) -> jax.Array:
 
 
 def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Array, segment_ids: jax.Array | None,
-                  inv_freq: jax.Array, cache: dict | None = None,
-                  layer: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
+                  inv_freq: jax.Array, cache: dict | None = None, layer: jax.Array | None = None,
+                  parent_ids: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
     """One pre-norm block. x: [B, T, D]; p: this layer's slice of params["layers"].
     Without a cache, causal self-attention over the row (documents kept apart by segment_ids). With a cache (the
     whole stack, `init_cache`) and this layer's index, the new keys (after RoPE) and values are written at their
@@ -215,7 +215,7 @@ def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Arra
     v = linear("BTD,DKH->BTKH", h, p["wv"])
     blocks = dict(impl=cfg.attention_impl, block_q=cfg.attention_block_q, block_k=cfg.attention_block_k)
     if cache is None:
-        o = attn.attention(q, (k, v), segment_ids=segment_ids, **blocks)
+        o = attn.attention(q, (k, v), segment_ids=segment_ids, parent_ids=parent_ids, **blocks)
     elif context_parallel.splits_cache(cache):  # slots split over `context`: flash-decoding across devices
         bq, bk = attn.block_sizes(cfg.attention_block_q, cfg.attention_block_k)
         o, cache = context_parallel.cached_attention(q, k, v, positions, cache, layer, block_q=bq, block_k=bk)
@@ -299,7 +299,7 @@ def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return linear("BTD,DV->BTV", x, params["lm_head"]).astype(jnp.float32)
 
 
-def _layers(params: Params, x, cfg: ModelConfig, positions, segment_ids, cache):
+def _layers(params: Params, x, cfg: ModelConfig, positions, segment_ids, cache, parent_ids=None):
     """Scan the stacked layers. A KV cache rides in the carry and each layer writes its own slots in place: as a
     scanned input and output it would be sliced out and stacked back, two copies of the whole cache per decode
     step (with them, and the old [L, B, S, K, H] layout, CPU decode at 4080 slots ran at half today's speed;
@@ -309,7 +309,7 @@ def _layers(params: Params, x, cfg: ModelConfig, positions, segment_ids, cache):
     def body(carry, layer):
         x, cache = carry
         p, i = layer
-        x, cache = decoder_layer(x, p, cfg, positions, segment_ids, inv_freq, cache, i)
+        x, cache = decoder_layer(x, p, cfg, positions, segment_ids, inv_freq, cache, i, parent_ids)
         return (constrain(x, ACTIVATION_AXES), cache), None  # layer boundary: sharding/rules.py (no-op without a mesh)
 
     if _REMAT[cfg.remat] is not None:
@@ -320,15 +320,17 @@ def _layers(params: Params, x, cfg: ModelConfig, positions, segment_ids, cache):
 
 
 def hidden_states(params: Params, tokens: jax.Array, positions: jax.Array | None = None,
-                  segment_ids: jax.Array | None = None, *, cfg: ModelConfig) -> jax.Array:
+                  segment_ids: jax.Array | None = None, *, cfg: ModelConfig,
+                  parent_ids: jax.Array | None = None) -> jax.Array:
     """The last layer's output, before the final norm: [B, T, D] in the compute dtype. `forward` is
-    `unembed(hidden_states(...))`; a loss that never materialises the whole [B, T, V] logits starts here."""
+    `unembed(hidden_states(...))`; a loss that never materialises the whole [B, T, V] logits starts here.
+    parent_ids: request trees (`attention.attention`; attention_impl "xla")."""
     B, T = tokens.shape
     if positions is None:  # 0..T-1 in the row's own order; under context parallelism, the load-balanced one
         from llama.context_parallel import default_positions
 
         positions = default_positions(B, T)
-    x, _ = _layers(params, embed(params, tokens, cfg), cfg, positions, segment_ids, None)
+    x, _ = _layers(params, embed(params, tokens, cfg), cfg, positions, segment_ids, None, parent_ids)
     return x
 
 
