@@ -386,7 +386,6 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
     `lora_mode` "merge" folds the adapters in at load (lora.merge, then int8 if asked: plain weights, the
     speed of the base model), "runtime" keeps them apart (lora.apply: model.linear adds (x A) B at every
     projection; with int8 the base is quantized and the adapters stay float32)."""
-    from llama import quant
     from llama.checkpoint import load_model
 
     if lora_mode not in LORA_MODES:
@@ -402,9 +401,7 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
             adapters = jax.device_put(adapters, sharding_rules.param_shardings(lora.adapter_specs(cfg, lcfg), mesh))
         if lora_mode == "merge":
             params = jax.jit(lambda p, a: lora.merge(p, a, lcfg), donate_argnums=0)(params, adapters)
-        if quantize == "int8" and not quant.is_quantized(params):
-            out_sh = param_shardings(cfg, mesh, quantized=True) if mesh is not None else None
-            params = jax.jit(quant.quantize_params, out_shardings=out_sh, donate_argnums=0)(params)
+        params = _quantized(params, cfg, mesh, quantize)
         if lora_mode == "runtime":
             params = lora.apply(params, jax.tree.map(jnp.asarray, adapters), lcfg)
         return cfg, params, mesh
@@ -418,12 +415,20 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
         params = shard_params(params, cfg, mesh)
     if dtype:
         cfg = cfg.replace(param_dtype=dtype, compute_dtype=dtype)
+    return cfg, _quantized(params, cfg, mesh, quantize), mesh
+
+
+def _quantized(params, cfg: ModelConfig, mesh, quantize: str | None):
+    """params int8-quantized on their devices (jitted, donating the full-precision copy) when quantize="int8";
+    an int8 checkpoint is served as it is."""
+    from llama import quant
+
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize {quantize!r}: only 'int8' is supported")
-    if quantize == "int8" and not quant.is_quantized(params):  # an int8 checkpoint is served as it is
+    if quantize == "int8" and not quant.is_quantized(params):
         out_sh = param_shardings(cfg, mesh, quantized=True) if mesh is not None else None
         params = jax.jit(quant.quantize_params, out_shardings=out_sh, donate_argnums=0)(params)
-    return cfg, params, mesh
+    return params
 
 
 def load_tokenizer_for(checkpoint: str, path: str | None):

@@ -116,6 +116,7 @@ def _unembed_vjp(head, h, cfg: ModelConfig):
 
     return logits, pullback
 
+
 def _add_float(acc, d):
     """Accumulates a head gradient; an int8 head's (a frozen LoRA base, lora.base_int8) has none (float0)."""
     return acc + d if jnp.issubdtype(acc.dtype, jnp.floating) else acc
