@@ -16,6 +16,7 @@ from input_pipeline.context import from_load_balanced, load_balanced_order, to_l
 from llama import model, optim, train
 from llama.config import TINY
 from sharding import rules
+from conftest import mesh_of
 from sharding.mesh import MeshConfig, ShardingError, make_mesh
 
 # TINY (4 query / 2 KV heads, so tensor=2 splits both) with 8-slot attention tiles, so the flash kernel's tile
@@ -30,15 +31,8 @@ B, T = 4, 64
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
-
-def mesh_of(text: str):
-    cfg = MeshConfig.parse(text)
-    return make_mesh(cfg, jax.devices()[:cfg.data * cfg.fsdp * cfg.context * cfg.tensor])
 
 
 def packed_rows() -> dict[str, np.ndarray]:

@@ -20,11 +20,7 @@ transformers = pytest.importorskip("transformers")
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    # CPU matmuls are float32 anyway; "highest" also pins any backend that would use tf32/bf16 passes.
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 def hf_model(cfg: ModelConfig, seed: int = 0):

@@ -14,10 +14,7 @@ from sharding.rules import MeshConfig, make_mesh, param_shardings
 from tests.conftest import require_shared
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 def _weight(tree, name):

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llama import model
 from llama.config import TINY
 from sharding import distributed, rules
+from conftest import mesh_of
 from sharding.mesh import MeshConfig, ShardingError, make_mesh
 
 # Every dimension that a rule shards divides 8: vocab 256, dim 128, 16 query / 8 KV heads, ffn 256.
@@ -26,16 +27,8 @@ B, T = 8, 16
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
-
-def mesh_of(text: str):
-    cfg = MeshConfig.parse(text)
-    n = cfg.data * cfg.fsdp * cfg.tensor
-    return make_mesh(cfg, jax.devices()[:n])
 
 
 def tokens():
