@@ -487,10 +487,7 @@ def plot(m: dict, path: str) -> str:
     ax.semilogy(np.maximum(m["per_position_kl"], floor), label="KL(A||B)")
     ax.set(title="per position (max / mean over the batch)", xlabel="position")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return manifest.save_figure(fig, path, dpi=100)
 
 
 def write_diff(out: str, m: dict, a_path: str, b_path: str, violations: list[str] | None = None) -> str:

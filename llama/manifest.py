@@ -262,6 +262,23 @@ def atomic_write(path: str, data: str | bytes) -> str:
     return path
 
 
+def save_figure(fig, path: str, **savefig_kw) -> str:
+    """Lay out a matplotlib figure, write it to a temp file beside `path`, close it and rename: a plot is whole
+    or absent. The suffix stays .png so matplotlib picks the format from it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    try:
+        fig.savefig(tmp, **savefig_kw)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 # ------------------------------------------------------------------------------------ directory outputs
 class OutputError(ValueError):
     """A destination that would overwrite or delete something it must not (the message names it)."""

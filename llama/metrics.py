@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 
+from llama import manifest
 from llama.config import ModelConfig
 
 # Dense bfloat16 peak per chip, from the vendors' datasheets. Matched by substring of jax's device_kind,
@@ -158,12 +159,7 @@ def plot_loss(jsonl_path: str, png_path: str, title: str = "training loss") -> s
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    return manifest.save_figure(fig, png_path)
 
 
 __all__ = ["PEAK_BF16_FLOPS", "matmul_params", "train_flops_per_token", "peak_flops", "memory_in_use",

@@ -214,12 +214,7 @@ def plot_losses(out: str, vs: list[Variant]) -> str:
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out, "loss.png")
-    fig.savefig(path + ".tmp.png")
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return path
+    return manifest.save_figure(fig, os.path.join(out, "loss.png"))
 
 
 # ------------------------------------------------------------------------------------------------ run
