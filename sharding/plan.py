@@ -110,6 +110,7 @@ class Plan:
     peak_flops: float = H100_BF16_PEAK
     update_bytes: float = 0.0  # training: the compute-dtype copy of the float32 weights (LoRA on int8: one layer's)
     lora: bool = False  # training LoRA adapters on a frozen base (optimizer state and gradients: adapters only)
+    peak_phase: str = ""  # training with the fused loss: "loss" or "backward", the phase whose terms are reported
 
     @property
     def total_bytes(self) -> float:
@@ -297,6 +298,7 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         batch = dp if mode == "training" else 1
     b_local = batch / dp if batch % dp == 0 else batch  # a batch that does not divide is replicated (fitted)
     opt = grads = kv = update = 0.0
+    peak_phase = ""
     gathered = fsdp_gathered_bytes(cfg, sizes, a, quantize)  # the fused-loss training step: per phase, below
     if lora is not None and mode != "training":
         raise ValueError("--lora applies to --mode training")
@@ -348,17 +350,28 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
             # compute dtype that the output layer's pullback reads (XLA's TPU buffers: f32 and bf16
             # [b_local, c, V/t]), 4 + a bytes per logit. The loss runs between the forward and the layers'
             # backward and keeps only the [B, T, D] hidden-state gradient, so its chunk and a layer's backward
-            # working set are never alive together: the larger of the two counts, each with the FSDP gathers of
-            # its phase (`fsdp_training_gathers`: the tables in the loss, one layer's weights and gradient in its
-            # backward). Adding both phases' gathers to the larger working set put the planner 1.32x and 1.35x over
-            # XLA's peak heap of the 1B and 8B steps with fsdp=8; per phase it is 0.88-1.14x over in every training
-            # step measured (the heap is what XLA's TPU compiler holds to the HBM; docs/sharding.md, 2026-12-04).
+            # working set are never alive together. The peak is in one of two phases (XLA's peak of live
+            # buffers is what its TPU compiler holds to the HBM; docs/sharding.md, "Which XLA figure"): the loss,
+            # with its chunk, the gathered tables (`fsdp_training_gathers`) and the output table's float32
+            # gradient accumulator; or a layer's backward, with its working set, that layer's gathered weights and
+            # gradient, and the float32 gradients of every layer (the backward loop's stacked output, which does not
+            # exist during the loss). Summing both phases' gathers and all gradients beside the larger working set
+            # put the planner 1.32x, 1.33x and 1.51x over XLA's peak temporaries of the 1B step (fsdp=8 at 8K;
+            # fsdp=4, and fsdp=2 x tensor=2, at 2K) and 1.36x over the 8B step's (fsdp=8 at 8K); by phase XLA's are
+            # 0.87-1.07 of the planner's in every training step measured (2026-12-04). The fields report the peak
+            # phase's terms.
             n_chunks = -(-seq_len // max(1, loss_chunk // batch))
             head = (4 + a) * vocab_local * b_local * -(-seq_len // n_chunks) / cp
             tables, layer_gathers = fsdp_training_gathers(cfg, sizes, a)
-            backward, loss_phase = b_local * local_t * working + layer_gathers, head + tables
-            gathered = layer_gathers if backward >= loss_phase else tables
-            acts = (saved + max(backward, loss_phase) - gathered + b_local * gathered_kv * (a + 4) + tiles)
+            out_table = "embed" if cfg.tie_embeddings else "lm_head"  # model.param_specs: the output projection
+            table_grad = 0.0 if lora is not None else sharded_bytes({out_table: specs[out_table]}, sizes, lambda p, s: 4)
+            backward = grads + b_local * local_t * working + layer_gathers
+            loss_phase = head + tables + table_grad
+            if loss_phase > backward:  # only the output table's gradient exists yet
+                peak_phase, grads, gathered, step_acts = "loss", table_grad, tables, head
+            else:
+                peak_phase, gathered, step_acts = "backward", layer_gathers, b_local * local_t * working
+            acts = saved + step_acts + b_local * gathered_kv * (a + 4) + tiles
     else:
         params = weights_bytes(cfg, sizes, a, quantize)
         cache = jax.ShapeDtypeStruct(model.cache_shape(cfg, batch, seq_len), dtype)
@@ -377,7 +390,7 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         flops, weight_flops = training_flops_per_token(cfg, seq_len), 6.0 * matmul_params(cfg)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
                 gathered, device_memory,
-                flops, weight_flops, tokens, mfu, peak_flops, update, lora is not None)
+                flops, weight_flops, tokens, mfu, peak_flops, update, lora is not None, peak_phase)
 
 
 def format_plan(p: Plan) -> str:
@@ -397,6 +410,10 @@ def format_plan(p: Plan) -> str:
         lines += [f"  KV cache        {gb(p.kv_cache_bytes)}"]
     lines += [f"  total           {gb(p.total_bytes)}  of {p.device_memory / 1e9:.1f} GB: "
               + ("fits" if p.fits else f"does NOT fit (needs {p.total_bytes / p.device_memory:.2f}x)")]
+    if p.peak_phase:
+        phase = ("the layers' backward" if p.peak_phase == "backward"
+                 else "the loss, before the layers' gradients exist")
+        lines += [f"  (the terms at the step's peak: {phase})"]
     if p.mode == "training" and p.mesh.get("context", 1) > 1:
         lines += ["  (no pipeline parallelism in this project: Llama 3 trained 405B at 128K tokens with PP 16 as well "
                   "(paper Table 4); here fsdp takes its devices, so weights are all-gathered every layer instead)"]
