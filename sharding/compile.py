@@ -500,9 +500,10 @@ def format_result(r: dict) -> str:
              f"the temporaries alive at its peak)",
              f"  total      {gb(x['total'])}  {gb(p['total'])}  {_ratio(x['total'], p['total'])}  "
              f"(arguments + outputs - aliased + temp: XLA's peak, what its TPU compiler holds to the HBM)",
-             f"  memory_analysis temp_size {gb(x['temp'])}, with arguments + outputs - aliased {gb(x['temp_total'])}"
-             f" ({_ratio(x['temp_total'], p['total']).strip()} of the planner's total; above the peak in training "
-             f"steps, not what the compiler checks: docs/sharding.md)",
+             (f"  memory_analysis temp_size {gb(x['temp'])}, with arguments + outputs - aliased {gb(x['temp_total'])}"
+              f" ({_ratio(x['temp_total'], p['total']).strip()} of the planner's total; above the peak in big training "
+              f"steps, not what the compiler checks: docs/sharding.md)" if r["xla"] is not None else
+              "  (XLA's requirement above is its peak, arguments included: docs/sharding.md)"),
              (f"  does NOT fit: XLA's TPU compiler refused it: {r['xla_out_of_memory']['message']}"
               + f" (planner {p['total'] / r['hbm_bytes']:.0%} of HBM)" if r["xla_out_of_memory"] else
               f"  HBM {r['hbm_bytes'] / 2**30:.0f} GiB: " + ("fits" if r["fits"] else "does NOT fit")
