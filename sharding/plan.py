@@ -325,7 +325,8 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         # for the forward and backward matmuls: a bytes per parameter (XLA's TPU buffers: `convert` to bf16
         # [L, ...] of every layer weight, 1B on v5p:2x2x1, 2026-12-04). Fitted on five TPU compiles (1B on 8 and
         # 4 chips, 8B on 8, 405B on 256 and 4096; docs/sharding.md): temp ratios 1.04 / 1.11 / 0.98 / 1.24 /
-        # 1.15 with it, 1.05 / 1.21 / 1.05 / 1.32 / 1.16 without.
+        # 1.15 with it, 1.05 / 1.21 / 1.05 / 1.32 / 1.16 without (against temp_size_in_bytes, before the planner
+        # targeted the peak; the buffer itself is in the peak heap too).
         update = grads * a / 4
     if mode == "training":
         per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
@@ -364,7 +365,8 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
             head = (4 + a) * vocab_local * b_local * -(-seq_len // n_chunks) / cp
             tables, layer_gathers = fsdp_training_gathers(cfg, sizes, a)
             out_table = "embed" if cfg.tie_embeddings else "lm_head"  # model.param_specs: the output projection
-            table_grad = 0.0 if lora is not None else sharded_bytes({out_table: specs[out_table]}, sizes, lambda p, s: 4)
+            table_grad = (0.0 if lora is not None  # a frozen base has no table gradient
+                          else sharded_bytes({out_table: specs[out_table]}, sizes, lambda p, s: 4))
             backward = grads + b_local * local_t * working + layer_gathers
             loss_phase = head + tables + table_grad
             if loss_phase > backward:  # only the output table's gradient exists yet
