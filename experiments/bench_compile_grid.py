@@ -6,8 +6,10 @@
 Each case is one `python -m sharding.compile ... --json` in its own process (a big model's compile holds a few GB
 of host memory; a case that runs out of time is recorded as such). Results: OUT/<case>.json, and OUT/table.md
 with per-chip XLA memory (arguments, outputs - aliased, temp, total), the planner's total and the ratio of each
-component, XLA's peak of live buffers less arguments and outputs ("peak temp", from `peak_memory_in_bytes`: its
-buffer assignment's heap, smaller than `temp` with big layer stacks; docs/sharding.md), HBM fit, compile time and collectives. Needs libtpu (requirements-tpu.txt).
+component (XLA's side: its peak of live buffers, `peak_memory_in_bytes`, and the temporaries alive at it, the
+figure its TPU compiler holds to the HBM), `memory_analysis()`'s `temp_size_in_bytes` and its total beside them
+(larger in training steps; docs/sharding.md, "Which XLA figure"), HBM fit by the peak, compile time and collectives.
+Needs libtpu (requirements-tpu.txt).
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def replan(r: dict) -> dict:
                   micro_batches=r.get("micro_batches") or 1)
     r.setdefault("planner_at_run", r["planner"])
     r["hbm_bytes"] = next((b for _, n, b in C.TPU_CHIPS if n == r["chip"]), r["hbm_bytes"])  # today's table
-    if r["xla"] is not None:
+    if r["xla"] is not None:  # today's definitions of XLA's totals (sharding.compile.memory)
+        r["xla"] = C.with_totals(r["xla"])
         r["fits"] = r["xla"]["total"] <= r["hbm_bytes"]
     r["planner"] = C.planner_components(cfg, MeshConfig(**r["mesh"]), r["chips"], case, cfg.remat, r["hbm_bytes"],
                                         loss_chunk=r.get("loss_chunk"))
@@ -96,30 +99,30 @@ def replan(r: dict) -> dict:
 
 def table(results: list[dict]) -> str:
     gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
-    rows = ["| case | mesh (chips) | XLA args | XLA out - alias | XLA temp | XLA total | planner total | "
-            "ratio args / temp / total | XLA peak temp (ratio to planner temp) | HBM GiB | fits | compile s | "
-            "all-gather / reduce-scatter / all-reduce / all-to-all / permute |", "|" + "---|" * 13]
+    rows = ["| case | mesh (chips) | XLA args | XLA out - alias | XLA peak temp | XLA peak total | planner total | "
+            "ratio args / temp / total (XLA peak / planner) | memory_analysis temp; its total (ratio to planner total) "
+            "| HBM GiB | fits (peak) | compile s | all-gather / reduce-scatter / all-reduce / all-to-all / permute |",
+            "|" + "---|" * 13]
     for r in results:
         if "error" in r:
             rows.append(f"| {r['case']} | | | | | | | | | | {r['error']} | | |")
             continue
         if r["xla"] is None:  # XLA's TPU compiler refused: it does not fit
             oom, mesh = r["xla_out_of_memory"], ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
-            need = (f"needs {oom['required_bytes'] / 1e9:.1f} GB {oom['what']}" if "required_bytes" in oom
+            # "HLO temporaries (X)": X is XLA's peak, arguments included (sharding.compile.memory)
+            need = (f"refused: peak {oom['required_bytes'] / 1e9:.1f} GB" if "required_bytes" in oom
                     else oom["message"])
-            rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | | | | XLA: {need} | {gb(r['planner']['total'])} | | | "
+            rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | | | | XLA {need} | {gb(r['planner']['total'])} | "
+                        f"- / - / {oom.get('required_bytes', float('nan')) / r['planner']['total']:.2f} | | "
                         f"{r['hbm_bytes'] / 2**30:.0f} | NO | {r['compile_s']:.0f} | |")
             continue
         x, p, c = r["xla"], r["planner"], r["collectives"]
-        ratio = lambda k: f"{x[k] / p[k]:.2f}" if p[k] else "-"  # noqa: E731
+        ratio = lambda a, b: f"{a / b:.2f}" if b else "-"  # noqa: E731
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
-        # XLA's own peak of live buffers less the arguments and the outputs not aliased to them: the temporaries
-        # of its buffer assignment (results recorded before sharding.compile kept peak_memory_in_bytes have none)
-        live = x.get("peak", 0) - x["argument"] - (x["output"] - x["alias"])
-        heap = f"{gb(live)} ({live / p['temp']:.2f})" if x.get("peak") else ""
         rows.append(f"| {r['case']} | {mesh} ({r['chips']}) | {gb(x['argument'])} | {gb(x['output'] - x['alias'])} | "
-                    f"{gb(x['temp'])} | {gb(x['total'])} | {gb(p['total'])} | {ratio('argument')} / {ratio('temp')} / "
-                    f"{ratio('total')} | {heap} | {r['hbm_bytes'] / 2**30:.0f} | "
+                    f"{gb(x['heap'])} | {gb(x['total'])} | {gb(p['total'])} | {ratio(x['argument'], p['argument'])} / "
+                    f"{ratio(x['heap'], p['temp'])} / {ratio(x['total'], p['total'])} | {gb(x['temp'])}; "
+                    f"{gb(x['temp_total'])} ({ratio(x['temp_total'], p['total'])}) | {r['hbm_bytes'] / 2**30:.0f} | "
                     f"{'yes' if r['fits'] else 'NO'} | "
                     f"{r['compile_s']:.0f} | {' / '.join(str(c[k]) for k in c)} |")
     return "\n".join(rows)

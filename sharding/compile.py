@@ -15,8 +15,9 @@ and `llama.generate`'s prefill and decode loop (`_prefill_jit`, `_decode_jit`, w
 this JAX) is needed; the machine's own backend stays the CPU (`JAX_PLATFORMS=cpu` is set for the CLI).
 
 Per chip it prints XLA's `memory_analysis()` (arguments, outputs, the part of the outputs aliased to donated
-arguments, temporaries) next to `sharding.plan`'s components for the same case, the chip's HBM (Google's
-datasheets, `TPU_CHIPS`) and whether arguments + outputs - aliased + temp fit in it, the compile time, and the
+arguments, the temporaries alive at XLA's peak, and the peak itself) next to `sharding.plan`'s components for the
+same case, the chip's HBM (Google's datasheets, `TPU_CHIPS`) and whether the peak fits in it (the figure XLA's
+TPU compiler checks; `memory`), `temp_size_in_bytes` for reference, the compile time, and the
 collectives in the compiled HLO counted per kind. The count is static: a collective inside the scanned layer
 body appears once but runs once per layer. Likewise XLA's cost analysis counts the scanned body once, so the
 FLOPs printed come from the model (`llama.metrics.train_flops_per_token`; inference is its forward third).
@@ -287,16 +288,27 @@ def out_of_memory(message: str) -> dict | None:
 
 
 def memory(compiled) -> dict[str, int]:
+    """XLA's per-chip memory: `memory_analysis()`'s sizes, and its peak of live buffers where the backend reports
+    it. `total` is that peak (arguments + outputs not aliased to them + `heap`, the temporaries alive at the
+    peak): the figure XLA's TPU compiler itself holds to the HBM. `temp` (`temp_size_in_bytes`) is larger in
+    training steps, by about one float32 copy of the parameters, and `temp_total` = arguments + outputs - aliased +
+    temp (MaxText's `print_mem_stats`) with it. Measured 2026-12-04 (docs/sharding.md, "Which XLA figure"): the
+    405B step on v5p:4x4x8 compiles with a temp_total of 109.0 GB against 102.8 GB of HBM (peak 93.3 GB), and at
+    1.5x its sequence length is refused for "HLO temporaries" of exactly the peak extrapolated linearly from 4K and
+    8K (111.22 GB), not temp_total (128.5 GB)."""
     ma = compiled.memory_analysis()
     out = {k: int(getattr(ma, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp",
                                                                   "generated_code")}
-    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
-    # XLA's own peak of live buffers (the buffer assignment's heap with the arguments and outputs), where the
-    # backend reports it: in training steps the TPU compiler's temp_size exceeds peak - arguments by about one
-    # float32 copy of the parameters, a reservation no buffer in its dumped assignment accounts for
-    # (docs/sharding.md, "Where XLA still differs")
-    out["peak"] = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)
-    return out
+    out["peak"] = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)  # 0 where the backend does not report it
+    return with_totals(out)
+
+
+def with_totals(x: dict) -> dict:
+    """`heap`, `total` and `temp_total` (`memory`) from XLA's raw sizes (also for results saved before they were
+    recorded)."""
+    unaliased = x["argument"] + x["output"] - x["alias"]
+    heap = x["peak"] - unaliased if x.get("peak") else x["temp"]
+    return {**x, "heap": heap, "total": unaliased + heap, "temp_total": unaliased + x["temp"]}
 
 
 def planner_components(cfg, mesh_cfg, n: int, case: Case, remat: str, hbm: float,
@@ -454,9 +466,9 @@ def format_result(r: dict) -> str:
     x, p = r["xla"], r["planner"]
     if x is None:  # XLA refused: show the planner beside XLA's own requirement
         oom = r["xla_out_of_memory"]
-        x = {k: float("nan") for k in ("argument", "output", "alias", "temp", "total")}
-        if "required_bytes" in oom:
-            x["temp" if "temporar" in oom.get("what", "") else "total"] = oom["required_bytes"]
+        x = {k: float("nan") for k in ("argument", "output", "alias", "temp", "heap", "total", "temp_total")}
+        if "required_bytes" in oom:  # "HLO temporaries (X)": X is the peak, arguments included (`memory`)
+            x["total"] = oom["required_bytes"]
     unit, scale = ("GB", 1e9) if max(p["total"], x["total"] if x["total"] == x["total"] else 0) >= 1e8 else ("MB", 1e6)
     gb = lambda v: f"{v / scale:9.2f} {unit}" if v == v else "        -   "  # noqa: E731
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
@@ -484,9 +496,14 @@ def format_result(r: dict) -> str:
              f"  outputs    {gb(x['output'])}  {gb(p['output'])}  {_ratio(x['output'], p['output'])}  ({po})",
              f"  aliased    {gb(x['alias'])}  {gb(p['alias'])}  {_ratio(x['alias'], p['alias'])}  "
              f"(outputs written over donated arguments)",
-             f"  temp       {gb(x['temp'])}  {gb(p['temp'])}  {_ratio(x['temp'], p['temp'])}  ({pt})",
+             f"  temp       {gb(x['heap'])}  {gb(p['temp'])}  {_ratio(x['heap'], p['temp'])}  ({pt}; XLA: "
+             f"the temporaries alive at its peak)",
              f"  total      {gb(x['total'])}  {gb(p['total'])}  {_ratio(x['total'], p['total'])}  "
-             f"(arguments + outputs - aliased + temp)",
+             f"(arguments + outputs - aliased + temp: XLA's peak, what its TPU compiler holds to the HBM)",
+             (f"  memory_analysis temp_size {gb(x['temp'])}, with arguments + outputs - aliased {gb(x['temp_total'])}"
+              f" ({_ratio(x['temp_total'], p['total']).strip()} of the planner's total; above the peak in big training "
+              f"steps, not what the compiler checks: docs/sharding.md)" if r["xla"] is not None else
+              "  (XLA's requirement above is its peak, arguments included: docs/sharding.md)"),
              (f"  does NOT fit: XLA's TPU compiler refused it: {r['xla_out_of_memory']['message']}"
               + f" (planner {p['total'] / r['hbm_bytes']:.0%} of HBM)" if r["xla_out_of_memory"] else
               f"  HBM {r['hbm_bytes'] / 2**30:.0f} GiB: " + ("fits" if r["fits"] else "does NOT fit")

@@ -26,7 +26,9 @@ table the code uses, so a parameter that does not divide is the same ShardingErr
   the cache's fitted sharding (KV heads over tensor only where they divide, batch over data x fsdp only where it
   divides);
 - FSDP gathers (fsdp > 1): the embedding table and one layer's weights made whole along D for use, and in
-  training their gradients before the reduce-scatter (both in the compute dtype).
+  training the layer's gradient before the reduction (both in the compute dtype); in a training step with the fused
+  loss the tables are alive during the loss and the layer's weights during its backward, so each is counted with
+  its own phase and only the larger phase counts (`fsdp_training_gathers`).
 
 Saved bytes per token per layer (a = bytes of the compute dtype; t = tensor size; N, K heads, H head dim):
 - remat "full" (`nothing_saveable`): the layer input, a*D;
@@ -45,7 +47,9 @@ differentiated, recomputed if need be, and its gradients' temporaries) and the o
 of it when larger (the two are never alive together).
 LoRA (`lora=`, `--lora RANK`): the base frozen in the compute dtype or int8, float32 adapters with float32
 gradients and AdamW state (`llama.lora.adapter_specs`), the activations of full training.
-This is an estimate, calibrated against XLA's TPU compiler (`python -m sharding.compile`, docs/sharding.md);
+This is an estimate of XLA's peak of live buffers (`peak_memory_in_bytes`, what XLA's TPU compiler holds to the
+HBM; not `memory_analysis().temp_size_in_bytes`, which is larger in training steps), calibrated against XLA's TPU
+compiler (`python -m sharding.compile`, docs/sharding.md);
 `tests/test_plan.py` also compares it with the CPU compiler's `compiled.memory_analysis()`.
 
 Training FLOPs (PaLM, Chowdhery et al. 2022, appendix B; `llama.metrics`, which the trainer's MFU uses too):
@@ -97,7 +101,7 @@ class Plan:
     grads_bytes: float
     activations_bytes: float
     kv_cache_bytes: float
-    gathered_bytes: float  # FSDP: weights all-gathered for use (and their float32 gradients in training)
+    gathered_bytes: float  # FSDP: weights all-gathered for use (training: with their gradients, the peak phase's)
     device_memory: float
     flops_per_token: float = 0.0  # 6P + attention (LoRA: 4P + 6P_adapters + attention)
     flops_6p_per_token: float = 0.0  # the weights' term alone: 6P (the Llama 3 paper's convention); LoRA 4P + 6P_a
@@ -106,6 +110,7 @@ class Plan:
     peak_flops: float = H100_BF16_PEAK
     update_bytes: float = 0.0  # training: the compute-dtype copy of the float32 weights (LoRA on int8: one layer's)
     lora: bool = False  # training LoRA adapters on a frozen base (optimizer state and gradients: adapters only)
+    peak_phase: str = ""  # training with the fused loss: "loss" or "backward", the phase whose terms are reported
 
     @property
     def total_bytes(self) -> float:
@@ -232,27 +237,32 @@ def inference_bytes_per_token(cfg: ModelConfig, seq_len: int, tensor: int, a: in
     return max(a * (D + N * H / t + 2 * K * H / kt) + scores, a * (2 * D + 2 * F / t))
 
 
-def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, mode: str, quantize: str | None,
-                        fused_loss: bool = False) -> float:
+def fsdp_training_gathers(cfg: ModelConfig, sizes: Mapping[str, int], a: int) -> tuple[float, float]:
+    """FSDP gathers of a training step with the fused output layer + loss, per phase: (the tables, one layer).
+    Each gathered weight and its gradient are in the compute dtype (the float32 cast of the gradient comes after
+    the reduction; (a + 4) over-estimated the 8B step's gathers by 1.5 GB, docs/sharding.md). The tables (the
+    embedding, and the output layer when untied; XLA's TPU buffers of the 1B step hold bf16[V, D] tables) are
+    gathered once, at a: the fused loss (llama/loss.py) takes the output table's gradient chunk by chunk into a
+    float32 accumulator sharded like the parameter (f32[V/t, D/fsdp], counted in the gradients). One layer's
+    weights are gathered with their gradient, 2a. The tables are used by the loss and the embedding, the layer's by
+    that layer's backward: plan() counts each beside its own phase's working set, never both."""
+    if sizes["fsdp"] == 1:
+        return 0.0, 0.0
+    t = sizes["tensor"]
+    layer = (cfg.param_count() - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) - cfg.dim) / cfg.n_layers
+    return cfg.vocab_size * cfg.dim / t * (1 if cfg.tie_embeddings else 2) * a, layer / t * 2 * a
+
+
+def fsdp_gathered_bytes(cfg: ModelConfig, sizes: Mapping[str, int], a: int, quantize: str | None) -> float:
     """With fsdp > 1 each weight is all-gathered (D made whole) just before use: the embedding table (the model
     gathers it whole, `model.embed`) and one layer's weights at a time, at the compute dtype (int8 for int8
-    weights), split over tensor only; training also holds their gradients before the reduce-scatter."""
+    weights), split over tensor only. Inference, and training with whole logits (`loss_chunk` 0, as measured on
+    it); training with the fused loss: `fsdp_training_gathers`."""
     if sizes["fsdp"] == 1:
         return 0.0
     t = sizes["tensor"]
     layer = (cfg.param_count() - cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) - cfg.dim) / cfg.n_layers
     emb, n = cfg.vocab_size * cfg.dim / t, layer / t
-    if mode == "training":
-        # Each gathered weight and its gradient, both in the compute dtype: the float32 cast of the gradient comes
-        # after the reduction. (a + 4) over-estimated the 8B step's gathers by 1.5 GB (docs/sharding.md).
-        # The fused output layer + loss (llama/loss.py) takes the output table's gradient chunk by chunk into a
-        # float32 accumulator sharded like the parameter (XLA's TPU buffers: f32[V/t, D/fsdp], counted in the
-        # gradients), so no whole gradient of it exists: each gathered table once, at a. With a tied embedding
-        # (Llama 3.2 1B) that is one table: counting two put the planner 16-19% over XLA's temporaries of the
-        # 1B step on v5e:2x2, v5p:2x2x1 and v5p:2x2x2; untied (8B) the embedding and the output layer are both
-        # gathered (counting one put it 16% under on v5p:2x2x2; 2026-12-04, docs/sharding.md).
-        if fused_loss:
-            return emb * (1 if cfg.tie_embeddings else 2) * a + n * 2 * a
     # int8 weights are gathered as int8; the embedding only when it is the tied (quantized) output projection,
     # otherwise it stays in the compute dtype (llama.quant): counting it at 1 byte under-estimated the 405B int8
     # decode's gathers by 40% (v6e:4x4, fsdp=2 x tensor=8).
@@ -288,6 +298,8 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         batch = dp if mode == "training" else 1
     b_local = batch / dp if batch % dp == 0 else batch  # a batch that does not divide is replicated (fitted)
     opt = grads = kv = update = 0.0
+    peak_phase = ""
+    gathered = fsdp_gathered_bytes(cfg, sizes, a, quantize)  # the fused-loss training step: per phase, below
     if lora is not None and mode != "training":
         raise ValueError("--lora applies to --mode training")
     if mode == "training" and lora is not None:
@@ -313,7 +325,8 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
         # for the forward and backward matmuls: a bytes per parameter (XLA's TPU buffers: `convert` to bf16
         # [L, ...] of every layer weight, 1B on v5p:2x2x1, 2026-12-04). Fitted on five TPU compiles (1B on 8 and
         # 4 chips, 8B on 8, 405B on 256 and 4096; docs/sharding.md): temp ratios 1.04 / 1.11 / 0.98 / 1.24 /
-        # 1.15 with it, 1.05 / 1.21 / 1.05 / 1.32 / 1.16 without.
+        # 1.15 with it, 1.05 / 1.21 / 1.05 / 1.32 / 1.16 without (against temp_size_in_bytes, before the planner
+        # targeted the peak; the buffer itself is in the peak heap too).
         update = grads * a / 4
     if mode == "training":
         per_layer = activation_bytes_per_token_layer(cfg, remat, seq_len, t, a)
@@ -338,10 +351,29 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
             # compute dtype that the output layer's pullback reads (XLA's TPU buffers: f32 and bf16
             # [b_local, c, V/t]), 4 + a bytes per logit. The loss runs between the forward and the layers'
             # backward and keeps only the [B, T, D] hidden-state gradient, so its chunk and a layer's backward
-            # working set are never alive together: the larger of the two counts.
+            # working set are never alive together. The peak is in one of two phases (XLA's peak of live
+            # buffers is what its TPU compiler holds to the HBM; docs/sharding.md, "Which XLA figure"): the loss,
+            # with its chunk, the gathered tables (`fsdp_training_gathers`) and the output table's float32
+            # gradient accumulator; or a layer's backward, with its working set, that layer's gathered weights and
+            # gradient, and the float32 gradients of every layer (the backward loop's stacked output, which does not
+            # exist during the loss). Summing both phases' gathers and all gradients beside the larger working set
+            # put the planner 1.32x, 1.33x and 1.51x over XLA's peak temporaries of the 1B step (fsdp=8 at 8K;
+            # fsdp=4, and fsdp=2 x tensor=2, at 2K) and 1.36x over the 8B step's (fsdp=8 at 8K); by phase XLA's are
+            # 0.87-1.07 of the planner's in every training step measured (2026-12-04). The fields report the peak
+            # phase's terms.
             n_chunks = -(-seq_len // max(1, loss_chunk // batch))
             head = (4 + a) * vocab_local * b_local * -(-seq_len // n_chunks) / cp
-            acts = (saved + max(b_local * local_t * working, head) + b_local * gathered_kv * (a + 4) + tiles)
+            tables, layer_gathers = fsdp_training_gathers(cfg, sizes, a)
+            out_table = "embed" if cfg.tie_embeddings else "lm_head"  # model.param_specs: the output projection
+            table_grad = (0.0 if lora is not None  # a frozen base has no table gradient
+                          else sharded_bytes({out_table: specs[out_table]}, sizes, lambda p, s: 4))
+            backward = grads + b_local * local_t * working + layer_gathers
+            loss_phase = head + tables + table_grad
+            if loss_phase > backward:  # only the output table's gradient exists yet
+                peak_phase, grads, gathered, step_acts = "loss", table_grad, tables, head
+            else:
+                peak_phase, gathered, step_acts = "backward", layer_gathers, b_local * local_t * working
+            acts = saved + step_acts + b_local * gathered_kv * (a + 4) + tiles
     else:
         params = weights_bytes(cfg, sizes, a, quantize)
         cache = jax.ShapeDtypeStruct(model.cache_shape(cfg, batch, seq_len), dtype)
@@ -359,8 +391,8 @@ def plan(cfg: ModelConfig, mesh: MeshConfig, n_devices: int, *, mode: str, dtype
     else:
         flops, weight_flops = training_flops_per_token(cfg, seq_len), 6.0 * matmul_params(cfg)
     return Plan(cfg.name, mode, sizes, n_devices, batch, seq_len, remat, params, opt, grads, acts, kv,
-                fsdp_gathered_bytes(cfg, sizes, a, mode, quantize, fused_loss=bool(loss_chunk)), device_memory,
-                flops, weight_flops, tokens, mfu, peak_flops, update, lora is not None)
+                gathered, device_memory,
+                flops, weight_flops, tokens, mfu, peak_flops, update, lora is not None, peak_phase)
 
 
 def format_plan(p: Plan) -> str:
@@ -380,6 +412,10 @@ def format_plan(p: Plan) -> str:
         lines += [f"  KV cache        {gb(p.kv_cache_bytes)}"]
     lines += [f"  total           {gb(p.total_bytes)}  of {p.device_memory / 1e9:.1f} GB: "
               + ("fits" if p.fits else f"does NOT fit (needs {p.total_bytes / p.device_memory:.2f}x)")]
+    if p.peak_phase:
+        phase = ("the layers' backward" if p.peak_phase == "backward"
+                 else "the loss, before the layers' gradients exist")
+        lines += [f"  (the terms at the step's peak: {phase})"]
     if p.mode == "training" and p.mesh.get("context", 1) > 1:
         lines += ["  (no pipeline parallelism in this project: Llama 3 trained 405B at 128K tokens with PP 16 as well "
                   "(paper Table 4); here fsdp takes its devices, so weights are all-gathered every layer instead)"]
