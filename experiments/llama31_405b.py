@@ -14,7 +14,7 @@ tokens under context parallelism: 16,384 GPUs as fsdp 128 x context 16 x tensor 
   but only DP 8 makes 16,384 GPUs and 16M tokens per batch add up). This project has no pipeline parallelism:
   fsdp 128 (ZeRO-3) takes PP 16 x DP 8's devices (`python -m sharding.plan --preset llama3.1-405b --mesh
   fsdp=-1,context=16,tensor=8 --devices 16384 --mode training --seq-len 131072 --batch 128 --remat full`:
-  47 GB per GPU, fits 80 GB). The mesh is one for the whole run (a stage changes T and the batch, not the mesh),
+  44.6 GB per GPU, fits 80 GB). The mesh is one for the whole run (a stage changes T and the batch, not the mesh),
   so CP 16 is on from step 0; at 4K-8K tokens it costs K/V all-gathers, no memory. Attention: cuDNN has no
   slot-offset masks, so under CP the blockwise "flash" kernel runs (llama/context_parallel.py).
 - Optimizer: llama.optim.LLAMA3_405B (peak 8e-5, 8,000 warmup steps, cosine to 8e-7 over 1.2M steps); the
