@@ -232,6 +232,24 @@ def pack_documents(docs: Sequence[np.ndarray], seq_len: int) -> dict[str, np.nda
     return row
 
 
+def eval_rows(docs: Sequence[np.ndarray], seq_len: int, max_rows: int) -> tuple[dict[str, np.ndarray], int]:
+    """Fixed held-out rows for the trainer's eval (sft/dpo): the documents in order, packed whole as training packs
+    them (`pack_documents`: the same segments and masks), into at most `max_rows` rows of seq_len tokens. A pure
+    function of its arguments, so it is the same after a resume. Returns (rows [R, T] dict, documents used)."""
+    rows, cur, used, n = [], [], 0, 0
+    for doc in docs:
+        if used + doc.shape[1] > seq_len:
+            if len(rows) + 1 == max_rows:
+                break
+            rows.append(pack_documents(cur, seq_len))
+            cur, used = [], 0
+        cur.append(doc)
+        used, n = used + doc.shape[1], n + 1
+    if cur:
+        rows.append(pack_documents(cur, seq_len))
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}, n
+
+
 class ChatPackIterDataset(grain.IterDataset):
     """Rows of whole documents from an IterDataset of blocks (lists) of [3, n] documents. State: the parent's
     state before the block holding the next unused document, and its index there (exact resume)."""

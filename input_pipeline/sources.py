@@ -429,6 +429,9 @@ def open_documents(src: Source, utf8_errors: str = "replace") -> Documents:
         raise DataError(f"utf8_errors={utf8_errors!r}: expected one of {UTF8_ERRORS}")
     opener = {"text": open_text, "jsonl": open_jsonl, "parquet": open_parquet,
               "array_record": open_array_record, "hf": open_hf}.get(src.format)
+    if opener is None and src.format in ("chat", "preference"):
+        raise DataError(f"format {src.format!r}: rows of messages, not plain documents; open them with "
+                        "input_pipeline.chat.open_chat (an sft/dpo run's held-out figures are its eval_* metrics)")
     if opener is None:
         raise DataError(f"format {src.format!r} holds token ids, not text; open it with "
                         f"input_pipeline.open_prepared")

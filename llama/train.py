@@ -134,8 +134,10 @@ class TrainConfig:
     sample_tokens: int = 64  # generated after training; 0 disables
     sample_prompt: str = ""
     peak_flops: float = 0.0  # per device, for MFU; 0 = look the device kind up in metrics.PEAK_BF16_FLOPS
-    eval_every: int = 0  # held-out loss every this many steps and at the end (data.eval_*); 0 disables
-    eval_batches: int = 4  # fixed eval batches of batch_size x seq_len (llama/eval.py make_eval_set)
+    # Held-out eval every this many steps and at the end (data.eval_*); 0 disables. pretrain: eval_loss/eval_ppl
+    # (llama/eval.py); sft and dpo: the objective's own metrics on held-out rows (`evaluate_objective`).
+    eval_every: int = 0
+    eval_batches: int = 4  # fixed eval batches of batch_size x seq_len (make_eval_set; sft/dpo: chat.eval_rows)
     # Later stages (Stage); the first stage is (seq_len, batch_size) from step 0. Empty: one stage.
     stages: tuple[Stage, ...] = ()
     # "pretrain" (text, next-token loss), "sft" (data.format=chat: the same loss on assistant tokens only) or
@@ -180,8 +182,6 @@ class TrainConfig:
             need(self.data.paths is not None and self.data.format == want, f"objective={self.objective} needs "
                  f"data.format={want} and data.paths (JSONL rows, docs/post_training.md); got data.format="
                  f"{self.data.format!r}, data.paths={self.data.paths!r}")
-            need(not self.eval_every, f"eval_every={self.eval_every}: held-out evaluation is not available for "
-                 f"objective={self.objective} yet; set eval_every=0")
         else:
             need(self.data.format not in ("chat", "preference"), f"data.format={self.data.format} is for "
                  f"objective={'sft' if self.data.format == 'chat' else 'dpo'}, not {self.objective!r}")
@@ -485,6 +485,69 @@ def objective_metrics(sums: dict, norms: dict, cfg: TrainConfig) -> dict:
     return {"loss": dpo + cfg.dpo.nll_coef * nll, "dpo_loss": dpo, "nll": nll, "reward_accuracy":
             sums["correct_sum"] / n, "rewards_chosen": chosen, "rewards_rejected": rejected,
             "reward_margin": chosen - rejected, "pairs": n}
+
+
+# ------------------------------------------------------------------------------- held-out eval: sft, dpo
+def objective_eval_set(cfg: TrainConfig, source, tok) -> "llama_eval.EvalSet":
+    """Fixed eval batches for sft/dpo: the rows of data.eval_paths (read as the training source is: same format,
+    overlong policy and masking; a bad row is a DataError naming file:line), or the held-out share (data.eval_share,
+    the documents `input_pipeline` leaves out of training: sources.hash_split), in file order, packed whole as in
+    training (input_pipeline.chat.eval_rows) into at most eval_batches x batch_size rows; the last batch is padded."""
+    import hashlib
+
+    from input_pipeline.chat import eval_rows, open_chat
+    from input_pipeline.packing import empty_rows
+    from input_pipeline.sources import hash_split
+
+    d = cfg.data
+    src = dataclasses.replace(source, paths=(d.eval_paths,)) if d.eval_paths else source
+    docs = open_chat(src, tok, seq_len=cfg.seq_len, progress=distributed.is_primary())
+    docs = docs if d.eval_paths else hash_split(docs, d.eval_share, heldout=True)
+    rows, n = eval_rows([docs[i] for i in range(len(docs))], cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    pad = -len(rows["tokens"]) % cfg.batch_size
+    rows = {k: np.concatenate([v, empty_rows(pad, cfg.seq_len)[k]]) for k, v in rows.items()}
+    h = hashlib.sha256()
+    for k in sorted(rows):
+        h.update(rows[k].tobytes())
+    batches = tuple({k: v[i:i + cfg.batch_size] for k, v in rows.items()}
+                    for i in range(0, len(rows["tokens"]), cfg.batch_size))
+    return llama_eval.EvalSet(batches, n, int(docs[n - 1].shape[1]), int(rows["loss_mask"].sum()), h.hexdigest())
+
+
+def eval_sums(params, batch: dict, *, cfg: TrainConfig, ref_params=None) -> tuple[dict, dict]:
+    """Forward only: the objective's summed metrics over `batch` and its counts (the inputs of `objective_metrics`),
+    from the same functions as the train step. Sums of several batches give the whole set's metrics. Every eval
+    batch holds at least one masked token (a pair), so `_normalizers`' clamp at 1 never applies to these counts."""
+    norms = _normalizers(batch, cfg)
+    if cfg.objective == "dpo":
+        _, sums = _dpo_objective(params, batch, cfg=cfg, norms=norms, ref_params=ref_params)
+    else:
+        _, (nll_sum, z_sum) = _objective(params, batch, cfg=cfg, n_tokens=norms["tokens"])
+        sums = {"nll_sum": nll_sum, "z_sum": z_sum}
+    return sums, norms
+
+
+def evaluate_objective(state: TrainState, eval_set, *, cfg: TrainConfig, mesh, sums_fn) -> dict:
+    """The held-out metrics of sft/dpo, named as training's with an `eval_` prefix: sft eval_loss (the mean NLL of
+    the held-out assistant tokens) and eval_ppl; dpo every DPO metric (eval_loss, eval_dpo_loss, eval_nll,
+    eval_reward_accuracy, eval_rewards_chosen/rejected, eval_reward_margin, eval_pairs) against the run's
+    reference. `sums_fn`: `eval_sums` jitted. Each process feeds its share of every batch's rows."""
+    import input_pipeline
+
+    params = model_params(state.params, state.base, cfg)
+    ref = state.ref_params if state.ref_params is not None else state.base  # lora: the frozen base
+    p, n = jax.process_index(), jax.process_count()
+    total = None
+    with jax.set_mesh(mesh):
+        for batch in eval_set.batches:
+            rows = batch["tokens"].shape[0] // n
+            local = {k: v[p * rows:(p + 1) * rows] for k, v in batch.items()}
+            got = jax.device_get(sums_fn(params, input_pipeline.to_global_batch(local, mesh), ref_params=ref))
+            total = got if total is None else jax.tree.map(np.add, total, got)
+    m = {k: float(v) for k, v in objective_metrics(*total, cfg).items()}
+    if cfg.objective != "dpo":
+        return {"eval_loss": m["loss"], "eval_ppl": math.exp(min(m["loss"], 700.0))}
+    return {f"eval_{k}": v for k, v in m.items()}
 
 
 def train_step(state: TrainState, batch: dict, *, cfg: TrainConfig, tx: optax.GradientTransformation,
@@ -822,6 +885,11 @@ def check_setup(cfg: TrainConfig, out: str) -> None:
 
             for d in files:
                 read_index(d)
+    if cfg.eval_every and cfg.data.eval_paths:
+        try:
+            expand_paths((cfg.data.eval_paths,), allow_dirs=cfg.data.format in ("prepared", "hf"))
+        except input_pipeline.DataError as e:
+            raise input_pipeline.DataError(f"data.eval_paths: {e}") from None
     if cfg.data.tokenizer not in (None, "llama3"):
         load_tokenizer(cfg.data.tokenizer, vocab_size=cfg.model.vocab_size)
     for what, path in (("init_from", cfg.init_from), ("dpo.reference", cfg.dpo.reference)):
@@ -855,7 +923,8 @@ def main(argv=None) -> int:
         with open(tok.path, "rb") as f:
             manifest.atomic_write(own, f.read())
     holdout = 0.0 if cfg.data.eval_paths else cfg.data.eval_share
-    eval_set = llama_eval.trainer_eval_set(cfg, source, tok, out) if cfg.eval_every else None
+    eval_set = None if not cfg.eval_every else (llama_eval.trainer_eval_set(cfg, source, tok, out)
+                                                if cfg.objective == "pretrain" else objective_eval_set(cfg, source, tok))
 
     def open_data(stage: int, scfg: TrainConfig):
         # Each stage packs the stream anew at its own length (seed + stage: stage 0 is the unstaged run's data).
@@ -945,6 +1014,7 @@ def main(argv=None) -> int:
         return True
 
     pending = None  # (step number, its metrics still on the device, its stage, its stage's config)
+    eval_fn = jax.jit(functools.partial(eval_sums, cfg=cfg)) if eval_set is not None else None
     for step in range(start, cfg.steps):
         if stage_at(cfg, step)[0] != stage:  # a stage boundary: re-pack the data, recompile the step
             stage, scfg = stage_at(cfg, step)
@@ -961,7 +1031,8 @@ def main(argv=None) -> int:
         if eval_set is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
             # `state` is step `done`'s here (the next step is not dispatched yet); the eval waits for it
             last_eval = (done, llama_eval.evaluate(model_params(state.params, state.base, cfg), eval_set,
-                                                   cfg=cfg.model, mesh=mesh))
+                                                   cfg=cfg.model, mesh=mesh) if cfg.objective == "pretrain" else
+                         evaluate_objective(state, eval_set, cfg=cfg, mesh=mesh, sums_fn=eval_fn))
             if writer:
                 writer.write(done, last_eval[1])
         stop = preempted.flag

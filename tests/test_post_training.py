@@ -5,6 +5,7 @@ Tolerance 1e-5: float32 forward passes of a 2-layer model in two frameworks agre
 (tests/test_convert.py uses the same bound); summed log-probs over ~30 tokens stay within 1e-5 absolute.
 """
 
+import functools
 import json
 import math
 import os
@@ -279,7 +280,7 @@ def write_rows(tmp_path, kind, n=16):
     return str(path)
 
 
-def write_experiment(tmp_path, objective, data_path, **fields):
+def write_experiment(tmp_path, objective, data_path, data_fields=None, **fields):
     tok = require_shared("assets", "llama2c_stories260K", "tok512.model")
     fmt = {"sft": "chat", "dpo": "preference"}[objective]
     path = tmp_path / f"exp_{objective}.py"
@@ -290,7 +291,7 @@ from llama.train import DataConfig, TrainConfig
 from sharding.rules import MeshConfig
 CONFIG = TrainConfig(model=TINY.replace(vocab_size=512, max_seq_len=1024), mesh=MeshConfig(data=2, fsdp=2, tensor=2),
     optimizer=OptimizerConfig(peak_lr=1e-3, warmup_steps=2, decay_steps=20), objective={objective!r},
-    data=DataConfig(paths={data_path!r}, format={fmt!r}, tokenizer={str(tok)!r}),
+    data=DataConfig(paths={data_path!r}, format={fmt!r}, tokenizer={str(tok)!r}, **{data_fields or {}!r}),
     **{dict(batch_size=4, seq_len=256, steps=4, log_every=1, checkpoint_every=2, sample_tokens=0) | fields!r})
 ''')
     return str(path)
@@ -345,6 +346,151 @@ def test_sft_exact_resume(tmp_path):
     la = {s: r["loss"] for s, r in metrics_by_step(a).items()}
     lb = {s: r["loss"] for s, r in metrics_by_step(b).items()}
     assert sorted(la) == [1, 2, 3, 4] and la == lb and la[4] < la[1]
+
+
+# ------------------------------------------------------------------------------ held-out eval: sft and dpo
+ONE_PIECE = "the he she was and saw mom day big".split()  # one tok512 piece each: every row has the same length
+
+
+def write_even_rows(path, kind, n, seed=0):
+    """n rows of one token length (74 tokens for chat, 148 for a preference pair, checked by the test), so a
+    batch holds a fixed number of them whatever the shuffle: 4 rows x 3 conversations (sft) or x 1 pair (dpo)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        q, a, b = (" ".join(rng.choice(ONE_PIECE, k)) for k in (3, 4, 4))
+        while b == a:
+            b = " ".join(rng.choice(ONE_PIECE, 4))
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                    if kind == "chat" else {"prompt": [{"role": "user", "content": q}], "chosen": a, "rejected": b})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def src_docs(sp, path):
+    return [encode_chat(ChatFormat(sp), json.loads(line)["messages"]) for line in open(path)]
+
+
+def run_metrics(out):
+    from llama.metrics import read_jsonl
+
+    return read_jsonl(os.path.join(out, "metrics.jsonl"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_eval_at_lr0_equals_the_training_loss_on_the_same_rows(objective, sp, tmp_path):
+    """The held-out eval is the training objective: eval data = the training file, one epoch = exactly one batch
+    (rows of one length), 1 step whose update has lr 0 (warmup from 0), so the eval at step 1 sees the starting
+    params and the same rows as step 1's logged training metrics. SFT: eval_loss = the masked NLL; DPO with the
+    default reference: eval_dpo_loss = ln 2 and reward accuracy 0 (chosen reward > rejected reward, strictly, as
+    TRL counts it: every reward is 0). Tolerance: float32, the same rows summed in another packing order (1e-5)."""
+    from llama.train import main
+
+    fmt, per_batch = {"sft": ("chat", 12), "dpo": ("preference", 4)}[objective]
+    data = write_even_rows(tmp_path / f"{objective}.jsonl", fmt, per_batch)
+    docs = [encode_chat(ChatFormat(sp), r["messages"]) if fmt == "chat" else
+            encode_preference(ChatFormat(sp), r["prompt"], as_msgs(r["chosen"]), as_msgs(r["rejected"]),
+                              mask_special=True) for r in map(json.loads, open(data))]
+    assert {d.shape[1] for d in docs} == {74 if fmt == "chat" else 148}
+    exp = write_experiment(tmp_path, objective, data, {"eval_paths": data}, steps=1, eval_every=1)
+    out = str(tmp_path / "run")
+    assert main(["--config", exp, "--out", out]) == 0
+    rows = run_metrics(out)
+    train = next(r for r in rows if "loss" in r)
+    ev = next(r for r in rows if "eval_loss" in r)
+    assert train["step"] == ev["step"] == 1 and train["lr"] == 0
+    assert ev["eval_loss"] == pytest.approx(train["loss"], rel=1e-5)
+    if objective == "sft":
+        assert ev["eval_ppl"] == pytest.approx(math.exp(train["loss"]), rel=1e-5)
+    else:
+        assert ev["eval_dpo_loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert ev["eval_reward_accuracy"] == 0.0 and ev["eval_pairs"] == per_batch
+        assert ev["eval_reward_margin"] == pytest.approx(0, abs=1e-6)
+        for k in ("nll", "rewards_chosen", "rewards_rejected"):
+            assert ev[f"eval_{k}"] == pytest.approx(train[k], rel=1e-5, abs=1e-7)
+    from llama.manifest import read_manifest
+
+    assert read_manifest(out)["extra"]["eval"]["documents"] == per_batch
+
+
+def test_dpo_eval_reward_accuracy_against_a_hand_computation(sp):
+    """evaluate_objective on a policy != reference: reward accuracy is the share of pairs whose chosen reward
+    (beta x the summed log-ratio) is above the rejected one, computed here by hand from the model's log-probs;
+    the loss is the mean -log sigmoid of the reward difference plus 0.2 x the chosen NLL per token (1e-5)."""
+    from input_pipeline.chat import eval_rows
+    from input_pipeline.packing import empty_rows
+    from llama.eval import EvalSet
+    from llama.train import TrainState, eval_sums, evaluate_objective
+    from sharding.rules import MeshConfig, make_mesh
+
+    tcfg = TrainConfig(model=CFG, objective="dpo", data=DataConfig(paths="x", format="preference"), batch_size=4,
+                       seq_len=256, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
+    fmt = ChatFormat(sp)
+    docs = [encode_preference(fmt, p, as_msgs(c), as_msgs(r), mask_special=True) for p, c, r in PAIRS * 3]
+    rows, n = eval_rows(docs, 256, 16)
+    pad = empty_rows(-len(rows["tokens"]) % 4, 256)
+    rows = {k: np.concatenate([v, pad[k]]) for k, v in rows.items()}
+    batches = tuple({k: v[i:i + 4] for k, v in rows.items()} for i in range(0, len(rows["tokens"]), 4))
+    assert n == len(docs) and len(batches) >= 2  # the sums of several batches
+    es = EvalSet(batches, n, 0, 0, "")
+    pol, ref = random_params(seed=3), random_params(seed=4)
+    state = TrainState(jnp.int32(0), pol, None, None, ref)
+    mesh = make_mesh(tcfg.mesh)
+    got = evaluate_objective(state, es, cfg=tcfg, mesh=mesh, sums_fn=jax.jit(functools.partial(eval_sums, cfg=tcfg)))
+
+    def sums(params):
+        b = {k: jnp.asarray(v) for k, v in rows.items()}
+        h = model.hidden_states(params, b["tokens"], b["positions"], b["segment_ids"], cfg=CFG)
+        lp = llama_loss.token_logps(params, h, b["targets"], cfg=CFG) * b["loss_mask"]
+        return np.asarray(llama_loss.pair_sums(lp, b["segment_ids"]))  # [rows, P, 2]
+
+    valid = np.arange(sums(pol).shape[1])[None, :] < rows["segment_ids"].max(axis=1)[:, None] // 2
+    p, r = sums(pol)[valid], sums(ref)[valid]  # [pairs, 2]
+    rc, rr = 0.1 * (p[:, 0] - r[:, 0]), 0.1 * (p[:, 1] - r[:, 1])
+    chosen_tokens = sum(int(d[1, d[2] == 1].sum()) for d in docs)
+    assert 0 < (rc > rr).mean() < 1  # a case where the count matters
+    assert got["eval_pairs"] == len(docs)  # 3 / 9 correct; the metric is a float32 quotient
+    assert got["eval_reward_accuracy"] == pytest.approx((rc > rr).mean(), abs=1e-7)
+    np.testing.assert_allclose(got["eval_dpo_loss"], np.mean(np.log1p(np.exp(-(rc - rr)))), rtol=TOL)
+    np.testing.assert_allclose(got["eval_loss"], got["eval_dpo_loss"] - 0.2 * p[:, 0].sum() / chosen_tokens,
+                               rtol=TOL)
+    np.testing.assert_allclose([got["eval_rewards_chosen"], got["eval_rewards_rejected"], got["eval_reward_margin"]],
+                               [rc.mean(), rr.mean(), (rc - rr).mean()], atol=TOL)
+
+
+def test_eval_share_holds_out_rows_never_trained_and_a_bad_eval_file_names_its_line(sp, tmp_path):
+    """data.eval_share: the eval rows are exactly the documents the training stream leaves out (hash_split), in
+    file order, packed whole; a bad row in data.eval_paths stops the run before training with a DataError naming
+    file:line; a missing eval file is named as data.eval_paths."""
+    import input_pipeline
+    from input_pipeline.sources import DataError
+    from llama.train import data_source, main, objective_eval_set
+
+    data = write_even_rows(tmp_path / "chat.jsonl", "chat", 40)
+    cfg = TrainConfig(model=CFG, objective="sft", data=DataConfig(paths=data, format="chat", eval_share=0.25),
+                      batch_size=4, seq_len=256, eval_every=1, eval_batches=8)
+    src = data_source(cfg, str(tmp_path))
+    es = objective_eval_set(cfg, src, sp)
+    it = input_pipeline.make_dataset(input_pipeline.DataConfig(sources=(src,), holdout=0.25, num_epochs=1), sp,
+                                     seq_len=256, global_batch_size=4, seed=0)
+
+    def conversations(batches):  # the token ids of each segment of each row
+        return [tuple(b["tokens"][i][b["segment_ids"][i] == s]) for b in batches for i in range(len(b["tokens"]))
+                for s in range(1, b["segment_ids"][i].max() + 1)]
+
+    held, seen = conversations(es.batches), conversations(it)
+    assert 0 < es.documents == len(held) < 40 and len(held) + len(seen) == 40 and not set(held) & set(seen)
+    assert held == sorted(held, key=[tuple(d[0]) for d in src_docs(sp, data)].index)  # file order
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(data).readlines()[0] + open(data).readlines()[1] + '{"messages": [{"role": "robot", '
+                   '"content": "hi"}]}\n')
+    exp = write_experiment(tmp_path, "sft", data, {"eval_paths": str(bad)}, steps=1, eval_every=1)
+    with pytest.raises(DataError, match=f"{bad}:3: .*unknown role 'robot'"):
+        main(["--config", exp, "--out", str(tmp_path / "run")])
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "1")
+    with pytest.raises(DataError, match="data.eval_paths: .*nothere.jsonl"):
+        main(["--config", exp, "--out", str(tmp_path / "run2"), "--set", f"data.eval_paths={tmp_path}/nothere.jsonl"])
 
 
 def test_objective_config_errors():
