@@ -47,6 +47,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from llama import manifest  # noqa: E402
 from llama.config import TINY  # noqa: E402
 from llama.optim import OptimizerConfig  # noqa: E402
 from llama.train import DataConfig, TrainConfig  # noqa: E402
@@ -242,10 +243,8 @@ def plot(path, out, results):
     b.legend(fontsize=8)
     fig.suptitle(f"cpu_post_training_demo: SFT lr {results['sft_lr']:g}, DPO lr {results['dpo_lr']:g}, "
                  "both picked on validation")
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
+    manifest.save_figure(fig, path, dpi=100)
 
 
 def main(argv=None):
