@@ -198,11 +198,50 @@ def _tile_mask(q_slot, j, start, bk, n_valid, q_seg, k_seg):
     return mask
 
 
-def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int):
+def _runs(seg):
+    """seg [B, S] -> (run_start, run_end) [B, S] int32: the first and last slot of the run of equal segment ids that
+    holds each slot. Slots r..e of one run share a segment, so a tile whose keys and queries all lie in one run
+    needs no document mask (a packed document is one run; an id that recurs later starts a new run)."""
+    S = seg.shape[1]
+    idx = jnp.arange(S, dtype=jnp.int32)
+    new = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+    last = jnp.concatenate([seg[:, 1:] != seg[:, :-1], jnp.ones_like(seg[:, :1], bool)], axis=1)
+    end = jax.lax.cummin(jnp.where(last, idx, S - 1), axis=1, reverse=True)
+    return start, end
+
+
+def _whole_k_tiles(slot, run_start, n_valid: int, n_seen, bk: int):
+    """Key tiles [lo, hi) that every query of a block (slots `slot` [B, bq], nondecreasing, -1 padding) sees whole:
+    each key slot <= the block's smallest query slot, a real key (< n_valid), and, where `run_start` [B, S] is given
+    (segment ids), in the run of equal segment ids that holds every query (it starts at or before the tile and
+    reaches the block's largest slot). Tiles outside [lo, hi) keep the mask."""
+    hi = jnp.clip(jnp.minimum((jnp.min(slot) + 1) // bk, n_valid // bk), 0, n_seen)
+    if run_start is None:
+        return jnp.zeros_like(hi), hi
+    last = jnp.clip(jnp.max(slot, axis=1), 0, run_start.shape[1] - 1)  # [B] each row's largest query slot
+    r = jnp.max(jnp.take_along_axis(run_start, last[:, None], axis=1))  # the latest row's run start
+    return jnp.minimum(-(-r // bk), hi), hi
+
+
+def _whole_q_blocks(block_first, block_last, tile_last, run_end_at, nq: int):
+    """Query blocks [lo, hi) that see key tile j whole (the backward's mirror of `_whole_k_tiles`): every query slot
+    >= the tile's last key slot `tile_last` and <= `run_end_at`, the end of the run holding the whole tile (-1 where
+    the tile spans runs or holds padded keys). block_first, block_last [nq]: each block's smallest and largest slot
+    (-1 where it holds padding, which is never whole). Slots are nondecreasing, so the blocks that qualify are
+    contiguous."""
+    whole = (block_first >= tile_last) & (block_last <= run_end_at) & (block_first >= 0)
+    n = jnp.sum(whole).astype(jnp.int32)
+    lo = jnp.where(n > 0, jnp.argmax(whole).astype(jnp.int32), nq)
+    return lo, lo + n
+
+
+def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int, run_start=None):
     """Blockwise forward, heads-major. qh: [B, K, G, Tq, H] with Tq a multiple of bq; q_slots: [B, Tq] (-1: a
     padded query, which sees nothing); q_seg: [B, Tq] or None; read_kv(j) -> (start, k, v [B, K, bk, H], k_seg
-    [B, bk] or None) for key tile j. Query block i visits key tiles 0..max(its slots) // bk only (a dynamic trip
-    count). Returns out [B, K, G, Tq, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing).
+    [B, bk] or None) for key tile j; run_start: [B, S] (`_runs`) where q_seg is given. Query block i visits key
+    tiles 0..max(its slots) // bk only (a dynamic trip count), and builds a mask only on the tiles it does not see
+    whole (`_whole_k_tiles`: the diagonal, and with segment ids the tiles before its document's run). Returns out [B, K, G, Tq, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing).
 
     Heads-major tiles ([B, K, G, bq, H] against [B, K, bk, H]) make both of a tile's products plain batched
     matmuls over contiguous rows; with [B, T, K, G, H] slices each product paid for a layout change, and flash at
@@ -225,12 +264,12 @@ def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
         init = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
                 jnp.zeros((B, K, G, bq), jnp.float32))
         n_seen = jnp.minimum(nk, jnp.max(slot) // bk + 1)
-        # Key tiles that every query of the block sees whole (all their slots <= the block's smallest slot, all
-        # real keys) need no mask; with segment ids (self-attention always passes them) every tile does. Only the
-        # tiles on the diagonal pay the mask.
-        n_whole = 0 if q_seg is not None else jnp.clip(jnp.minimum((jnp.min(slot) + 1) // bk, n_valid // bk), 0, n_seen)
-        carry = jax.lax.fori_loop(0, n_whole, functools.partial(step, False), init)
-        o, m, l = jax.lax.fori_loop(n_whole, n_seen, functools.partial(step, True), carry)
+        # Tiles seen whole skip the mask's build, select and -inf guard: masked [0, lo), whole [lo, hi), masked
+        # [hi, n_seen). A row still unseen at lo is safe there: a whole tile gives it a finite maximum.
+        lo, hi = _whole_k_tiles(slot, run_start, n_valid, n_seen, bk)
+        carry = jax.lax.fori_loop(0, lo, functools.partial(step, True), init)
+        carry = jax.lax.fori_loop(lo, hi, functools.partial(step, False), carry)
+        o, m, l = jax.lax.fori_loop(hi, n_seen, functools.partial(step, True), carry)
         seen = l > 0
         out = o / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -281,7 +320,8 @@ def _flash(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int):
 def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk):
     T, S = q.shape[1], k.shape[1]
     qh, kh, vh, q_segp, k_segp, slots = _heads_major(q, k, v, q_seg, k_seg, q_slots, bq, bk)
-    out, lse = _flash_forward(qh, slots, q_segp, _self_kv_reader(kh, vh, k_segp, bk), S, kh.shape[2] // bk, bq, bk)
+    out, lse = _flash_forward(qh, slots, q_segp, _self_kv_reader(kh, vh, k_segp, bk), S, kh.shape[2] // bk, bq, bk,
+                              run_start=_runs(k_seg)[0])
     # Residuals in the padded heads-major layout the backward reads (the same bytes as q, k, v and the output);
     # k_seg unpadded, as its shape carries S.
     return _tokens_major(out, T), (qh, kh, vh, q_segp, k_seg, slots, out, lse)
@@ -291,7 +331,8 @@ def _flash_bwd(bq, bk, res, d_out):
     """FlashAttention-2's backward (Dao 2023, algorithm 2) in one pass over key tiles j: each visits the query
     blocks whose last slot reaches it (from the first block whose largest slot is >= j*bk; slots are
     nondecreasing), recomputes the tile's probabilities from the saved log-sum-exp, and accumulates dK_j, dV_j in
-    its carry and dQ in a float32 [B, K, G, Tp, H] carry. O(T) memory; heads-major like the forward."""
+    its carry and dQ in a float32 [B, K, G, Tp, H] carry; blocks that see the tile whole (`_whole_q_blocks`) skip
+    the mask. O(T) memory; heads-major like the forward."""
     qh, kh, vh, q_segp, k_seg, slots, out, lse = res
     B, K, G, Tp, H = qh.shape
     T, S, Sp = d_out.shape[1], k_seg.shape[1], kh.shape[2]
@@ -301,7 +342,9 @@ def _flash_bwd(bq, bk, res, d_out):
     delta = jnp.einsum("BKGTH,BKGTH->BKGT", dog.astype(jnp.float32), out.astype(jnp.float32))
     scale = np.float32(1 / np.sqrt(H))
     nq, nk = Tp // bq, Sp // bk
-    block_last = slots.reshape(B, nq, bq).max(axis=(0, 2))  # [nq] the largest slot of each query block
+    blocks = slots.reshape(B, nq, bq)
+    block_first, block_last = blocks.min(axis=(0, 2)), blocks.max(axis=(0, 2))  # [nq] each query block's slots
+    run_start, run_end = _runs(k_seg)
 
     def k_tile(dq, j):
         start = j * bk
@@ -309,13 +352,14 @@ def _flash_bwd(bq, bk, res, d_out):
         vb = jax.lax.dynamic_slice_in_dim(vh, start, bk, 2)
         k_seg_b = jax.lax.dynamic_slice_in_dim(k_segp, start, bk, 1)
 
-        def step(i, carry):
+        def step(masked, i, carry):
             dq, dk, dv = carry
             sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis)  # noqa: E731
             qb, dob, slot, q_seg_b = sl(qh, 3), sl(dog, 3), sl(slots, 1), sl(q_segp, 1)
-            mask = _tile_mask(slot, j, start, bk, S, q_seg_b, k_seg_b)
             s = jnp.einsum("BKGTH,BKSH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
-            p = jnp.where(mask[:, None, None], jnp.exp(s - sl(lse, 3)[..., None]), 0.0)
+            p = jnp.exp(s - sl(lse, 3)[..., None])
+            if masked:
+                p = jnp.where(_tile_mask(slot, j, start, bk, S, q_seg_b, k_seg_b)[:, None, None], p, 0.0)
             dp = jnp.einsum("BKGTH,BKSH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
             ds = p * (dp - sl(delta, 3)[..., None]) * scale
             dv += jnp.einsum("BKGTS,BKGTH->BKSH", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
@@ -326,7 +370,15 @@ def _flash_bwd(bq, bk, res, d_out):
 
         zeros = jnp.zeros((B, K, bk, H), jnp.float32)
         first = jnp.sum(block_last < start).astype(jnp.int32)  # self-attention (slots 0..T-1): start // bq
-        dq, dk, dv = jax.lax.fori_loop(first, nq, step, (dq, zeros, zeros))
+        # Query blocks that see the tile whole skip the mask: masked [first, lo), whole [lo, hi), masked [hi, nq).
+        tile_last = start + bk - 1
+        at = jnp.minimum(tile_last, S - 1)
+        one_run = (tile_last < S) & jnp.all(run_start[:, at] <= start)  # real keys, one run in every row
+        lo, hi = _whole_q_blocks(block_first, block_last, tile_last, jnp.where(one_run, jnp.min(run_end[:, at]), -1),
+                                 nq)
+        carry = jax.lax.fori_loop(first, lo, functools.partial(step, True), (dq, zeros, zeros))
+        carry = jax.lax.fori_loop(lo, hi, functools.partial(step, False), carry)
+        dq, dk, dv = jax.lax.fori_loop(hi, nq, functools.partial(step, True), carry)
         return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(k_tile, jnp.zeros((B, K, G, Tp, H), jnp.float32), jnp.arange(nk, dtype=jnp.int32))
