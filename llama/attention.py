@@ -8,9 +8,10 @@ builds a [T, S] array.
 - "xla": the plain reference (the tests' yardstick at short T): float32 scores [B, K, G, T, S], a dense mask.
 - "flash": blockwise attention in pure JAX with an online softmax (Rabe & Staats 2021, "Self-attention does not
   need O(n^2) memory"; Dao et al. 2022, FlashAttention). Masks are built per [block_q, block_k] tile from slot
-  indices and segment ids, only where needed (attention over a cache: tiles a query block sees whole skip it); a
-  query block loops only over the key blocks at or before its last slot, so causal attention costs about half the
-  FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size.
+  indices and segment ids, only where needed (a tile that every query of a block sees whole, one before the
+  diagonal and, with segment ids, inside the block's document, skips it); a query block loops only over the key
+  blocks at or before its last slot, so causal attention costs about half the FLOPs and a decode step at position
+  p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size.
   Softmax statistics in float32. Its custom VJP recomputes the scores blockwise (FlashAttention-2's backward, Dao
   2023), so training memory is O(T). Runs on CPU, GPU and TPU.
   Levanter's `levanter.models.flash_attention` (custom VJP, per-block causal and segment masks) was the model.
