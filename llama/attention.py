@@ -44,6 +44,10 @@ KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 # step is a kernel launch).
 DEFAULT_BLOCKS = {"cpu": (256, 256)}
 ACCELERATOR_BLOCKS = (512, 512)
+# The backward's tiles on the CPU where they divide the forward's: its tile step holds five [bq, bk] products and
+# float32 temporaries (the forward's two), and 128 x 128 ran the gradient at T = 8192 with ~15% less process CPU
+# than 256 x 256 (128 x 256 no better, 64 x 64 less CPU but ~2x the wall time in loop steps; docs/benchmarks.md).
+BACKWARD_BLOCKS = {"cpu": (128, 128)}
 DECODE_TILE_FACTOR = 8  # a decode step (one query per row) reads key tiles 8x longer: fewer loop steps, same bytes
 
 
@@ -142,6 +146,13 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
     seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     return _flash(q, k, v, seg, seg, slots, min(block_q, T), min(block_k, T))
+
+
+def _backward_blocks(bq: int, bk: int) -> tuple[int, int]:
+    """The backward's tiles for forward tiles bq x bk: the backend's `BACKWARD_BLOCKS` where each divides the
+    forward's (the padded residuals are then whole tiles of either), else the forward's own."""
+    b = BACKWARD_BLOCKS.get(_backend())
+    return b if b and bq % b[0] == 0 and bk % b[1] == 0 else (bq, bk)
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -309,16 +320,24 @@ def _tokens_major(xh, T):
     return xh[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _flash(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int):
+def _flash(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int, backward_blocks: tuple[int, int] | None = None):
     """Causal attention, blockwise, of T queries at slots q_slots [B, T] int32 against S keys at slots 0..S-1.
     q: [B, T, N, H], k, v: [B, S, K, H], q_seg: [B, T], k_seg: [B, S] int32. Self-attention: S = T and q_slots
     = 0..T-1; context parallelism (llama/context_parallel.py): a device's local queries in the load-balanced
-    order against all keys. q_slots must be nondecreasing along T (the backward's query-block skip relies on it)."""
-    return _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk)[0]
+    order against all keys. q_slots must be nondecreasing along T (the backward's query-block skip relies on it).
+    backward_blocks: the backward's tiles, each dividing the forward's (default `_backward_blocks`)."""
+    bqb, bkb = backward_blocks or _backward_blocks(bq, bk)
+    if bq % bqb or bk % bkb:
+        raise ValueError(f"flash: backward tiles {bqb} x {bkb} must divide the forward's {bq} x {bk}")
+    return _flash_vjp(q, k, v, q_seg, k_seg, q_slots, bq, bk, bqb, bkb)
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash_vjp(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int, bqb: int, bkb: int):
+    return _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk, bqb, bkb)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk, bqb, bkb):
     T, S = q.shape[1], k.shape[1]
     qh, kh, vh, q_segp, k_segp, slots = _heads_major(q, k, v, q_seg, k_seg, q_slots, bq, bk)
     out, lse = _flash_forward(qh, slots, q_segp, _self_kv_reader(kh, vh, k_segp, bk), S, kh.shape[2] // bk, bq, bk,
@@ -328,7 +347,7 @@ def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk):
     return _tokens_major(out, T), (qh, kh, vh, q_segp, k_seg, slots, out, lse)
 
 
-def _flash_bwd(bq, bk, res, d_out):
+def _flash_bwd(_bq, _bk, bq, bk, res, d_out):
     """FlashAttention-2's backward (Dao 2023, algorithm 2) in one pass over key tiles j: each visits the query
     blocks whose last slot reaches it (from the first block whose largest slot is >= j*bk; slots are
     nondecreasing), recomputes the tile's probabilities from the saved log-sum-exp, and accumulates dK_j, dV_j in
@@ -370,7 +389,9 @@ def _flash_bwd(bq, bk, res, d_out):
             return dq, dk, dv
 
         zeros = jnp.zeros((B, K, bk, H), jnp.float32)
-        first = jnp.sum(block_last < start).astype(jnp.int32)  # self-attention (slots 0..T-1): start // bq
+        # Self-attention (slots 0..T-1): start // bq. Blocks of padding only (-1; backward tiles smaller than the
+        # forward's leave some at the end) are not counted, so the real blocks before the tile stay a prefix.
+        first = jnp.sum((block_last >= 0) & (block_last < start)).astype(jnp.int32)
         # Query blocks that see the tile whole skip the mask: masked [first, lo), whole [lo, hi), masked [hi, nq).
         tile_last = start + bk - 1
         at = jnp.minimum(tile_last, S - 1)
@@ -388,7 +409,7 @@ def _flash_bwd(bq, bk, res, d_out):
             None, None, None)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash_vjp.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):

@@ -127,6 +127,24 @@ def test_flash_long_documents_outputs_and_grads():
         np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{name}")
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "long-docs"])
+def test_flash_backward_tiles_smaller_than_the_forwards(packed):
+    """The backward on its own tiles (`BACKWARD_BLOCKS` on the CPU where they divide the forward's): 32 x 32 forward
+    tiles, 16 x 8 backward tiles, T = 200 padded to 224; gradients equal the reference."""
+    B, T, N, K, H = 2, 200, 8, 2, 16
+    q, k, v, ct = qkv(B, T, N, K, H, seed=6)
+    seg = jnp.asarray(LONG_DOCS) if packed else jnp.zeros((B, T), jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    f = lambda q, k, v: jnp.sum(A._flash(q, k, v, seg, seg, slots, 32, 32, (16, 8)) * ct)  # noqa: E731
+    g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    _, ref_g = out_and_grads("xla", q, k, v, ct, seg)
+    for name, a, b in zip("qkv", g, ref_g):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{name}")
+    assert A._backward_blocks(256, 256) == A.BACKWARD_BLOCKS["cpu"] and A._backward_blocks(32, 32) == (32, 32)
+    with pytest.raises(ValueError, match="backward tiles 24 x 8 must divide the forward's 32 x 32"):
+        A._flash(q, k, v, seg, seg, slots, 32, 32, (24, 8))
+
+
 def cache_of(k, v, S, int8=False):
     """A [L=1, B, K, S, H] cache holding k, v [B, n, K, H] in slots 0..n-1 and garbage beyond (never visible)."""
     B, n, K, H = k.shape
