@@ -267,7 +267,8 @@ def _worker(job: list[str]) -> None:
     if kind == "attention":
         out = ours_attention(int(arg), int(job[3]))
     elif kind == "prefill":
-        out = ours_prefill(int(arg), int(job[3]), int(job[4])) if side == "ours" else peer_prefill(int(arg), int(job[4]))
+        repeat = int(job[4])
+        out = ours_prefill(int(arg), int(job[3]), repeat) if side == "ours" else peer_prefill(int(arg), repeat)
     elif kind == "train":
         out = ours_train(int(arg)) if side == "ours" else peer_train(int(arg))
     else:
@@ -300,7 +301,8 @@ def main(argv=None) -> None:
     ap.add_argument("--attention", default="", help="attention-only proxy lengths (ours only; `ours_attention`)")
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=1,
-                    help="prefill calls timed per process, both sides (after compile / warm-up); the table shows the first")
+                    help="prefill calls timed per process, both sides (after compile / warm-up); the table shows "
+                         "the first")
     ap.add_argument("--peer", choices=("on", "off"), default="on", help="run transformers alongside")
     ap.add_argument("--quick", action="store_true", help="a shorter timeout per job (a smoke run)")
     ap.add_argument("--json", help="also write every job's result here")

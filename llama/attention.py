@@ -253,7 +253,8 @@ def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
     padded query, which sees nothing); q_seg: [B, Tq] or None; read_kv(j) -> (start, k, v [B, K, bk, H], k_seg
     [B, bk] or None) for key tile j; run_start: [B, S] (`_runs`) where q_seg is given. Query block i visits key
     tiles 0..max(its slots) // bk only (a dynamic trip count), and builds a mask only on the tiles it does not see
-    whole (`_whole_k_tiles`: the diagonal, and with segment ids the tiles before its document's run). Returns out [B, K, G, Tq, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing).
+    whole (`_whole_k_tiles`: the diagonal, and with segment ids the tiles before its document's run). Returns out
+    [B, K, G, Tq, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing).
 
     Heads-major tiles ([B, K, G, bq, H] against [B, K, bk, H]) make both of a tile's products plain batched
     matmuls over contiguous rows; with [B, T, K, G, H] slices each product paid for a layout change, and flash at

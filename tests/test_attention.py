@@ -93,7 +93,10 @@ def test_whole_tile_ranges_only_cover_tiles_the_mask_leaves_whole():
     slots[:, :T] = np.arange(T)
     run_start, run_end = A._runs(seg)
     mask = (np.arange(T)[None, None] <= np.arange(T)[None, :, None]) & (LONG_DOCS[:, :, None] == LONG_DOCS[:, None])
-    whole = lambda i, j: (i + 1) * b <= T and (j + 1) * b <= T and mask[:, i * b:(i + 1) * b, j * b:(j + 1) * b].all()  # noqa: E731
+
+    def whole(i, j):  # every query of block i (all real) sees every key of tile j, in both rows
+        return (i + 1) * b <= T and (j + 1) * b <= T and mask[:, i * b:(i + 1) * b, j * b:(j + 1) * b].all()
+
     blocks = slots.reshape(B, nq, b)
     fwd, bwd = set(), set()
     for i in range(nq):
