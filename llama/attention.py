@@ -8,9 +8,10 @@ builds a [T, S] array.
 - "xla": the plain reference (the tests' yardstick at short T): float32 scores [B, K, G, T, S], a dense mask.
 - "flash": blockwise attention in pure JAX with an online softmax (Rabe & Staats 2021, "Self-attention does not
   need O(n^2) memory"; Dao et al. 2022, FlashAttention). Masks are built per [block_q, block_k] tile from slot
-  indices and segment ids, only where needed (attention over a cache: tiles a query block sees whole skip it); a
-  query block loops only over the key blocks at or before its last slot, so causal attention costs about half the
-  FLOPs and a decode step at position p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size.
+  indices and segment ids, only where needed (a tile that every query of a block sees whole, one before the
+  diagonal and, with segment ids, inside the block's document, skips it); a query block loops only over the key
+  blocks at or before its last slot, so causal attention costs about half the FLOPs and a decode step at position
+  p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size.
   Softmax statistics in float32. Its custom VJP recomputes the scores blockwise (FlashAttention-2's backward, Dao
   2023), so training memory is O(T). Runs on CPU, GPU and TPU.
   Levanter's `levanter.models.flash_attention` (custom VJP, per-block causal and segment masks) was the model.
@@ -43,6 +44,10 @@ KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 # step is a kernel launch).
 DEFAULT_BLOCKS = {"cpu": (256, 256)}
 ACCELERATOR_BLOCKS = (512, 512)
+# The backward's tiles on the CPU where they divide the forward's: its tile step holds five [bq, bk] products and
+# float32 temporaries (the forward's two), and 128 x 128 ran the gradient at T = 8192 with ~15% less process CPU
+# than 256 x 256 (128 x 256 no better, 64 x 64 less CPU but ~2x the wall time in loop steps; docs/benchmarks.md).
+BACKWARD_BLOCKS = {"cpu": (128, 128)}
 DECODE_TILE_FACTOR = 8  # a decode step (one query per row) reads key tiles 8x longer: fewer loop steps, same bytes
 
 
@@ -143,6 +148,13 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
     return _flash(q, k, v, seg, seg, slots, min(block_q, T), min(block_k, T))
 
 
+def _backward_blocks(bq: int, bk: int) -> tuple[int, int]:
+    """The backward's tiles for forward tiles bq x bk: the backend's `BACKWARD_BLOCKS` where each divides the
+    forward's (the padded residuals are then whole tiles of either), else the forward's own."""
+    b = BACKWARD_BLOCKS.get(_backend())
+    return b if b and bq % b[0] == 0 and bk % b[1] == 0 else (bq, bk)
+
+
 # ---------------------------------------------------------------------------------------------- reference
 def _reference(q, k, v, q_slots, q_segment, k_segment, q_parent=None) -> jax.Array:
     """The dense reference: float32 scores [B, K, G, T, S] and a [B, T, S] mask (key slot <= query slot, same
@@ -198,11 +210,51 @@ def _tile_mask(q_slot, j, start, bk, n_valid, q_seg, k_seg):
     return mask
 
 
-def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int):
+def _runs(seg):
+    """seg [B, S] -> (run_start, run_end) [B, S] int32: the first and last slot of the run of equal segment ids that
+    holds each slot. Slots r..e of one run share a segment, so a tile whose keys and queries all lie in one run
+    needs no document mask (a packed document is one run; an id that recurs later starts a new run)."""
+    S = seg.shape[1]
+    idx = jnp.arange(S, dtype=jnp.int32)
+    new = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+    last = jnp.concatenate([seg[:, 1:] != seg[:, :-1], jnp.ones_like(seg[:, :1], bool)], axis=1)
+    end = jax.lax.cummin(jnp.where(last, idx, S - 1), axis=1, reverse=True)
+    return start, end
+
+
+def _whole_k_tiles(slot, run_start, n_valid: int, n_seen, bk: int):
+    """Key tiles [lo, hi) that every query of a block (slots `slot` [B, bq], nondecreasing, -1 padding) sees whole:
+    each key slot <= the block's smallest query slot, a real key (< n_valid), and, where `run_start` [B, S] is given
+    (segment ids), in the run of equal segment ids that holds every query (it starts at or before the tile and
+    reaches the block's largest slot). Tiles outside [lo, hi) keep the mask."""
+    hi = jnp.clip(jnp.minimum((jnp.min(slot) + 1) // bk, n_valid // bk), 0, n_seen)
+    if run_start is None:
+        return jnp.zeros_like(hi), hi
+    last = jnp.clip(jnp.max(slot, axis=1), 0, run_start.shape[1] - 1)  # [B] each row's largest query slot
+    r = jnp.max(jnp.take_along_axis(run_start, last[:, None], axis=1))  # the latest row's run start
+    return jnp.minimum(-(-r // bk), hi), hi
+
+
+def _whole_q_blocks(block_first, block_last, tile_last, run_end_at, nq: int):
+    """Query blocks [lo, hi) that see key tile j whole (the backward's mirror of `_whole_k_tiles`): every query slot
+    >= the tile's last key slot `tile_last` and <= `run_end_at`, the end of the run holding the whole tile (-1 where
+    the tile spans runs or holds padded keys). block_first, block_last [nq]: each block's smallest and largest slot
+    (-1 where it holds padding, which is never whole). Slots are nondecreasing, so the blocks that qualify are
+    contiguous."""
+    whole = (block_first >= tile_last) & (block_last <= run_end_at) & (block_first >= 0)
+    n = jnp.sum(whole).astype(jnp.int32)
+    lo = jnp.where(n > 0, jnp.argmax(whole).astype(jnp.int32), nq)
+    return lo, lo + n
+
+
+def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int, run_start=None):
     """Blockwise forward, heads-major. qh: [B, K, G, Tq, H] with Tq a multiple of bq; q_slots: [B, Tq] (-1: a
     padded query, which sees nothing); q_seg: [B, Tq] or None; read_kv(j) -> (start, k, v [B, K, bk, H], k_seg
-    [B, bk] or None) for key tile j. Query block i visits key tiles 0..max(its slots) // bk only (a dynamic trip
-    count). Returns out [B, K, G, Tq, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing).
+    [B, bk] or None) for key tile j; run_start: [B, S] (`_runs`) where q_seg is given. Query block i visits key
+    tiles 0..max(its slots) // bk only (a dynamic trip count), and builds a mask only on the tiles it does not see
+    whole (`_whole_k_tiles`: the diagonal, and with segment ids the tiles before its document's run). Returns out
+    [B, K, G, Tq, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing).
 
     Heads-major tiles ([B, K, G, bq, H] against [B, K, bk, H]) make both of a tile's products plain batched
     matmuls over contiguous rows; with [B, T, K, G, H] slices each product paid for a layout change, and flash at
@@ -225,12 +277,12 @@ def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
         init = (jnp.zeros((B, K, G, bq, H), jnp.float32), jnp.full((B, K, G, bq), -jnp.inf, jnp.float32),
                 jnp.zeros((B, K, G, bq), jnp.float32))
         n_seen = jnp.minimum(nk, jnp.max(slot) // bk + 1)
-        # Key tiles that every query of the block sees whole (all their slots <= the block's smallest slot, all
-        # real keys) need no mask; with segment ids (self-attention always passes them) every tile does. Only the
-        # tiles on the diagonal pay the mask.
-        n_whole = 0 if q_seg is not None else jnp.clip(jnp.minimum((jnp.min(slot) + 1) // bk, n_valid // bk), 0, n_seen)
-        carry = jax.lax.fori_loop(0, n_whole, functools.partial(step, False), init)
-        o, m, l = jax.lax.fori_loop(n_whole, n_seen, functools.partial(step, True), carry)
+        # Tiles seen whole skip the mask's build, select and -inf guard: masked [0, lo), whole [lo, hi), masked
+        # [hi, n_seen). A row still unseen at lo is safe there: a whole tile gives it a finite maximum.
+        lo, hi = _whole_k_tiles(slot, run_start, n_valid, n_seen, bk)
+        carry = jax.lax.fori_loop(0, lo, functools.partial(step, True), init)
+        carry = jax.lax.fori_loop(lo, hi, functools.partial(step, False), carry)
+        o, m, l = jax.lax.fori_loop(hi, n_seen, functools.partial(step, True), carry)
         seen = l > 0
         out = o / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
@@ -269,29 +321,39 @@ def _tokens_major(xh, T):
     return xh[:, :, :, :T].transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, H)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _flash(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int):
+def _flash(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int, backward_blocks: tuple[int, int] | None = None):
     """Causal attention, blockwise, of T queries at slots q_slots [B, T] int32 against S keys at slots 0..S-1.
     q: [B, T, N, H], k, v: [B, S, K, H], q_seg: [B, T], k_seg: [B, S] int32. Self-attention: S = T and q_slots
     = 0..T-1; context parallelism (llama/context_parallel.py): a device's local queries in the load-balanced
-    order against all keys. q_slots must be nondecreasing along T (the backward's query-block skip relies on it)."""
-    return _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk)[0]
+    order against all keys. q_slots must be nondecreasing along T (the backward's query-block skip relies on it).
+    backward_blocks: the backward's tiles, each dividing the forward's (default `_backward_blocks`)."""
+    bqb, bkb = backward_blocks or _backward_blocks(bq, bk)
+    if bq % bqb or bk % bkb:
+        raise ValueError(f"flash: backward tiles {bqb} x {bkb} must divide the forward's {bq} x {bk}")
+    return _flash_vjp(q, k, v, q_seg, k_seg, q_slots, bq, bk, bqb, bkb)
 
 
-def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _flash_vjp(q, k, v, q_seg, k_seg, q_slots, bq: int, bk: int, bqb: int, bkb: int):
+    return _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk, bqb, bkb)[0]
+
+
+def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk, bqb, bkb):
     T, S = q.shape[1], k.shape[1]
     qh, kh, vh, q_segp, k_segp, slots = _heads_major(q, k, v, q_seg, k_seg, q_slots, bq, bk)
-    out, lse = _flash_forward(qh, slots, q_segp, _self_kv_reader(kh, vh, k_segp, bk), S, kh.shape[2] // bk, bq, bk)
+    out, lse = _flash_forward(qh, slots, q_segp, _self_kv_reader(kh, vh, k_segp, bk), S, kh.shape[2] // bk, bq, bk,
+                              run_start=_runs(k_seg)[0])
     # Residuals in the padded heads-major layout the backward reads (the same bytes as q, k, v and the output);
     # k_seg unpadded, as its shape carries S.
     return _tokens_major(out, T), (qh, kh, vh, q_segp, k_seg, slots, out, lse)
 
 
-def _flash_bwd(bq, bk, res, d_out):
+def _flash_bwd(_bq, _bk, bq, bk, res, d_out):
     """FlashAttention-2's backward (Dao 2023, algorithm 2) in one pass over key tiles j: each visits the query
     blocks whose last slot reaches it (from the first block whose largest slot is >= j*bk; slots are
     nondecreasing), recomputes the tile's probabilities from the saved log-sum-exp, and accumulates dK_j, dV_j in
-    its carry and dQ in a float32 [B, K, G, Tp, H] carry. O(T) memory; heads-major like the forward."""
+    its carry and dQ in a float32 [B, K, G, Tp, H] carry; blocks that see the tile whole (`_whole_q_blocks`) skip
+    the mask. O(T) memory; heads-major like the forward."""
     qh, kh, vh, q_segp, k_seg, slots, out, lse = res
     B, K, G, Tp, H = qh.shape
     T, S, Sp = d_out.shape[1], k_seg.shape[1], kh.shape[2]
@@ -301,7 +363,9 @@ def _flash_bwd(bq, bk, res, d_out):
     delta = jnp.einsum("BKGTH,BKGTH->BKGT", dog.astype(jnp.float32), out.astype(jnp.float32))
     scale = np.float32(1 / np.sqrt(H))
     nq, nk = Tp // bq, Sp // bk
-    block_last = slots.reshape(B, nq, bq).max(axis=(0, 2))  # [nq] the largest slot of each query block
+    blocks = slots.reshape(B, nq, bq)
+    block_first, block_last = blocks.min(axis=(0, 2)), blocks.max(axis=(0, 2))  # [nq] each query block's slots
+    run_start, run_end = _runs(k_seg)
 
     def k_tile(dq, j):
         start = j * bk
@@ -309,13 +373,14 @@ def _flash_bwd(bq, bk, res, d_out):
         vb = jax.lax.dynamic_slice_in_dim(vh, start, bk, 2)
         k_seg_b = jax.lax.dynamic_slice_in_dim(k_segp, start, bk, 1)
 
-        def step(i, carry):
+        def step(masked, i, carry):
             dq, dk, dv = carry
             sl = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis)  # noqa: E731
             qb, dob, slot, q_seg_b = sl(qh, 3), sl(dog, 3), sl(slots, 1), sl(q_segp, 1)
-            mask = _tile_mask(slot, j, start, bk, S, q_seg_b, k_seg_b)
             s = jnp.einsum("BKGTH,BKSH->BKGTS", qb, kb, preferred_element_type=jnp.float32) * scale
-            p = jnp.where(mask[:, None, None], jnp.exp(s - sl(lse, 3)[..., None]), 0.0)
+            p = jnp.exp(s - sl(lse, 3)[..., None])
+            if masked:
+                p = jnp.where(_tile_mask(slot, j, start, bk, S, q_seg_b, k_seg_b)[:, None, None], p, 0.0)
             dp = jnp.einsum("BKGTH,BKSH->BKGTS", dob, vb, preferred_element_type=jnp.float32)
             ds = p * (dp - sl(delta, 3)[..., None]) * scale
             dv += jnp.einsum("BKGTS,BKGTH->BKSH", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
@@ -325,8 +390,18 @@ def _flash_bwd(bq, bk, res, d_out):
             return dq, dk, dv
 
         zeros = jnp.zeros((B, K, bk, H), jnp.float32)
-        first = jnp.sum(block_last < start).astype(jnp.int32)  # self-attention (slots 0..T-1): start // bq
-        dq, dk, dv = jax.lax.fori_loop(first, nq, step, (dq, zeros, zeros))
+        # Self-attention (slots 0..T-1): start // bq. Blocks of padding only (-1; backward tiles smaller than the
+        # forward's leave some at the end) are not counted, so the real blocks before the tile stay a prefix.
+        first = jnp.sum((block_last >= 0) & (block_last < start)).astype(jnp.int32)
+        # Query blocks that see the tile whole skip the mask: masked [first, lo), whole [lo, hi), masked [hi, nq).
+        tile_last = start + bk - 1
+        at = jnp.minimum(tile_last, S - 1)
+        one_run = (tile_last < S) & jnp.all(run_start[:, at] <= start)  # real keys, one run in every row
+        lo, hi = _whole_q_blocks(block_first, block_last, tile_last, jnp.where(one_run, jnp.min(run_end[:, at]), -1),
+                                 nq)
+        carry = jax.lax.fori_loop(first, lo, functools.partial(step, True), (dq, zeros, zeros))
+        carry = jax.lax.fori_loop(lo, hi, functools.partial(step, False), carry)
+        dq, dk, dv = jax.lax.fori_loop(hi, nq, functools.partial(step, True), carry)
         return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(k_tile, jnp.zeros((B, K, G, Tp, H), jnp.float32), jnp.arange(nk, dtype=jnp.int32))
@@ -335,7 +410,7 @@ def _flash_bwd(bq, bk, res, d_out):
             None, None, None)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash_vjp.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _flash_cached(q, kv: CachedKV, q_slots, block_q: int, block_k: int):

@@ -77,6 +77,77 @@ def test_flash_equals_reference_outputs_and_grads(case):
         assert float(jnp.abs(plain - ref).max()) > 1e-2
 
 
+# Long documents (so tiles lie whole inside one), an id that recurs in a later document (0 in row 0: a new run, not
+# the same document), different boundaries per row, and T = 200 not a multiple of the 16-slot blocks (padding).
+LONG_DOCS = np.array([[0] * 90 + [1] * 70 + [0] * 40, [5] * 30 + [2] * 170], np.int32)
+
+
+def test_whole_tile_ranges_only_cover_tiles_the_mask_leaves_whole():
+    """The forward's key-tile ranges and the backward's query-block ranges that skip the mask (`_whole_k_tiles`,
+    `_whole_q_blocks`) against the dense mask: every (query block, key tile) pair they call whole has every query
+    seeing every key, and they find such pairs both at the start of a row and past a document boundary."""
+    B, T, b = 2, 200, 16
+    nq = -(-T // b)
+    seg = jnp.asarray(LONG_DOCS)
+    slots = np.full((B, nq * b), -1, np.int32)
+    slots[:, :T] = np.arange(T)
+    run_start, run_end = A._runs(seg)
+    mask = (np.arange(T)[None, None] <= np.arange(T)[None, :, None]) & (LONG_DOCS[:, :, None] == LONG_DOCS[:, None])
+
+    def whole(i, j):  # every query of block i (all real) sees every key of tile j, in both rows
+        return (i + 1) * b <= T and (j + 1) * b <= T and mask[:, i * b:(i + 1) * b, j * b:(j + 1) * b].all()
+
+    blocks = slots.reshape(B, nq, b)
+    fwd, bwd = set(), set()
+    for i in range(nq):
+        blk = jnp.asarray(blocks[:, i])
+        lo, hi = A._whole_k_tiles(blk, run_start, T, jnp.asarray(blk.max() // b + 1), b)
+        fwd |= {(i, j) for j in range(int(lo), int(hi))}
+    first, last = jnp.asarray(blocks.min(axis=(0, 2))), jnp.asarray(blocks.max(axis=(0, 2)))
+    for j in range(nq):
+        at = min(j * b + b - 1, T - 1)
+        one_run = j * b + b - 1 < T and bool((run_start[:, at] <= j * b).all())
+        lo, hi = A._whole_q_blocks(first, last, j * b + b - 1, int(run_end[:, at].min()) if one_run else -1, nq)
+        bwd |= {(i, j) for i in range(int(lo), int(hi))}
+    assert all(whole(i, j) for i, j in fwd | bwd)
+    assert fwd == bwd  # the same pairs from either side
+    assert (3, 2) in fwd and (7, 6) in fwd  # past row 1's boundary at slot 30, and past row 0's at 90
+    assert (2, 0) not in fwd and (7, 5) not in fwd  # row 1: slots 0-15 and 32-47 in two documents; 80-95 spans 90
+    assert (12, 11) not in fwd  # the last block holds padding (slots 192-199 real)
+
+
+def test_flash_long_documents_outputs_and_grads():
+    """Packed rows of long documents: tiles inside a document run unmasked in the forward and backward (the
+    ranges above), the rest masked; outputs and gradients equal the reference."""
+    B, T, N, K, H = 2, 200, 8, 2, 16
+    q, k, v, ct = qkv(B, T, N, K, H, seed=5)
+    seg = jnp.asarray(LONG_DOCS)
+    ref, ref_g = out_and_grads("xla", q, k, v, ct, seg)
+    out, g = jax.jit(lambda *a: out_and_grads("flash", *a, seg, block_q=16, block_k=16))(q, k, v, ct)
+    np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
+    for name, a, b in zip("qkv", g, ref_g):
+        assert float(jnp.abs(b).max()) > 0.1, name
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "long-docs"])
+def test_flash_backward_tiles_smaller_than_the_forwards(packed):
+    """The backward on its own tiles (`BACKWARD_BLOCKS` on the CPU where they divide the forward's): 32 x 32 forward
+    tiles, 16 x 8 backward tiles, T = 200 padded to 224; gradients equal the reference."""
+    B, T, N, K, H = 2, 200, 8, 2, 16
+    q, k, v, ct = qkv(B, T, N, K, H, seed=6)
+    seg = jnp.asarray(LONG_DOCS) if packed else jnp.zeros((B, T), jnp.int32)
+    slots = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    f = lambda q, k, v: jnp.sum(A._flash(q, k, v, seg, seg, slots, 32, 32, (16, 8)) * ct)  # noqa: E731
+    g = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    _, ref_g = out_and_grads("xla", q, k, v, ct, seg)
+    for name, a, b in zip("qkv", g, ref_g):
+        np.testing.assert_allclose(a, b, atol=ATOL, rtol=0, err_msg=f"d{name}")
+    assert A._backward_blocks(256, 256) == A.BACKWARD_BLOCKS["cpu"] and A._backward_blocks(32, 32) == (32, 32)
+    with pytest.raises(ValueError, match="backward tiles 24 x 8 must divide the forward's 32 x 32"):
+        A._flash(q, k, v, seg, seg, slots, 32, 32, (24, 8))
+
+
 def cache_of(k, v, S, int8=False):
     """A [L=1, B, K, S, H] cache holding k, v [B, n, K, H] in slots 0..n-1 and garbage beyond (never visible)."""
     B, n, K, H = k.shape
