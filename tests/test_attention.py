@@ -19,10 +19,7 @@ from llama.config import TINY, ConfigError, ModelConfig
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
+pytestmark = pytest.mark.usefixtures("highest_precision")
 
 
 def qkv(B, T, N, K, H, S=None, seed=0):
