@@ -5,8 +5,9 @@ length before and after the extension.
     python -m experiments.cpu_passkey [--out runs/cpu_passkey] [--lengths 256,1024,4096] [--stages N]
 
 Data (llama.passkey.training_corpus): Mohtashami & Jaggi's passkey format; per stage of row length T a corpus
-OUT/passkeys_<T>.txt of (steps x batch) documents, each n whole filler sentences (n uniform in [0, the most that
-fit T]) with the key after a uniform number of them, the question and the answer, padded with "#" to exactly T
+OUT/passkeys_<T>.txt of (steps x batch) documents, each n whole filler sentences with the key sentence d of them
+before the question (d uniform in [0, the most that fit T], n uniform in [d, that most], so every key-to-question
+distance of the evaluation grid is as common in training as any other), the answer, padded with "#" to exactly T
 tokens with BOS and EOS, so every training row is one whole document: the key never falls into another row than
 its question (the trainer packs documents end to end and cuts rows; see llama.passkey.PAD). Tokenizer: a
 512-piece SentencePiece BPE with split digits (one token per key digit), trained once on 500 unpadded documents

@@ -255,13 +255,16 @@ PAD = "#"
 def training_corpus(path: str, *, docs: int, tok=None, length: int | None = None, max_words: int = 200,
                     seed: int = 0) -> str:
     """Passkey documents for pre-training (the CPU experiment), one per record, separated by <|endoftext|>:
-    `passkey_text` with n filler sentences, the key after a uniform number of them (a uniform depth), and the
-    answer " KEY.".
+    `passkey_text` with n filler sentences, the key sentence d of them before the question, and the answer
+    " KEY.". The key-to-question distance d is uniform in [0, top] and n uniform in [d, top], so every distance
+    the evaluation grid asks for at this length (depth 0 of a full prompt is d = n = top) is as common as any
+    other. The earlier draw (n uniform, then a uniform depth) gave distance >= 3/4 top to ~7% of the documents
+    and depth 0 of a full 256-token prompt (d within 2 sentences of top) to 0.3%; a model that had learned to
+    retrieve then did so only at the short distances it had seen (docs/long_context.md).
 
-    With `tok` and `length` (a stage's row length): n uniform in [0, the most that fit], so key-question distances
-    cover the whole row, each document then padded with PAD to exactly `length` tokens with its BOS and EOS (see
-    PAD). Without: n uniform in [0, max_words / 4] (filler sentences have 4-5 words), unpadded: the text to train
-    the tokenizer on."""
+    With `tok` and `length` (a stage's row length): top = the most sentences that fit, each document then padded
+    with PAD to exactly `length` tokens with its BOS and EOS (see PAD). Without: top = max_words / 4 (filler
+    sentences have 4-5 words), unpadded: the text to train the tokenizer on."""
     from llama import manifest
     from llama.train import CORPUS_SEPARATOR
 
@@ -279,8 +282,9 @@ def training_corpus(path: str, *, docs: int, tok=None, length: int | None = None
     out = []
     for _ in range(docs):
         key = str(rng.integers(10000, 100000))
-        n = int(rng.integers(0, top + 1))
-        doc = passkey_text(key, n, int(rng.integers(0, n + 1))) + f" {key}."
+        d = int(rng.integers(0, top + 1))
+        n = int(rng.integers(d, top + 1))
+        doc = passkey_text(key, n, n - d) + f" {key}."
         if tok is not None:
             pad = length - 2 - len(_enc(tok, doc))
             if pad < 0 or len(_enc(tok, doc + PAD * pad)) != length - 2:

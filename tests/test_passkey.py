@@ -128,7 +128,7 @@ def test_padded_training_documents_fill_one_row_each(tok, tmp_path, length):
     path = passkey.training_corpus(str(tmp_path / "docs.txt"), docs=40, tok=tok, length=length, seed=0)
     docs = open(path).read().split("\n<|endoftext|>\n")
     assert len(docs) == 40
-    n_filler = []
+    n_filler, distance = [], []
     for doc in docs:
         assert 2 + len(passkey._enc(tok, doc)) == length
         text = doc.rstrip(passkey.PAD)
@@ -136,12 +136,18 @@ def test_padded_training_documents_fill_one_row_each(tok, tmp_path, length):
         assert text.startswith(passkey.INTRO) and text.endswith(passkey.PASSKEY_QUESTION + f" {key}.")
         assert passkey.PASSKEY.format(key=key) in text
         n_filler.append(text.count(".") - 7)  # the intro and the key sentence have 3 full stops each, the answer 1
+        after_key = text[text.index(passkey.PASSKEY.format(key=key)) + len(passkey.PASSKEY.format(key=key)):]
+        distance.append(after_key.count(".") - 1)  # filler sentences between the key sentence and the question
         # the prompt (everything before " KEY") is encoded as the evaluation encodes it
         prompt = text[:-len(f" {key}.")]
         assert passkey._enc(tok, doc)[:len(passkey._enc(tok, prompt))] == passkey._enc(tok, prompt)
-    # n uniform in [0, the most that fit]: short and nearly full documents both occur
+    # distance uniform in [0, top], n uniform in [distance, top]: short and nearly full documents both occur
     full = passkey._largest_fit(lambda n: 2 + len(passkey._enc(tok, passkey.passkey_text("99999", n, 0) + " 99999.")),
                                 length, length, "passkey")
-    assert min(n_filler) <= full // 4 and max(n_filler) >= 3 * full // 4 and max(n_filler) <= full
+    assert min(n_filler) <= full // 2 and max(n_filler) >= 3 * full // 4 and max(n_filler) <= full
+    # ... and every key-to-question distance up to the row is as common as any other: mean distance / top is 1/2
+    # (1/4 with the earlier draw of n, then a uniform depth; the sd of the mean of 40 is ~0.05)
+    assert all(0 <= d <= n for d, n in zip(distance, n_filler))
+    assert np.mean(distance) / full > 0.38 and max(distance) >= 3 * full // 4
     with pytest.raises(passkey.PasskeyError, match="needs --length"):
         passkey.training_corpus(str(tmp_path / "x.txt"), docs=1, tok=tok)
