@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 
+from llama import manifest
 from llama.config import ModelConfig
 from llama.optim import OptimizerConfig
 from llama.train import DataConfig, Stage, TrainConfig, stage_schedule
@@ -93,7 +94,6 @@ def main(argv=None):
         results[f"after stage {stage} (step {end}, T={T})"] = {
             "lengths": r["lengths"], "accuracy": [sum(c) / len(c) for c in zip(*r["accuracy"])],
             "answer_nll": [sum(c) / len(c) for c in zip(*r["answer_nll"])]}
-    from llama import manifest
 
     manifest.atomic_write(os.path.join(args.out, "passkey_by_stage.json"), json.dumps(results, indent=1) + "\n")
     plot(results, os.path.join(args.out, "passkey_by_stage.png"))
@@ -119,12 +119,7 @@ def plot(results: dict, path: str) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylim(-0.05, 1.05)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return manifest.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama import manifest
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will "
          "quiz you about the important information there.")
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -222,17 +224,11 @@ def heatmap(results: dict, path: str, title: str | None = None) -> str:
         ax.text(j, i, "-" if np.isnan(a) else f"{a:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(im, ax=ax, label="exact-match accuracy")
     ax.set_title(title or f"{results['task']}: {results['model']}")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return manifest.save_figure(fig, path)
 
 
 def write_results(results: dict, out: str, *, mesh=None, extra: dict | None = None) -> dict[str, str]:
     """results.json, heatmap.png and manifest.json in `out` (each written to a temp file and renamed)."""
-    from llama import manifest
 
     os.makedirs(out, exist_ok=True)
     paths = {"results": manifest.atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n"),
@@ -265,7 +261,6 @@ def training_corpus(path: str, *, docs: int, tok=None, length: int | None = None
     With `tok` and `length` (a stage's row length): top = the most sentences that fit, each document then padded
     with PAD to exactly `length` tokens with its BOS and EOS (see PAD). Without: top = max_words / 4 (filler
     sentences have 4-5 words), unpadded: the text to train the tokenizer on."""
-    from llama import manifest
     from llama.train import CORPUS_SEPARATOR
 
     rng = np.random.default_rng(seed)
