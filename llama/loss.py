@@ -99,7 +99,6 @@ class _Chunks:
         if self.sorted:
             order = jnp.argsort(mask == 0, axis=1, stable=True).astype(jnp.int32)
             self.idx = jnp.pad(order, [(0, 0), (0, pad)], constant_values=T)  # [B, n*c]; T: padding
-            self.inverse = jnp.argsort(order, axis=1).astype(jnp.int32)  # position t's place in the chunks
             count = jnp.max(jnp.sum(mask != 0, axis=1))
             self.n_active = ((count + c - 1) // c).astype(jnp.int32)
         else:
@@ -124,20 +123,20 @@ class _Chunks:
         return jnp.take_along_axis(self.mask, self.positions(i), axis=1)
 
     def add(self, acc: jax.Array, i, x: jax.Array) -> jax.Array:
-        """acc [B, n*c, ...] (chunk order) with chunk i's x [B, c, ...] added in its place."""
-        return jax.lax.dynamic_update_slice_in_dim(acc, jax.lax.dynamic_slice_in_dim(acc, i * self.c, self.c, 1) + x,
-                                                   i * self.c, 1)
+        """acc [B, T', ...] (T' = n*c unsorted, T sorted) with chunk i's x [B, c, ...] added at its positions;
+        padding adds nothing (sorted: dropped as out of bounds)."""
+        if not self.sorted:
+            return jax.lax.dynamic_update_slice_in_dim(acc, jax.lax.dynamic_slice_in_dim(acc, i * self.c, self.c, 1) + x,
+                                                       i * self.c, 1)
+        rows = jnp.arange(self.B, dtype=jnp.int32)[:, None]
+        return acc.at[rows, self.positions(i)].add(x, mode="drop")
 
     def zeros(self, shape_tail: tuple, dtype) -> jax.Array:
-        """An accumulator for `add`: [B, n*c, *shape_tail], zero for the chunks never computed."""
-        return jnp.zeros((self.B, self.n * self.c, *shape_tail), dtype)
+        """An accumulator for `add`: [B, T', *shape_tail]."""
+        return jnp.zeros((self.B, self.T if self.sorted else self.n * self.c, *shape_tail), dtype)
 
     def result(self, acc: jax.Array) -> jax.Array:
-        """[B, n*c, ...] in chunk order -> [B, T, ...] in position order: one gather by the inverse permutation
-        (no scatter per chunk)."""
-        if not self.sorted:
-            return acc[:, :self.T]
-        return jnp.take_along_axis(acc, self.inverse.reshape(self.inverse.shape + (1,) * (acc.ndim - 2)), axis=1)
+        return acc[:, :self.T]
 
 
 def _add_float(acc, d):
