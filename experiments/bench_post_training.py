@@ -5,19 +5,24 @@
     python -m experiments.bench_post_training --repeats 2 --set loss_chunk=0   # A B A B, our side with --set
 
 Fair measure: both sides process the same 1,024 real tokens per step, none of them padding (TRL's rows all have
-the same length, so its batches carry no pad), and tokens/s = 1,024 / median step time on both sides. The work is
-not the same: our rows are 256 tokens packed with 2 (SFT) or 4 (DPO) documents, and on CPU the flash tile is
-256 x 256 (llama/attention.py DEFAULT_BLOCKS), so each row computes the whole masked score tile, 2x (SFT) or 4x
-(DPO) the score work of TRL's separate 128- or 64-token sequences; and loss_chunk (4,096) >= 1,024 tokens makes
-the loss one jax.checkpoint chunk whose unembedding is recomputed in the backward pass. `--set` tries our side
-with other TrainConfig settings (e.g. loss_chunk=0, model.attention_block_q=128,model.attention_block_k=128).
+the same length, so its batches carry no pad), and tokens/s = 1,024 / median step time on both sides (process
+CPU seconds per step are printed too: under load they move less than wall time). The work is not the same:
+our rows are 256 tokens packed with 2 (SFT) or 4 (DPO) documents, and on CPU the flash tile is 256 x 256
+(llama/attention.py DEFAULT_BLOCKS), so each row computes the whole masked score tile, 2x (SFT) or 4x (DPO) the
+score work of TRL's separate 128- or 64-token sequences. Our output layer runs only on the chunks holding loss
+positions (llama/loss.py `_Chunks`: about half the rows' positions here); TRL's fused head scores every position
+on CPU (trl/trainer/utils.py `add_fused_lm_head`: it compacts to the loss positions on Triton devices only).
+TRL's SFT side is transformers' masked causal-LM loss on full logits, not SFTTrainer.compute_loss's fused head
+(which adds entropy and top-1 outputs); neither TRL side clips gradients, ours clips at global norm 1.0. `--set`
+tries our side with other TrainConfig settings (e.g. `--set model.attention_block_q=128
+model.attention_block_k=128`).
 
-Shapes: cpu_small's model (dim 256, 4 layers, GQA 8:2, vocab 4096, float32), 4 rows x 256 tokens per step;
-DPO: 2 pairs of (chosen, rejected) per row for us (segments), i.e. 8 sequences of 128 tokens for TRL, the same
-tokens. Ours: the trainer's jitted step (`make_train_step`, AdamW, loss_chunk default). TRL: DPOTrainer's
-`_compute_loss` (loss_type ["sigmoid", "sft"]) + backward + torch AdamW; SFT: transformers' masked causal-LM
-loss (what TRL's SFTTrainer computes with completion_only_loss) + backward + AdamW. Tokens/s = 1024 / median
-step time after 2 warm-up steps; peak memory = the process's max RSS.
+Shapes: cpu_small's model (dim 256, 4 layers, GQA 8:2, vocab 4096, float32), 4 rows x 256 tokens per step; DPO: 2
+pairs of (chosen, rejected) per row for us (4 segments of 64), i.e. 16 sequences of 64 tokens for TRL (8 chosen, 8
+rejected), the same tokens. Ours: the trainer's jitted step (`make_train_step`, AdamW, loss_chunk default). TRL:
+DPOTrainer's `_compute_loss` (loss_type ["sigmoid", "sft"]) + backward + torch AdamW; SFT: transformers' masked
+causal-LM loss (what TRL's SFTTrainer computes with completion_only_loss) + backward + AdamW. Tokens/s = 1024 /
+median step time after 2 warm-up steps; peak memory = the process's max RSS.
 """
 
 import argparse
@@ -66,10 +71,10 @@ def run_ours(objective, settings=()):
     state, b = init(0), batch(objective)
     times = []
     for _ in range(STEPS):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         state, m = step(state, b)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t, time.process_time() - c))
     return times
 
 
@@ -120,11 +125,11 @@ def run_trl(objective, tmp):
             return model(input_ids=ids, labels=labels).loss
     times = []
     for _ in range(STEPS):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         opt.zero_grad()
         loss_fn().backward()
         opt.step()
-        times.append(time.perf_counter() - t)
+        times.append((time.perf_counter() - t, time.process_time() - c))
     return times
 
 
@@ -132,9 +137,9 @@ def one(impl, objective, settings=()):
     import tempfile
 
     times = run_ours(objective, settings) if impl == "ours" else run_trl(objective, tempfile.mkdtemp())
-    med = float(np.median(times[2:]))
+    med, cpu = (float(x) for x in np.median(np.array(times[2:]), axis=0))
     return {"impl": impl, "objective": objective, "settings": list(settings) if impl == "ours" else [],
-            "step_s": med, "tokens_per_s": B * T / med,
+            "step_s": med, "tokens_per_s": B * T / med, "cpu_s_per_step": cpu,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -161,9 +166,10 @@ def main(argv=None):
     for objective in ("sft", "dpo"):
         pairs = zip(*([r for r in rows if r["impl"] == i and r["objective"] == objective] for i in ("ours", "trl")))
         for o, t in pairs:
-            print(f"{objective}: ours {o['tokens_per_s']:,.0f} tok/s ({o['peak_rss_gb']:.2f} GB), TRL "
-                  f"{t['tokens_per_s']:,.0f} tok/s ({t['peak_rss_gb']:.2f} GB): "
-                  f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x  (load {o['load_before'][0]}, {t['load_before'][0]})")
+            print(f"{objective}: ours {o['tokens_per_s']:,.0f} tok/s ({o['cpu_s_per_step']:.3f} CPU s/step, "
+                  f"{o['peak_rss_gb']:.2f} GB), TRL {t['tokens_per_s']:,.0f} tok/s ({t['cpu_s_per_step']:.3f} CPU "
+                  f"s/step, {t['peak_rss_gb']:.2f} GB): {o['tokens_per_s'] / t['tokens_per_s']:.2f}x  "
+                  f"(load {o['load_before'][0]}, {t['load_before'][0]})")
     return 0
 
 

@@ -65,56 +65,78 @@ def next_token_loss(params: dict, h: jax.Array, targets: jax.Array, loss_mask: j
 
 
 # -------------------------------------------------------------------------------------- the chunked path
+# A chunk covers every row's next c loss positions. Rows are first reordered so that each row's loss-masked
+# positions come first (`_Chunks`), and only the chunks that hold some row's masked positions are computed: SFT's
+# prompts and DPO's prompts and headers, masked out, cost no output layer (TRL's fused head does the same on GPU:
+# `hidden_states[mask]`, trl/trainer/utils.py `add_fused_lm_head`). For that to skip anything at small batches a
+# row is cut into at least MIN_CHUNKS_PER_ROW chunks: a row half of whose positions are masked computes about half.
+MIN_CHUNKS_PER_ROW = 4
+
+
 def _chunk_len(B: int, T: int, chunk: int) -> int:
     """Positions per chunk for about `chunk` tokens of a [B, T] batch: every row's next ~chunk // B positions, T
-    split as evenly as the chunk count allows (least padding), at most T."""
-    n = -(-T // max(1, chunk // B))  # chunks per row
+    split as evenly as the chunk count allows (least padding), at most T, and at least MIN_CHUNKS_PER_ROW chunks
+    per row (positions permitting)."""
+    n = max(-(-T // max(1, chunk // B)), min(MIN_CHUNKS_PER_ROW, T))  # chunks per row
     return -(-T // n)
 
 
-def _to_chunks(x: jax.Array, c: int) -> jax.Array:
-    """[B, T, ...] -> [T'/c, B, c, ...], T zero-padded up to T' (a multiple of c). Chunks cut the sequence, not
-    the batch, so each keeps the batch's sharding over devices."""
-    B, T = x.shape[:2]
-    pad = -T % c
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(B, (T + pad) // c, c, *x.shape[2:]), 1, 0)
+class _Chunks:
+    """The chunks of a [B, T] batch, c positions each, in the order the loss visits them.
 
+    Without context parallelism each row's positions with a non-zero mask come first (a stable sort: in order),
+    padded to n*c with index T, and `n_active` (traced) counts the chunks that hold them: loops run to n_active
+    only. Under context parallelism the sequence axis is split over devices and a reordering would gather it: the
+    chunks are then the positions in order (contiguous slices), all n of them."""
 
-def _from_chunks(x: jax.Array, T: int) -> jax.Array:
-    """Inverse of _to_chunks: [n, B, c, ...] -> [B, T, ...]."""
-    n, B, c = x.shape[:3]
-    return jnp.moveaxis(x, 0, 1).reshape(B, n * c, *x.shape[3:])[:, :T]
+    def __init__(self, mask: jax.Array, c: int):
+        from llama import context_parallel
 
+        B, T = mask.shape
+        self.B, self.T, self.c, self.n = B, T, c, -(-T // c)
+        self.sorted = context_parallel.context_size() == 1
+        pad = self.n * c - T
+        if self.sorted:
+            order = jnp.argsort(mask == 0, axis=1, stable=True).astype(jnp.int32)
+            self.idx = jnp.pad(order, [(0, 0), (0, pad)], constant_values=T)  # [B, n*c]; T: padding
+            count = jnp.max(jnp.sum(mask != 0, axis=1))
+            self.n_active = ((count + c - 1) // c).astype(jnp.int32)
+        else:
+            self.n_active = self.n
+        self.mask = jnp.pad(mask.astype(jnp.float32), [(0, 0), (0, pad)])  # padding is masked: it adds nothing
 
-def _unembed_vjp(head, h, cfg: ModelConfig):
-    """(logits, pullback) of `model.unembed` on one chunk, the output layer's weight gradient written by hand.
+    def positions(self, i):
+        """[B, c]: the positions of chunk i (padding: T)."""
+        return jax.lax.dynamic_slice_in_dim(self.idx, i * self.c, self.c, 1)
 
-    `jax.vjp(model.unembed)` gives the same values, but XLA's CPU backend runs its weight gradient x^T dlogits
-    ([D, V], contracting the chunk's tokens) as a plain dot on a transposed copy of the [tokens, V] logit
-    gradient, outside YNNPACK: 21% of the CPU train step in the profile of docs/benchmarks.md. Handing XLA the
-    small operand already transposed (behind an optimization barrier, so it is not folded back) puts the dot on
-    YNNPACK (675 vs 1,010 ms in that A/B). The final norm is still differentiated by JAX. Weights that are not
-    plain arrays (int8, LoRA) take `jax.vjp` as before."""
-    key = "embed" if cfg.tie_embeddings else "lm_head"
-    w = head[key]
-    if not isinstance(w, jax.Array):  # QuantizedWeight, LoraWeight (tracers are jax.Arrays)
-        return jax.vjp(lambda hd, x: llama_model.unembed(hd, x, cfg), head, h)
-    x, norm_pullback = jax.vjp(lambda g, x: llama_model.rms_norm(x, g, cfg.norm_eps), head["final_norm"], h)
-    eqn = "BTD,VD->BTV" if cfg.tie_embeddings else "BTD,DV->BTV"
-    logits = llama_model.linear(eqn, x, w).astype(jnp.float32)
+    def read(self, x: jax.Array, i) -> jax.Array:
+        """Chunk i of x [B, T, ...] -> [B, c, ...] (padding reads position T-1; its mask is 0)."""
+        if not self.sorted:
+            x = jnp.pad(x, [(0, 0), (0, self.n * self.c - self.T)] + [(0, 0)] * (x.ndim - 2))
+            return jax.lax.dynamic_slice_in_dim(x, i * self.c, self.c, 1)
+        pos = jnp.minimum(self.positions(i), self.T - 1)
+        return jnp.take_along_axis(x, pos.reshape(pos.shape + (1,) * (x.ndim - 2)), axis=1)
 
-    def pullback(dlogits):
-        g = dlogits.astype(x.dtype)  # as autodiff of .astype(float32) does
-        B, T, D = x.shape
-        xt = jax.lax.optimization_barrier(x.reshape(B * T, D).T)  # [D, BT]
-        dw = jnp.einsum("DN,NV->DV", xt, g.reshape(B * T, -1))  # [D, V]
-        dw = (dw.T if cfg.tie_embeddings else dw).astype(w.dtype)
-        dx = jnp.einsum("BTV,VD->BTD" if cfg.tie_embeddings else "BTV,DV->BTD", g, w.astype(x.dtype))
-        d_gain, d_h = norm_pullback(dx)
-        return {"final_norm": d_gain, key: dw}, d_h
+    def read_mask(self, i) -> jax.Array:
+        if not self.sorted:
+            return jax.lax.dynamic_slice_in_dim(self.mask, i * self.c, self.c, 1)
+        return jnp.take_along_axis(self.mask, self.positions(i), axis=1)
 
-    return logits, pullback
+    def add(self, acc: jax.Array, i, x: jax.Array) -> jax.Array:
+        """acc [B, T', ...] (T' = n*c unsorted, T sorted) with chunk i's x [B, c, ...] added at its positions;
+        padding adds nothing (sorted: dropped as out of bounds)."""
+        if not self.sorted:
+            return jax.lax.dynamic_update_slice_in_dim(acc, jax.lax.dynamic_slice_in_dim(acc, i * self.c, self.c, 1) + x,
+                                                       i * self.c, 1)
+        rows = jnp.arange(self.B, dtype=jnp.int32)[:, None]
+        return acc.at[rows, self.positions(i)].add(x, mode="drop")
+
+    def zeros(self, shape_tail: tuple, dtype) -> jax.Array:
+        """An accumulator for `add`: [B, T', *shape_tail]."""
+        return jnp.zeros((self.B, self.T if self.sorted else self.n * self.c, *shape_tail), dtype)
+
+    def result(self, acc: jax.Array) -> jax.Array:
+        return acc[:, :self.T]
 
 
 def _add_float(acc, d):
@@ -122,40 +144,51 @@ def _add_float(acc, d):
     return acc + d if jnp.issubdtype(acc.dtype, jnp.floating) else acc
 
 
-def _scan_chunks(head, h, targets, mask, cfg: ModelConfig, z_loss: float, c: int, with_grads: bool):
-    """Scans the chunks. Returns (loss_sum, nll_sum, z_sum) and, with_grads, the gradient of loss_sum with
-    respect to `head` (float32, the params' dtype) and to `h` ([B, T, D], h's dtype)."""
-    unembed = lambda hd, x: llama_model.unembed(hd, x, cfg)  # noqa: E731  [B, c, D] -> float32 [B, c, V]
-    xs = (_to_chunks(h, c), _to_chunks(targets, c), _to_chunks(mask, c))  # padding is masked: it adds nothing
+def _softmax_parts(logits, t_i):
+    """(e = exp(logits - max), sum of e, logsumexp, target logit) of float32 logits [B, c, V]. The logsumexp is
+    written out so that one exp per logit serves the sum and the softmax (e / sum); the logits are finite, as in
+    training (jax.nn.logsumexp also guards infinite maxima)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1)
+    target_logit = jnp.take_along_axis(logits, t_i[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return e, total, jnp.log(total) + top[..., 0], target_logit
 
-    def body(carry, chunk):
-        h_i, t_i, m_i = chunk
+
+def _head_vjp(head, h_i, cfg: ModelConfig):
+    """(float32 logits [B, c, V], pullback) of `model.unembed` on one chunk. Its dots go through `model.linear`,
+    whose weight gradient is written for the CPU backend (model._dense_bwd); int8 and LoRA heads take theirs."""
+    return jax.vjp(lambda hd, x: llama_model.unembed(hd, x, cfg), head, h_i)
+
+
+def _scan_chunks(head, h, targets, mask, cfg: ModelConfig, z_loss: float, c: int, with_grads: bool):
+    """Loops over the active chunks. Returns (loss_sum, nll_sum, z_sum) and, with_grads, the gradient of loss_sum
+    with respect to `head` (float32, the params' dtype) and to `h` ([B, T, D], h's dtype)."""
+    ch = _Chunks(mask, c)
+
+    def body(i, carry):
+        h_i, t_i, m_i = ch.read(h, i), ch.read(targets, i), ch.read_mask(i)
         if not with_grads:
-            _, nll, z = _token_sums(unembed(head, h_i), t_i, m_i)
-            return (carry[0] + nll, carry[1] + z), None
-        logits, pullback = _unembed_vjp(head, h_i, cfg)
-        # logsumexp written out, so that one exp per logit serves the sum and the softmax (exp(logits - top) /
-        # sum); the logits are finite, as in training (jax.nn.logsumexp also guards infinite maxima)
-        top = jnp.max(logits, axis=-1, keepdims=True)
-        e = jnp.exp(logits - top)
-        total = jnp.sum(e, axis=-1)
-        logz = jnp.log(total) + top[..., 0]
-        target_logit = jnp.take_along_axis(logits, t_i[..., None].astype(jnp.int32), axis=-1)[..., 0]
+            _, nll, z = _token_sums(llama_model.unembed(head, h_i, cfg), t_i, m_i)
+            return carry[0] + nll, carry[1] + z
+        logits, pullback = _head_vjp(head, h_i, cfg)
+        e, total, logz, target_logit = _softmax_parts(logits, t_i)
         nll, z = jnp.sum((logz - target_logit) * m_i), jnp.sum(jnp.square(logz) * m_i)
         # d(nll + z_loss * z) / dlogits = mask * (softmax * (1 + 2 z_loss logz) - onehot(target))
         onehot = jax.nn.one_hot(t_i, logits.shape[-1], dtype=jnp.float32)
         dlogits = (e * (m_i * (1 + 2 * z_loss * logz) / total)[..., None] - onehot * m_i[..., None])
         d_head, d_h = pullback(dlogits)
-        nll_sum, z_sum, g_head = carry
-        return (nll_sum + nll, z_sum + z, jax.tree.map(_add_float, g_head, d_head)), d_h
+        nll_sum, z_sum, g_head, g_h = carry
+        return nll_sum + nll, z_sum + z, jax.tree.map(_add_float, g_head, d_head), ch.add(g_h, i, d_h)
 
     zero = jnp.float32(0)
     if not with_grads:
-        (nll_sum, z_sum), _ = jax.lax.scan(body, (zero, zero), xs)
+        nll_sum, z_sum = jax.lax.fori_loop(0, ch.n_active, body, (zero, zero))
         return nll_sum + z_loss * z_sum, nll_sum, z_sum
     g_head = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), head)
-    (nll_sum, z_sum, g_head), g_h = jax.lax.scan(body, (zero, zero, g_head), xs)
-    return (nll_sum + z_loss * z_sum, nll_sum, z_sum), (g_head, _from_chunks(g_h, h.shape[1]))
+    nll_sum, z_sum, g_head, g_h = jax.lax.fori_loop(0, ch.n_active, body,
+                                                    (zero, zero, g_head, ch.zeros(h.shape[2:], h.dtype)))
+    return (nll_sum + z_loss * z_sum, nll_sum, z_sum), (g_head, ch.result(g_h))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -187,22 +220,64 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 # count of masked tokens, as in pre-training. DPO needs per-token log-probabilities, summed per sequence.
 
 
-def token_logps(params: dict, h: jax.Array, targets: jax.Array, *, cfg: ModelConfig, chunk: int = 0) -> jax.Array:
-    """log p(targets) [B, T], float32, under the output layer applied to h [B, T, D] (model.hidden_states).
-    chunk > 0: about `chunk` tokens at a time, each chunk rematerialised (jax.checkpoint) in the backward pass, so
-    the float32 [B, T, V] logits never exist whole (the same values; gradients by plain JAX autodiff)."""
-    def one(head, h_i, t_i):  # [B, c, D], [B, c] -> [B, c]
-        logits = llama_model.unembed(head, h_i, cfg)
-        return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), t_i[..., None].astype(jnp.int32),
-                                   axis=-1)[..., 0]
-
+def token_logps(params: dict, h: jax.Array, targets: jax.Array, *, cfg: ModelConfig, chunk: int = 0,
+                mask: jax.Array | None = None) -> jax.Array:
+    """log p(targets) [B, T], float32, under the output layer applied to h [B, T, D] (model.hidden_states); 0
+    where `mask` [B, T] (optional) is 0. chunk > 0: about `chunk` tokens at a time, the float32 [B, T, V] logits
+    never whole, and only the chunks holding masked positions computed (`_Chunks`); the backward pass recomputes
+    each chunk's logits (the same values and gradients as the plain path, within float32 rounding)."""
     head = head_params(params, cfg)
     if chunk <= 0:
-        return one(head, h, targets)
-    T = targets.shape[1]
-    c = _chunk_len(*targets.shape, chunk)
-    out = jax.lax.map(lambda x: jax.checkpoint(one)(head, *x), (_to_chunks(h, c), _to_chunks(targets, c)))
-    return _from_chunks(out, T)
+        out = _target_logps(llama_model.unembed(head, h, cfg), targets)
+        return out if mask is None else jnp.where(mask != 0, out, 0.0)
+    m = jnp.ones(targets.shape, jnp.float32) if mask is None else (mask != 0).astype(jnp.float32)
+    return _chunked_logps(head, h, targets, m, cfg, _chunk_len(*targets.shape, chunk))
+
+
+def _target_logps(logits, targets):
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None].astype(jnp.int32),
+                               axis=-1)[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_logps(head, h, targets, m, cfg, c):
+    ch = _Chunks(m, c)
+
+    def body(i, out):
+        logits = llama_model.unembed(head, ch.read(h, i), cfg)
+        return ch.add(out, i, _target_logps(logits, ch.read(targets, i)) * ch.read_mask(i))
+
+    return ch.result(jax.lax.fori_loop(0, ch.n_active, body, ch.zeros((), jnp.float32)))
+
+
+def _chunked_logps_fwd(head, h, targets, m, cfg, c):
+    return _chunked_logps(head, h, targets, m, cfg, c), (head, h, targets, m)
+
+
+def _chunked_logps_bwd(cfg, c, res, d_logps):
+    """d log p_t / d logits_t = onehot(target) - softmax, scaled by the incoming cotangent d_logps [B, T]; each
+    active chunk's logits recomputed (one more output-layer dot than the plain path, as jax.checkpoint would)."""
+    head, h, targets, m = res
+    ch = _Chunks(m, c)
+
+    def body(i, carry):
+        g_head, g_h = carry
+        t_i = ch.read(targets, i)
+        w = ch.read(d_logps, i) * ch.read_mask(i)  # [B, c]
+        logits, pullback = _head_vjp(head, ch.read(h, i), cfg)
+        e, total, _, _ = _softmax_parts(logits, t_i)
+        dlogits = jax.nn.one_hot(t_i, logits.shape[-1], dtype=jnp.float32) * w[..., None] - e * (w / total)[..., None]
+        d_head, d_h = pullback(dlogits)
+        return jax.tree.map(_add_float, g_head, d_head), ch.add(g_h, i, d_h)
+
+    g_head = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), head)
+    g_head, g_h = jax.lax.fori_loop(0, ch.n_active, body, (g_head, ch.zeros(h.shape[2:], h.dtype)))
+    no_grad = lambda d: np.zeros(d.shape, jax.dtypes.float0)  # noqa: E731  (an int8 head leaf: no gradient)
+    return (jax.tree.map(lambda d: d if jnp.issubdtype(d.dtype, jnp.floating) else no_grad(d), g_head),
+            ch.result(g_h), None, None)
+
+
+_chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)
 
 
 def pair_sums(x: jax.Array, segment_ids: jax.Array) -> jax.Array:

@@ -14,6 +14,7 @@ checkpoints (interleaved pairs) are permuted once at conversion time (facts shee
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -152,7 +153,42 @@ def linear(eqn: str, x: jax.Array, w) -> jax.Array:
         w_axes = eqn.split("->")[0].split(",")[1]
         scale = w.scale.reshape([w.scale.shape[i] for i, a in enumerate(w_axes) if a in out_axes])
         return (out * scale.astype(out.dtype)).astype(x.dtype)
-    return jnp.einsum(eqn, x, w.astype(x.dtype))
+    return _dense(eqn, x, w.astype(x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(eqn, x, w) for a plain weight, with the weight gradient written by hand (`_dense_bwd`)."""
+    return jnp.einsum(eqn, x, w)
+
+
+def _dense_fwd(eqn, x, w):
+    return jnp.einsum(eqn, x, w), (x, w)
+
+
+def _dense_bwd(eqn, res, g):
+    """dx = g w^T as autodiff has it. The weight gradient x^T g contracts the batch and sequence axes; autodiff
+    hands XLA that dot as it is, and the CPU backend runs it by writing a transposed copy of the larger [B*T, out]
+    operand (fused with the elementwise backward before it: SwiGLU's, for w_gate and w_up) and, for some shapes, a
+    plain dot outside YNNPACK. Both were among the largest ops of the CPU train step (docs/benchmarks.md, the
+    post-training section). Here the smaller operand is transposed, behind an optimization barrier so XLA does not
+    fold it back, and the dot is a plain [in, N] x [N, out] matmul (YNNPACK); as llama/loss.py's output layer."""
+    x, w = res
+    ins, out = eqn.split("->")
+    xs, ws = ins.split(",")
+    dx = jnp.einsum(f"{out},{ws}->{xs}", g, w)
+    w_in = [a for a in ws if a in xs]  # contracted with x, in w's order
+    w_out = [a for a in ws if a not in xs]
+    rows = [a for a in xs if a not in ws]  # B, T: contracted in the weight gradient
+    x2 = x.transpose([xs.index(a) for a in rows + w_in]).reshape(-1, int(np.prod([w.shape[ws.index(a)] for a in w_in])))
+    g2 = g.transpose([out.index(a) for a in rows + w_out]).reshape(x2.shape[0], -1)
+    barrier = jax.lax.optimization_barrier
+    dw = barrier(x2.T) @ g2 if x2.shape[1] <= g2.shape[1] else (barrier(g2.T) @ x2).T  # [in, out]
+    dw = dw.reshape([w.shape[ws.index(a)] for a in w_in + w_out])
+    return dx, dw.transpose([(w_in + w_out).index(a) for a in ws])
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 # ------------------------------------------------------------------------------------------------ RMSNorm

@@ -409,7 +409,8 @@ def _dpo_objective(params, mb: dict, *, cfg: TrainConfig, norms: dict, ref_param
 
     def logps(p):
         h = llama_model.hidden_states(p, mb["tokens"], mb["positions"], mb["segment_ids"], cfg=cfg.model)
-        return llama_loss.token_logps(p, h, mb["targets"], cfg=cfg.model, chunk=cfg.loss_chunk) * mb["loss_mask"]
+        return llama_loss.token_logps(p, h, mb["targets"], cfg=cfg.model, chunk=cfg.loss_chunk,
+                                      mask=mb["loss_mask"]) * mb["loss_mask"]
 
     seg = mb["segment_ids"]
     pol = llama_loss.pair_sums(logps(params), seg)  # [B, P, 2]

@@ -63,6 +63,53 @@ def test_chunked_equals_plain(tie):
     assert float(want[0]) > float(want[1][0] / n) > 0  # the z-loss term is there
 
 
+def test_chunks_skip_unmasked_positions():
+    """Each row's loss positions come first, in order, and only the chunks holding them are active: here every
+    row's loss covers at most 7 of its 16 positions (like SFT's responses after masked prompts), so with 4
+    positions per chunk 2 of the 4 chunks are computed; a row with no loss position reads only padding-masked
+    slots; an all-masked batch computes no chunk."""
+    mask = np.zeros((3, 16), np.float32)
+    mask[0, 9:16] = 1  # 7 positions at the end
+    mask[1, [1, 4, 12]] = 1
+    ch = loss._Chunks(jnp.asarray(mask), 4)
+    assert int(ch.n_active) == 2 and ch.n == 4
+    np.testing.assert_array_equal(np.asarray(ch.idx[0, :7]), np.arange(9, 16))
+    np.testing.assert_array_equal(np.asarray(ch.idx[1, :3]), [1, 4, 12])
+    got = np.concatenate([np.asarray(ch.read_mask(i)) for i in range(2)], axis=1)
+    np.testing.assert_array_equal(got.sum(1), [7, 3, 0])  # every loss position is in the active chunks
+    assert int(loss._Chunks(jnp.zeros((3, 16)), 4).n_active) == 0
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_token_logps_chunked_equals_plain(tie):
+    """token_logps (DPO's per-token log-probabilities): the chunked path with a loss mask (masked-out chunks not
+    computed, its own backward) equals the plain path masked afterwards, in value and in the gradients with
+    respect to the head and the hidden states under a random cotangent (DPO's per-sequence weights)."""
+    cfg = small_cfg(tie)
+    params = model.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(2)
+    B, T = 3, 13
+    h = jnp.asarray(rng.normal(size=(B, T, cfg.dim)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    mask = np.zeros((B, T), np.float32)
+    mask[0, 7:12] = 1  # a completion after its prompt
+    mask[1, rng.random(T) > 0.5] = 1
+    w = jnp.asarray(rng.normal(size=(B, T)), jnp.float32)
+
+    def run(chunk):
+        def f(head, h):
+            lp = loss.token_logps({**params, **head}, h, targets, cfg=cfg, chunk=chunk, mask=jnp.asarray(mask))
+            return jnp.sum(lp * w), lp
+
+        head = loss.head_params(params, cfg)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(head, h)
+
+    want = run(0)
+    assert float(np.abs(np.asarray(want[0][1]) * (1 - mask)).max()) == 0.0  # 0 where the mask is 0
+    for chunk in (B, 4 * B, 100 * B):  # 1 position per chunk, 4 (padded), one chunk > T
+        assert_close(run(chunk), want)
+
+
 def micro_cfg(**changes) -> TrainConfig:
     m = ModelConfig(name="micro", vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64,
                     rope_theta=10000.0, max_seq_len=64, bos_id=1, eos_ids=(2,))
