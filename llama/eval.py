@@ -512,6 +512,9 @@ def generate_scores(params, cfg: ModelConfig, tok, examples: Sequence[Example], 
 
 
 # ------------------------------------------------------------------------------------- trainer eval set
+ROW_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")  # a batch's arrays, the trainer's layout
+
+
 @dataclass(frozen=True)
 class EvalSet:
     """Fixed eval batches: numpy dicts [B, T] in the training layout (tokens, targets, segment_ids, positions,
@@ -527,6 +530,27 @@ class EvalSet:
     def describe(self) -> dict:
         return {"documents": self.documents, "last_document_tokens": self.last_document_tokens,
                 "tokens": self.tokens, "batches": len(self.batches), "sha256": self.sha256}
+
+    @classmethod
+    def from_rows(cls, rows: dict[str, np.ndarray], batch_size: int, documents: int,
+                  last_document_tokens: int) -> "EvalSet":
+        """Rows [n * batch_size, T] (ROW_KEYS) cut into batches, with their scored-token count and a digest."""
+        h = hashlib.sha256()
+        for k in ROW_KEYS:
+            h.update(rows[k].tobytes())
+        n = len(rows["tokens"])
+        batches = tuple({k: rows[k][i:i + batch_size] for k in ROW_KEYS} for i in range(0, n, batch_size))
+        return cls(batches, documents, last_document_tokens, int(rows["loss_mask"].sum()), h.hexdigest())
+
+    def global_batches(self, mesh):
+        """Each batch as global arrays on `mesh`: each process feeds its share of the rows, placed as training
+        places its batches (input_pipeline.to_global_batch)."""
+        import input_pipeline
+
+        p, n = jax.process_index(), jax.process_count()
+        for batch in self.batches:
+            rows = batch["tokens"].shape[0] // n
+            yield input_pipeline.to_global_batch({k: v[p * rows:(p + 1) * rows] for k, v in batch.items()}, mesh)
 
     def documents_scored(self, docs: Sequence[Sequence[int]]) -> list[list[int]]:
         """The token ids this set scores: `ppl` with context = stride = T on them is this set's loss."""
@@ -559,9 +583,8 @@ def make_eval_set(docs: Sequence[Sequence[int]], *, bos: int, seq_len: int, batc
     last = windows[lo - 1][0]
     last_tokens = sum(len(s.queries) for d, s in windows[:lo] if d == last)
     n_batches = -(-n_rows // batch_size)
-    keys = ("tokens", "targets", "segment_ids", "positions")
-    arr = {k: np.zeros((n_batches * batch_size, seq_len), np.int32) for k in keys}
-    arr["loss_mask"] = np.zeros((n_batches * batch_size, seq_len), np.float32)
+    arr = {k: np.zeros((n_batches * batch_size, seq_len), np.float32 if k == "loss_mask" else np.int32)
+           for k in ROW_KEYS}
     seg_no: dict[int, int] = {}
     for s, (r, off) in zip(segs, place):
         n = len(s.inputs)
@@ -572,25 +595,16 @@ def make_eval_set(docs: Sequence[Sequence[int]], *, bos: int, seq_len: int, batc
         for p, t in s.queries:
             arr["targets"][r, off + p] = t
             arr["loss_mask"][r, off + p] = 1.0
-    h = hashlib.sha256()
-    for k in (*keys, "loss_mask"):
-        h.update(arr[k].tobytes())
-    batches = tuple({k: v[i * batch_size:(i + 1) * batch_size] for k, v in arr.items()} for i in range(n_batches))
-    return EvalSet(batches, last + 1, last_tokens, int(arr["loss_mask"].sum()), h.hexdigest())
+    return EvalSet.from_rows(arr, batch_size, last + 1, last_tokens)
 
 
 def evaluate(params, eval_set: EvalSet, *, cfg: ModelConfig, mesh) -> dict:
     """{"eval_loss", "eval_ppl"}: the token-weighted mean next-token loss over the eval set. Each process feeds
-    its share of every batch's rows (sharding.distributed.global_batch); the sums are global."""
-    from sharding.distributed import global_batch
-
-    p, n = jax.process_index(), jax.process_count()
+    its share of every batch's rows (`EvalSet.global_batches`); the sums are global."""
     nll = count = 0.0
     with jax.set_mesh(mesh):
-        for batch in eval_set.batches:
-            rows = batch["tokens"].shape[0] // n
-            local = {k: v[p * rows:(p + 1) * rows] for k, v in batch.items()}
-            s, c = jax.device_get(_nll_sums_jit(params, global_batch(local, mesh), cfg=cfg))
+        for batch in eval_set.global_batches(mesh):
+            s, c = jax.device_get(_nll_sums_jit(params, batch, cfg=cfg))
             nll, count = nll + float(s), count + float(c)
     loss = nll / max(count, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}

@@ -53,7 +53,7 @@ from llama.lora import LoraConfig
 from sharding import distributed
 from sharding.rules import MeshConfig, batch_sharding, make_mesh, param_shardings, replicated
 
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask")
+BATCH_KEYS = llama_eval.ROW_KEYS  # a batch's arrays (input_pipeline.packing.KEYS: the pipeline's rows)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -494,8 +494,6 @@ def objective_eval_set(cfg: TrainConfig, source, tok) -> "llama_eval.EvalSet":
     overlong policy and masking; a bad row is a DataError naming file:line), or the held-out share (data.eval_share,
     the documents `input_pipeline` leaves out of training: sources.hash_split), in file order, packed whole as in
     training (input_pipeline.chat.eval_rows) into at most eval_batches x batch_size rows; the last batch is padded."""
-    import hashlib
-
     from input_pipeline.chat import eval_rows, open_chat
     from input_pipeline.packing import empty_rows
     from input_pipeline.sources import hash_split
@@ -507,12 +505,7 @@ def objective_eval_set(cfg: TrainConfig, source, tok) -> "llama_eval.EvalSet":
     rows, n = eval_rows([docs[i] for i in range(len(docs))], cfg.seq_len, cfg.eval_batches * cfg.batch_size)
     pad = -len(rows["tokens"]) % cfg.batch_size
     rows = {k: np.concatenate([v, empty_rows(pad, cfg.seq_len)[k]]) for k, v in rows.items()}
-    h = hashlib.sha256()
-    for k in sorted(rows):
-        h.update(rows[k].tobytes())
-    batches = tuple({k: v[i:i + cfg.batch_size] for k, v in rows.items()}
-                    for i in range(0, len(rows["tokens"]), cfg.batch_size))
-    return llama_eval.EvalSet(batches, n, int(docs[n - 1].shape[1]), int(rows["loss_mask"].sum()), h.hexdigest())
+    return llama_eval.EvalSet.from_rows(rows, cfg.batch_size, n, int(docs[n - 1].shape[1]))
 
 
 def eval_sums(params, batch: dict, *, cfg: TrainConfig, ref_params=None) -> tuple[dict, dict]:
@@ -533,17 +526,12 @@ def evaluate_objective(state: TrainState, eval_set, *, cfg: TrainConfig, mesh, s
     the held-out assistant tokens) and eval_ppl; dpo every DPO metric (eval_loss, eval_dpo_loss, eval_nll,
     eval_reward_accuracy, eval_rewards_chosen/rejected, eval_reward_margin, eval_pairs) against the run's
     reference. `sums_fn`: `eval_sums` jitted. Each process feeds its share of every batch's rows."""
-    import input_pipeline
-
     params = model_params(state.params, state.base, cfg)
     ref = state.ref_params if state.ref_params is not None else state.base  # lora: the frozen base
-    p, n = jax.process_index(), jax.process_count()
     total = None
     with jax.set_mesh(mesh):
-        for batch in eval_set.batches:
-            rows = batch["tokens"].shape[0] // n
-            local = {k: v[p * rows:(p + 1) * rows] for k, v in batch.items()}
-            got = jax.device_get(sums_fn(params, input_pipeline.to_global_batch(local, mesh), ref_params=ref))
+        for batch in eval_set.global_batches(mesh):
+            got = jax.device_get(sums_fn(params, batch, ref_params=ref))
             total = got if total is None else jax.tree.map(np.add, total, got)
     m = {k: float(v) for k, v in objective_metrics(*total, cfg).items()}
     if cfg.objective != "dpo":
@@ -1015,7 +1003,8 @@ def main(argv=None) -> int:
         return True
 
     pending = None  # (step number, its metrics still on the device, its stage, its stage's config)
-    eval_fn = jax.jit(functools.partial(eval_sums, cfg=cfg)) if eval_set is not None else None
+    eval_fn = jax.jit(functools.partial(eval_sums, cfg=cfg)) if eval_set is not None and cfg.objective != "pretrain" \
+        else None
     for step in range(start, cfg.steps):
         if stage_at(cfg, step)[0] != stage:  # a stage boundary: re-pack the data, recompile the step
             stage, scfg = stage_at(cfg, step)
