@@ -11,7 +11,9 @@ builds a [T, S] array.
   indices and segment ids, only where needed (a tile that every query of a block sees whole, one before the
   diagonal and, with segment ids, inside the block's document, skips it); a query block loops only over the key
   blocks at or before its last slot, so causal attention costs about half the FLOPs and a decode step at position
-  p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size.
+  p reads ceil((p+1)/block_k) blocks of the cache, whatever its allocated size; with segment ids it also starts
+  at its documents' first tile (and the backward stops at the tile's documents' last query block), so a packed row
+  of short documents computes little more than its documents' own triangles.
   Softmax statistics in float32. Its custom VJP recomputes the scores blockwise (FlashAttention-2's backward, Dao
   2023), so training memory is O(T). Runs on CPU, GPU and TPU.
   Levanter's `levanter.models.flash_attention` (custom VJP, per-block causal and segment masks) was the model.
@@ -223,6 +225,26 @@ def _runs(seg):
     return start, end
 
 
+def _doc_extent(seg):
+    """seg [B, S] -> (first, last) [B, S] int32: the first and last slot holding each slot's segment id. A key
+    outside [first, last] of a query's slot shares no segment with it, so whole tiles outside that range are
+    skipped, not masked: in a packed row of short documents most off-diagonal tiles. Unlike `_runs`, an id that
+    recurs later (a second run of the same id, which the document mask lets see the first) spans both runs. One
+    stable sort per row groups each id's slots in order, its head and tail are the id's first and last slot."""
+    B, S = seg.shape
+    order = jnp.argsort(seg, axis=1, stable=True).astype(jnp.int32)
+    ids = jnp.take_along_axis(seg, order, axis=1)
+    idx = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    change = ids[:, 1:] != ids[:, :-1]
+    head = jnp.concatenate([jnp.ones((B, 1), bool), change], axis=1)
+    tail = jnp.concatenate([change, jnp.ones((B, 1), bool)], axis=1)
+    first = jnp.take_along_axis(order, jax.lax.cummax(jnp.where(head, idx, 0), axis=1), axis=1)
+    last = jnp.take_along_axis(order, jax.lax.cummin(jnp.where(tail, idx, S - 1), axis=1, reverse=True), axis=1)
+    rows = jnp.arange(B)[:, None]
+    return (jnp.zeros((B, S), jnp.int32).at[rows, order].set(first),
+            jnp.zeros((B, S), jnp.int32).at[rows, order].set(last))
+
+
 def _whole_k_tiles(slot, run_start, n_valid: int, n_seen, bk: int):
     """Key tiles [lo, hi) that every query of a block (slots `slot` [B, bq], nondecreasing, -1 padding) sees whole:
     each key slot <= the block's smallest query slot, a real key (< n_valid), and, where `run_start` [B, S] is given
@@ -248,12 +270,29 @@ def _whole_q_blocks(block_first, block_last, tile_last, run_end_at, nq: int):
     return lo, lo + n
 
 
-def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int, run_start=None):
+def _first_k_tile(slot, doc_first, bk: int):
+    """The first key tile that a query block (slots `slot` [B, bq], -1 padding) can see under the document mask:
+    the tile of the earliest first slot (`_doc_extent`) of its queries' documents. Earlier tiles are all masked."""
+    at = jnp.take_along_axis(doc_first, jnp.clip(slot, 0, doc_first.shape[1] - 1), axis=1)
+    return jnp.min(jnp.where(slot >= 0, at, doc_first.shape[1])) // bk
+
+
+def _end_q_block(block_start, tile_doc_last):
+    """The backward's mirror: one past the last query block that can see a key of a tile, whose keys' documents
+    end at slots `tile_doc_last` [B, bk] (-1 for padded keys). block_start [nq]: each block's earliest real slot
+    (past every slot for a block of padding), nondecreasing. Later blocks see none of the tile."""
+    return jnp.sum(block_start <= jnp.max(tile_doc_last)).astype(jnp.int32)
+
+
+def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, bk: int, run_start=None,
+                   doc_first=None):
     """Blockwise forward, heads-major. qh: [B, K, G, Tq, H] with Tq a multiple of bq; q_slots: [B, Tq] (-1: a
     padded query, which sees nothing); q_seg: [B, Tq] or None; read_kv(j) -> (start, k, v [B, K, bk, H], k_seg
-    [B, bk] or None) for key tile j; run_start: [B, S] (`_runs`) where q_seg is given. Query block i visits key
-    tiles 0..max(its slots) // bk only (a dynamic trip count), and builds a mask only on the tiles it does not see
-    whole (`_whole_k_tiles`: the diagonal, and with segment ids the tiles before its document's run). Returns out
+    [B, bk] or None) for key tile j; run_start, doc_first: [B, S] (`_runs`, `_doc_extent`) where q_seg is given.
+    Query block i visits key tiles first..max(its slots) // bk only (a dynamic trip count; `first`: the tile of
+    the earliest slot any of its queries' documents holds, 0 without segment ids), and builds a mask only on the
+    tiles it does not see whole (`_whole_k_tiles`: the diagonal, and with segment ids the tiles before its
+    document's run). Returns out
     [B, K, G, Tq, H] in q's dtype and lse [B, K, G, Tq] float32 (0 for a row that saw nothing).
 
     Heads-major tiles ([B, K, G, bq, H] against [B, K, bk, H]) make both of a tile's products plain batched
@@ -280,7 +319,9 @@ def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
         # Tiles seen whole skip the mask's build, select and -inf guard: masked [0, lo), whole [lo, hi), masked
         # [hi, n_seen). A row still unseen at lo is safe there: a whole tile gives it a finite maximum.
         lo, hi = _whole_k_tiles(slot, run_start, n_valid, n_seen, bk)
-        carry = jax.lax.fori_loop(0, lo, functools.partial(step, True), init)
+        # Tiles before every query's document are skipped outright: [first, lo) masked
+        first = 0 if doc_first is None else jnp.minimum(_first_k_tile(slot, doc_first, bk), lo)
+        carry = jax.lax.fori_loop(first, lo, functools.partial(step, True), init)
         carry = jax.lax.fori_loop(lo, hi, functools.partial(step, False), carry)
         o, m, l = jax.lax.fori_loop(hi, n_seen, functools.partial(step, True), carry)
         seen = l > 0
@@ -342,7 +383,7 @@ def _flash_fwd(q, k, v, q_seg, k_seg, q_slots, bq, bk, bqb, bkb):
     T, S = q.shape[1], k.shape[1]
     qh, kh, vh, q_segp, k_segp, slots = _heads_major(q, k, v, q_seg, k_seg, q_slots, bq, bk)
     out, lse = _flash_forward(qh, slots, q_segp, _self_kv_reader(kh, vh, k_segp, bk), S, kh.shape[2] // bk, bq, bk,
-                              run_start=_runs(k_seg)[0])
+                              run_start=_runs(k_seg)[0], doc_first=_doc_extent(k_seg)[0])
     # Residuals in the padded heads-major layout the backward reads (the same bytes as q, k, v and the output);
     # k_seg unpadded, as its shape carries S.
     return _tokens_major(out, T), (qh, kh, vh, q_segp, k_seg, slots, out, lse)
@@ -352,8 +393,9 @@ def _flash_bwd(_bq, _bk, bq, bk, res, d_out):
     """FlashAttention-2's backward (Dao 2023, algorithm 2) in one pass over key tiles j: each visits the query
     blocks whose last slot reaches it (from the first block whose largest slot is >= j*bk; slots are
     nondecreasing), recomputes the tile's probabilities from the saved log-sum-exp, and accumulates dK_j, dV_j in
-    its carry and dQ in a float32 [B, K, G, Tp, H] carry; blocks that see the tile whole (`_whole_q_blocks`) skip
-    the mask. O(T) memory; heads-major like the forward."""
+    its carry and dQ in a float32 [B, K, G, Tp, H] carry, up to the last block holding a query of one of the
+    tile's documents (`_doc_extent`); blocks that see the tile whole (`_whole_q_blocks`) skip the mask. O(T)
+    memory; heads-major like the forward."""
     qh, kh, vh, q_segp, k_seg, slots, out, lse = res
     B, K, G, Tp, H = qh.shape
     T, S, Sp = d_out.shape[1], k_seg.shape[1], kh.shape[2]
@@ -366,6 +408,10 @@ def _flash_bwd(_bq, _bk, bq, bk, res, d_out):
     blocks = slots.reshape(B, nq, bq)
     block_first, block_last = blocks.min(axis=(0, 2)), blocks.max(axis=(0, 2))  # [nq] each query block's slots
     run_start, run_end = _runs(k_seg)
+    # The latest slot sharing a segment with each key (-1 for padded keys, which no query sees), and each query
+    # block's earliest real slot (Sp for a block of padding only)
+    doc_last = jnp.pad(_doc_extent(k_seg)[1], [(0, 0), (0, Sp - S)], constant_values=-1)
+    block_start = jnp.where(blocks >= 0, blocks, Sp).min(axis=(0, 2))
 
     def k_tile(dq, j):
         start = j * bk
@@ -393,7 +439,7 @@ def _flash_bwd(_bq, _bk, bq, bk, res, d_out):
         # Self-attention (slots 0..T-1): start // bq. Blocks of padding only (-1; backward tiles smaller than the
         # forward's leave some at the end) are not counted, so the real blocks before the tile stay a prefix.
         first = jnp.sum((block_last >= 0) & (block_last < start)).astype(jnp.int32)
-        # Query blocks that see the tile whole skip the mask: masked [first, lo), whole [lo, hi), masked [hi, nq).
+        # Query blocks that see the tile whole skip the mask: masked [first, lo), whole [lo, hi), masked [hi, end).
         tile_last = start + bk - 1
         at = jnp.minimum(tile_last, S - 1)
         one_run = (tile_last < S) & jnp.all(run_start[:, at] <= start)  # real keys, one run in every row
@@ -401,7 +447,9 @@ def _flash_bwd(_bq, _bk, bq, bk, res, d_out):
                                  nq)
         carry = jax.lax.fori_loop(first, lo, functools.partial(step, True), (dq, zeros, zeros))
         carry = jax.lax.fori_loop(lo, hi, functools.partial(step, False), carry)
-        dq, dk, dv = jax.lax.fori_loop(hi, nq, functools.partial(step, True), carry)
+        # ... and no block past the tile's documents: [hi, end) masked (blocks are in slot order)
+        end = jnp.maximum(_end_q_block(block_start, jax.lax.dynamic_slice_in_dim(doc_last, start, bk, 1)), hi)
+        dq, dk, dv = jax.lax.fori_loop(hi, end, functools.partial(step, True), carry)
         return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(k_tile, jnp.zeros((B, K, G, Tp, H), jnp.float32), jnp.arange(nk, dtype=jnp.int32))

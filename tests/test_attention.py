@@ -113,6 +113,40 @@ def test_whole_tile_ranges_only_cover_tiles_the_mask_leaves_whole():
     assert (12, 11) not in fwd  # the last block holds padding (slots 192-199 real)
 
 
+def test_document_extent_skips_only_tiles_the_mask_hides_whole():
+    """The tiles skipped outright (`_first_k_tile` in the forward, `_end_q_block` in the backward) against the dense
+    mask: every (query block, key tile) pair outside the visited range is masked for every query and key, and in
+    rows of short documents most of the causal triangle is skipped. `_doc_extent` against a direct computation,
+    with an id that recurs later in a row (LONG_DOCS row 0: its second run sees the first)."""
+    B, T, b = 2, 200, 16
+    nq = -(-T // b)
+    short = np.repeat(np.arange(4, dtype=np.int32), 50)[None].repeat(2, 0)  # four documents of 50 slots per row
+    short[1] = np.repeat(np.arange(5, dtype=np.int32), 40)  # and five of 40 in the other row
+    for segs in (LONG_DOCS, short):
+        first, last = (np.asarray(x) for x in A._doc_extent(jnp.asarray(segs)))
+        same = segs[:, :, None] == segs[:, None]
+        np.testing.assert_array_equal(first, same.argmax(axis=2))
+        np.testing.assert_array_equal(last, T - 1 - same[:, :, ::-1].argmax(axis=2))
+        mask = (np.arange(T)[None, None] <= np.arange(T)[None, :, None]) & same
+        slots = np.full((B, nq * b), -1, np.int32)
+        slots[:, :T] = np.arange(T)
+        blocks = slots.reshape(B, nq, b)
+        starts = jnp.asarray(np.where(blocks >= 0, blocks, nq * b).min(axis=(0, 2)))
+        doc_last = np.pad(last, [(0, 0), (0, nq * b - T)], constant_values=-1)
+        fwd, bwd = set(), set()  # the (query block, key tile) pairs each side visits
+        for i in range(nq):
+            f = int(A._first_k_tile(jnp.asarray(blocks[:, i]), jnp.asarray(first), b))
+            assert not mask[:, i * b:(i + 1) * b, :f * b].any(), (i, f)
+            fwd |= {(i, j) for j in range(f, i + 1)}
+        for j in range(nq):
+            end = int(A._end_q_block(starts, jnp.asarray(doc_last[:, j * b:(j + 1) * b])))
+            assert not mask[:, end * b:, j * b:(j + 1) * b].any(), (j, end)
+            bwd |= {(i, j) for i in range(j, end)}
+        if segs is short:  # one run per id: both sides visit exactly the pairs the mask leaves any key in
+            seen = {(i, j) for i in range(nq) for j in range(nq) if mask[:, i * b:(i + 1) * b, j * b:(j + 1) * b].any()}
+            assert fwd == bwd == seen and len(seen) == 39  # of the 13 x 14 / 2 = 91 causal pairs
+
+
 def test_flash_long_documents_outputs_and_grads():
     """Packed rows of long documents: tiles inside a document run unmasked in the forward and backward (the
     ranges above), the rest masked; outputs and gradients equal the reference."""
