@@ -13,7 +13,9 @@ first new token fit).
   warm-up call. Both report wall and process CPU seconds (all threads: CPU above wall means both cores worked)
   of the first timed call, and of each of `--repeat` calls.
 - train T: value_and_grad of the mean next-token cross-entropy (ours: `model.forward`, flash attention with its
-  custom VJP; the peer: `loss.backward()`), one step timed after a compile / warm-up step.
+  custom VJP; the peer: `loss.backward()`), one step timed after a compile / warm-up step. `--docs N`: the row
+  packs N documents of T/N tokens (ours: segment ids and positions restarting per document, as the input pipeline
+  packs them; the peer: the same tokens as a batch of N separate sequences, which is what packing saves it from).
 - decode P:S: ours only: 32 greedy decode steps starting at position P of an S-slot cache (the decode loop of
   `generate`; the cache's contents do not change the cost), tokens/s. Issue 13's target: P=1024 in a 131,072-slot
   cache at >= 80% of the speed of P=1024 in a 4,096-slot cache.
@@ -140,18 +142,21 @@ def ours_attention(T: int, chunk: int) -> dict:
     return {"seconds": wall, "cpu_seconds": cpu, "checksum": float(jnp.sum(out))}
 
 
-def ours_train(T: int) -> dict:
+def ours_train(T: int, docs: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from llama import model as M
 
     cfg = _cfg()
     params = M.init_params(cfg, jax.random.key(0))
     tokens = jnp.asarray(_tokens(T), jnp.int32)
+    seg = jnp.asarray(np.arange(T) * docs // T, jnp.int32)[None]  # N equal documents (T/N each, rounded)
+    pos = jnp.arange(T, dtype=jnp.int32)[None] - jnp.searchsorted(seg[0], seg[0])[None]  # restart per document
 
     def loss(p, t):
-        logits = M.forward(p, t[:, :-1], cfg=cfg)
+        logits = M.forward(p, t[:, :-1], pos[:, :T - 1], seg[:, :T - 1], cfg=cfg)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, 1:, None], -1))
 
     t0 = time.perf_counter()
@@ -161,7 +166,7 @@ def ours_train(T: int) -> dict:
     return {**timing, "compile_s": compile_s, "loss": float(value)}
 
 
-def peer_train(T: int) -> dict:
+def peer_train(T: int, docs: int = 1) -> dict:
     import torch
 
     model = _peer_model()
@@ -175,7 +180,7 @@ def peer_train(T: int) -> dict:
         return float(loss)
 
     step(_tokens(128))  # warm-up
-    ids = _tokens(T)
+    ids = _tokens(T)[:, :T // docs * docs].reshape(docs, T // docs)
     timing, value = _timed(lambda: step(ids), 1)
     return {**timing, "loss": value}
 
@@ -270,7 +275,8 @@ def _worker(job: list[str]) -> None:
         repeat = int(job[4])
         out = ours_prefill(int(arg), int(job[3]), repeat) if side == "ours" else peer_prefill(int(arg), repeat)
     elif kind == "train":
-        out = ours_train(int(arg)) if side == "ours" else peer_train(int(arg))
+        docs = int(job[3]) if len(job) > 3 else 1
+        out = ours_train(int(arg), docs) if side == "ours" else peer_train(int(arg), docs)
     else:
         P, S = (int(x) for x in arg.split(":"))
         out = ours_decode(P, S)
@@ -296,6 +302,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prefill", default="4096,16384,32768,131072", help="prefill lengths")
     ap.add_argument("--train", default="16384,32768", help="train-step lengths ('' for none)")
+    ap.add_argument("--docs", type=int, default=1, help="documents packed in each train-step row")
     ap.add_argument("--decode", default="1024:4096,1024:131072,32768:131072,131000:131072",
                     help="decode position:cache slots pairs")
     ap.add_argument("--attention", default="", help="attention-only proxy lengths (ours only; `ours_attention`)")
@@ -317,7 +324,7 @@ def main(argv=None) -> None:
     jobs = [["prefill", s, str(T), str(a.prefill_chunk), str(a.repeat)] for T in a.prefill.split(",") if T
             for s in sides]
     jobs += [["attention", "ours", str(T), str(a.prefill_chunk)] for T in a.attention.split(",") if T]
-    jobs += [["train", s, str(T)] for T in a.train.split(",") if T for s in sides]
+    jobs += [["train", s, str(T), str(a.docs)] for T in a.train.split(",") if T for s in sides]
     jobs += [["decode", "ours", d] for d in a.decode.split(",") if d]
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()}", flush=True)
     results = []
