@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 from llama import manifest
 from llama.config import ModelConfig
@@ -115,25 +116,47 @@ def main(argv=None):
 
 
 def plot(results: dict, path: str) -> str:
-    """Exact-match accuracy and the answer's NLL per digit over length, one line per stage (temp file, renamed)."""
+    """Top row: exact-match accuracy per key depth x length after each stage (one heatmap per stage); bottom row:
+    accuracy (mean over depths) and the answer's NLL per token over length, one line per stage. Written to a temp
+    file and renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    n = len(results)
+    fig = plt.figure(figsize=(max(10, 3 * n), 7.5), dpi=110)
+    # two grids placed by hand (matplotlib's tight_layout, which save_figure calls, cannot lay them out: silenced)
+    top = fig.add_gridspec(1, n, top=0.94, bottom=0.6, left=0.07, right=0.98, wspace=0.35)
+    bottom = fig.add_gridspec(1, 2, top=0.48, bottom=0.08, left=0.07, right=0.98, wspace=0.2)
+    for k, (name, r) in enumerate(results.items()):
+        ax = fig.add_subplot(top[0, k])
+        acc = np.array(r["accuracy_by_depth"], float)
+        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(r["lengths"])), [str(x) for x in r["lengths"]], fontsize=7)
+        ax.set_yticks(range(len(r["depths"])), [f"{d:.0%}" for d in r["depths"]], fontsize=7)
+        for (i, j), a in np.ndenumerate(acc):
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("length", fontsize=7)
+        if k == 0:
+            ax.set_ylabel("key depth", fontsize=7)
+    axes = [fig.add_subplot(bottom[0, 0]), fig.add_subplot(bottom[0, 1])]
     for name, r in results.items():
         axes[0].plot(r["lengths"], r["accuracy"], marker="o", label=name)
         axes[1].plot(r["lengths"], r["answer_nll"], marker="o", label=name)
     axes[1].axhline(2.303, color="gray", ls="--", lw=1, label="uniform guess (ln 10)")
-    for ax, label in zip(axes, ("passkey exact match (mean over 5 depths)", "answer NLL per token")):
+    for ax, label in zip(axes, ("exact match (mean over depths)", "answer NLL per token")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     axes[0].set_ylim(-0.05, 1.05)
-    return manifest.save_figure(fig, path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This figure includes Axes that are not compatible with tight_layout")
+        return manifest.save_figure(fig, path)
 
 
 if __name__ == "__main__":

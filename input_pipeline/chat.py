@@ -22,8 +22,8 @@ token its generation already stops on (`SentencePieceTokenizer.stop_ids`).
 Each document is an int32 array [3, n]: ids; weight (1 = a training target: SFT: assistant content and the
 <|eot_id|> ending each assistant turn, Llama 3 paper section 4.1.3 and the issue; preference: the completion,
 see `encode_preference`; segments: the segment's weight); part (1, or 1 = chosen / 2 = rejected for a
-preference pair). Rows are tokenized
-once, when the source is opened (a progress bar), so bad rows and over-long rows are found before training.
+preference pair). Rows are tokenized once, when the source is opened (a progress bar), so bad rows and
+over-long rows are found before training.
 
 Packing (`ChatPackIterDataset`): whole documents, in stream order, into rows of exactly T tokens; a document
 that does not fit starts the next row (the rest is padding: segment 0, loss_mask 0). Every part is a segment of
@@ -117,7 +117,7 @@ def encode_segments(tok, segments: Sequence[tuple[str, int]], where: str = "segm
     SentencePiece's dummy-prefix space and give ids that plain text never has); the weight of each token, i.e.
     of the loss on predicting it, is its segment's (EOS takes the last segment's; BOS is never a target); part 1.
 
-    Segment k starts at token 1 + len(encode(texts before k)). DataError naming `where` when the tokenizer
+    Segment k starts at token len(BOS + encode(texts before k)). DataError naming `where` when the tokenizer
     merges across a boundary (that prefix's ids are not a prefix of the whole text's), where no token could be
     given one weight."""
     text = "".join(t for t, _ in segments)
