@@ -21,7 +21,8 @@ section 3.4.2); positions restart per document and documents are masked apart (s
 peak 1e-2, 30 warmup steps, cosine to 1e-3 at the last step. Stages (STEPS): 800 steps of 16 x 256 tokens at
 short distances, 3,000 of 16 x 256 at uniform distances, then 150 of 4 x 1,024 and 100 of 1 x 4,096 (4,096
 tokens per step throughout). A 16K stage works the same way (add a Stage, raise max_seq_len) but did not fit
-the minutes budget on the shared 2 cores. Measured: docs/long_context.md.
+the minutes budget on the shared 2 cores. Measured (docs/long_context.md): 34 minutes wall, ~1,960 CPU seconds, on
+the 2 shared cores at load 5-6.
 
 The driver trains to the end of each stage (one run directory, OUT/train, resumed at each boundary with that
 stage's corpus as data.paths: the trainer opens the data afresh at a stage boundary), evaluates passkey retrieval
