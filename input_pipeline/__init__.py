@@ -11,8 +11,9 @@ Public API
         | "prepared" (a directory written by `python -m input_pipeline.prepare`) | "chat" | "preference" (SFT and
         DPO JSONL rows, chat.py: rendered in the Llama 3.1 chat format, loss-masked, packed whole; overlong=
         "error" | "drop", mask_special for preference) | "segments" (pre-training text with a loss weight per
-        span, JSONL {"segments": [{"text", "weight"}]}, chat.py; packed whole; overlong as for chat). separator (text only): None =
-        one document per file, "<|endoftext|>", or BLANK_LINES ("\\n\\n": runs of blank lines).
+        span, JSONL {"segments": [{"text", "weight"}]}, chat.py; packed whole; overlong as for chat).
+        separator (text only): None = one document per file, "<|endoftext|>", or BLANK_LINES ("\\n\\n": runs of
+        blank lines).
 
     DataConfig(sources, shuffle=True, num_epochs=None, mask_document_boundary=True, utf8_errors="replace",
                num_threads=4, read_buffer=16, prefetch=4, holdout=0.0)

@@ -496,10 +496,11 @@ def objective_metrics(sums: dict, norms: dict, cfg: TrainConfig) -> dict:
 
 # ------------------------------------------------------------------------------- held-out eval: sft, dpo
 def objective_eval_set(cfg: TrainConfig, source, tok) -> "llama_eval.EvalSet":
-    """Fixed eval batches for sft/dpo (and pretrain on format=segments): the rows of data.eval_paths (read as the training source is: same format,
-    overlong policy and masking; a bad row is a DataError naming file:line), or the held-out share (data.eval_share,
-    the documents `input_pipeline` leaves out of training: sources.hash_split), in file order, packed whole as in
-    training (input_pipeline.chat.eval_rows) into at most eval_batches x batch_size rows; the last batch is padded."""
+    """Fixed eval batches for sft/dpo (and pretrain on format=segments): the rows of data.eval_paths (read as the
+    training source is: same format, overlong policy and masking; a bad row is a DataError naming file:line), or the
+    held-out share (data.eval_share, the documents `input_pipeline` leaves out of training: sources.hash_split), in
+    file order, packed whole as in training (input_pipeline.chat.eval_rows) into at most eval_batches x batch_size
+    rows; the last batch is padded."""
     from input_pipeline.chat import eval_rows, open_chat
     from input_pipeline.packing import empty_rows
     from input_pipeline.sources import hash_split

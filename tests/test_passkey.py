@@ -177,4 +177,5 @@ def test_training_corpus_options(tok, tmp_path):
     assert max(distance) == 3 and min(distance) == 0 and {segs[1]["weight"] for segs in rows} == {7}
     with pytest.raises(passkey.PasskeyError, match="--length"):
         passkey.training_corpus(str(tmp_path / "x.jsonl"), docs=1, tok=tok, length=None)
-    assert passkey.main(["corpus", "--out", str(tmp_path / "y.jsonl"), "--tokenizer", str(tok.path), "--docs", "2"]) == 2
+    no_length = ["corpus", "--out", str(tmp_path / "y.jsonl"), "--tokenizer", str(tok.path), "--docs", "2"]
+    assert passkey.main(no_length) == 2
