@@ -4,21 +4,25 @@ length before and after the extension.
 
     python -m experiments.cpu_passkey [--out runs/cpu_passkey] [--lengths 256,1024,4096] [--stages N]
 
-Data (llama.passkey.training_corpus): Mohtashami & Jaggi's passkey format; per stage of row length T a corpus
-OUT/passkeys_<T>.txt of (steps x batch) documents, each n whole filler sentences with the key sentence d of them
-before the question (d uniform in [0, the most that fit T], n uniform in [d, that most], so every key-to-question
-distance of the evaluation grid is as common in training as any other), the answer, padded with "#" to exactly T
-tokens with BOS and EOS, so every training row is one whole document: the key never falls into another row than
-its question (the trainer packs documents end to end and cuts rows; see llama.passkey.PAD). Tokenizer: a
+Data (llama.passkey.training_corpus): Mohtashami & Jaggi's passkey format, one corpus per stage,
+OUT/passkeys_<stage>.jsonl, in the segments format (data.format=segments, input_pipeline/chat.py): per document
+n whole filler sentences with the key sentence d of them before the question, the answer, padded with "#" to
+exactly the stage's row length T with BOS and EOS, so every training row is one retrieval example. Loss weights:
+the answer's tokens x ANSWER_WEIGHT (20), the padding 0, the rest 1 (the trainer's loss is the weighted mean,
+llama/train.py `_objective`): without the weight the model learned no content-based copy in minutes (the probes in
+docs/long_context.md). Curriculum (CORPORA): stage 0 draws short key-to-question distances (d uniform in [0,
+SHORT] sentences), where the copy forms; every later stage draws d uniform in [0, the most that fit T] (n
+uniform in [d, that most]), so every distance of the evaluation grid is as common as any other. Tokenizer: a
 512-piece SentencePiece BPE with split digits (one token per key digit), trained once on 500 unpadded documents
 (OUT/tokenizer.model, passed as data.tokenizer); the evaluation's prompts are built by the same `passkey_text`
 and encoded the same way. Model: Llama 3.1's architecture at 2 layers x 128 dims, 4 heads of 32 (no GQA).
 RoPE: theta 500,000, no scaling, unchanged across the stages (as Llama 3 does for its long-context stages, paper
 section 3.4.2); positions restart per document and documents are masked apart (section 3.2). Optimizer: AdamW,
-peak 1e-2 (3e-3 sat on the copy plateau for 500+ steps), 30 warmup steps, cosine to 1e-3. Stages: 800 steps of
-16 x 256 tokens, then 100 of 4 x 1,024, then 100 of 1 x 4,096 (4,096 tokens per step throughout). A 16K stage
-works the same way (add a Stage, raise max_seq_len) but did not fit the minutes budget on the shared 2 cores.
-Measured: docs/long_context.md.
+peak 1e-2, 30 warmup steps, cosine to 1e-3 at the last step. Stages (STEPS): 800 steps of 16 x 256 tokens at
+short distances, 3,000 of 16 x 256 at uniform distances, then 150 of 4 x 1,024 and 100 of 1 x 4,096 (4,096
+tokens per step throughout). A 16K stage works the same way (add a Stage, raise max_seq_len) but did not fit
+the minutes budget on the shared 2 cores. Measured (docs/long_context.md): 34 minutes wall, ~1,960 CPU seconds, on
+the 2 shared cores at load 5-6.
 
 The driver trains to the end of each stage (one run directory, OUT/train, resumed at each boundary with that
 stage's corpus as data.paths: the trainer opens the data afresh at a stage boundary), evaluates passkey retrieval
@@ -31,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 from llama import manifest
 from llama.config import ModelConfig
@@ -42,16 +47,24 @@ OUT = "runs/cpu_passkey"
 MODEL = ModelConfig(name="llama3.1-cpu-passkey", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4,
                     ffn_dim=384, rope_theta=500000.0, rope_scaling=None, max_seq_len=4096, bos_id=1, eos_ids=(2,),
                     attention_block_q=256, attention_block_k=256)
+ANSWER_WEIGHT = 20
+SHORT = 12  # stage 0's longest key-to-question distance, in filler sentences (~5 tokens each; 44 fit 256 tokens)
+# Per stage: (the longest key-to-question distance, None = all that fit the row; documents in its corpus, the
+# stage's rows up to MAX_DOCS: the pipeline repeats a corpus in a new order each epoch).
+CORPORA = ((SHORT,), (None,), (None,), (None,))
+MAX_DOCS = 16000
+STEPS = 4050
 
 CONFIG = TrainConfig(
     model=MODEL,
-    optimizer=OptimizerConfig(peak_lr=1e-2, end_lr=1e-3, warmup_steps=30, decay_steps=1000, weight_decay=0.1),
+    optimizer=OptimizerConfig(peak_lr=1e-2, end_lr=1e-3, warmup_steps=30, decay_steps=STEPS, weight_decay=0.1),
     mesh=MeshConfig(data=1, fsdp=1, tensor=1),
-    data=DataConfig(paths=os.path.join(OUT, "passkeys_256.txt"), separator="<|endoftext|>",
+    data=DataConfig(paths=os.path.join(OUT, "passkeys_0.jsonl"), format="segments",
                     tokenizer=os.path.join(OUT, "tokenizer.model")),
-    steps=1000, batch_size=16, seq_len=256,
-    stages=(Stage(seq_len=1024, batch_size=4, start_step=800), Stage(seq_len=4096, batch_size=1, start_step=900)),
-    log_every=50, checkpoint_every=50, keep_checkpoints=2, sample_tokens=0,
+    steps=STEPS, batch_size=16, seq_len=256,
+    stages=(Stage(seq_len=256, batch_size=16, start_step=800), Stage(seq_len=1024, batch_size=4, start_step=3800),
+            Stage(seq_len=4096, batch_size=1, start_step=3950)),
+    log_every=50, checkpoint_every=250, keep_checkpoints=2, sample_tokens=0,
 )
 
 
@@ -81,18 +94,21 @@ def main(argv=None):
     results = {}
     for stage, end in enumerate(ends[:args.stages]):
         start, T, B = schedule[stage]
-        corpus = os.path.join(args.out, f"passkeys_{T}.txt")
+        (max_distance,) = CORPORA[stage]
+        corpus = os.path.join(args.out, f"passkeys_{stage}.jsonl")
         if not os.path.exists(corpus):  # one document per row, every one a key with its question (PAD)
-            _run("-m", "llama.passkey", "corpus", "--out", corpus, "--docs", str((end - start) * B),
-                 "--tokenizer", tok_path, "--length", str(T), "--seed", str(10 + stage))
-        _run("-m", "llama.train", "--config", me, "--out", run, "--set", f"steps={end}",
-             f"data.paths={corpus}", f"data.tokenizer={tok_path}")
+            _run("-m", "llama.passkey", "corpus", "--out", corpus, "--docs", str(min((end - start) * B, MAX_DOCS)),
+                 "--tokenizer", tok_path, "--length", str(T), "--answer-weight", str(ANSWER_WEIGHT), "--seed",
+                 str(10 + stage), *(["--max-distance", str(max_distance)] if max_distance is not None else []))
+        _run("-m", "llama.train", "--config", me, "--out", run, "--set", f"steps={end}", f"data.paths={corpus}",
+             f"data.tokenizer={tok_path}")
         ev = os.path.join(args.out, f"passkey_stage{stage}")
         _run("-m", "llama.passkey", "passkey", "--checkpoint", run, "--tokenizer", tok_path, "--lengths",
              args.lengths, "--samples", str(args.samples), "--out", ev)
         r = json.load(open(os.path.join(ev, "results.json")))
         results[f"after stage {stage} (step {end}, T={T})"] = {
-            "lengths": r["lengths"], "accuracy": [sum(c) / len(c) for c in zip(*r["accuracy"])],
+            "lengths": r["lengths"], "depths": r["depths"], "accuracy_by_depth": r["accuracy"],
+            "accuracy": [sum(c) / len(c) for c in zip(*r["accuracy"])],
             "answer_nll": [sum(c) / len(c) for c in zip(*r["answer_nll"])]}
 
     manifest.atomic_write(os.path.join(args.out, "passkey_by_stage.json"), json.dumps(results, indent=1) + "\n")
@@ -101,25 +117,47 @@ def main(argv=None):
 
 
 def plot(results: dict, path: str) -> str:
-    """Exact-match accuracy and the answer's NLL per digit over length, one line per stage (temp file, renamed)."""
+    """Top row: exact-match accuracy per key depth x length after each stage (one heatmap per stage); bottom row:
+    accuracy (mean over depths) and the answer's NLL per token over length, one line per stage. Written to a temp
+    file and renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    n = len(results)
+    fig = plt.figure(figsize=(max(10, 3 * n), 7.5), dpi=110)
+    # two grids placed by hand (matplotlib's tight_layout, which save_figure calls, cannot lay them out: silenced)
+    top = fig.add_gridspec(1, n, top=0.94, bottom=0.6, left=0.07, right=0.98, wspace=0.35)
+    bottom = fig.add_gridspec(1, 2, top=0.48, bottom=0.08, left=0.07, right=0.98, wspace=0.2)
+    for k, (name, r) in enumerate(results.items()):
+        ax = fig.add_subplot(top[0, k])
+        acc = np.array(r["accuracy_by_depth"], float)
+        ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(r["lengths"])), [str(x) for x in r["lengths"]], fontsize=7)
+        ax.set_yticks(range(len(r["depths"])), [f"{d:.0%}" for d in r["depths"]], fontsize=7)
+        for (i, j), a in np.ndenumerate(acc):
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("length", fontsize=7)
+        if k == 0:
+            ax.set_ylabel("key depth", fontsize=7)
+    axes = [fig.add_subplot(bottom[0, 0]), fig.add_subplot(bottom[0, 1])]
     for name, r in results.items():
         axes[0].plot(r["lengths"], r["accuracy"], marker="o", label=name)
         axes[1].plot(r["lengths"], r["answer_nll"], marker="o", label=name)
     axes[1].axhline(2.303, color="gray", ls="--", lw=1, label="uniform guess (ln 10)")
-    for ax, label in zip(axes, ("passkey exact match (mean over 5 depths)", "answer NLL per token")):
+    for ax, label in zip(axes, ("exact match (mean over depths)", "answer NLL per token")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     axes[0].set_ylim(-0.05, 1.05)
-    return manifest.save_figure(fig, path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This figure includes Axes that are not compatible with tight_layout")
+        return manifest.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ Public API
         paths: files / globs (tuple or one str); format: "text" | "jsonl" | "parquet" | "array_record" | "hf"
         | "prepared" (a directory written by `python -m input_pipeline.prepare`) | "chat" | "preference" (SFT and
         DPO JSONL rows, chat.py: rendered in the Llama 3.1 chat format, loss-masked, packed whole; overlong=
-        "error" | "drop", mask_special for preference). separator (text only): None =
-        one document per file, "<|endoftext|>", or BLANK_LINES ("\\n\\n": runs of blank lines).
+        "error" | "drop", mask_special for preference) | "segments" (pre-training text with a loss weight per
+        span, JSONL {"segments": [{"text", "weight"}]}, chat.py; packed whole; overlong as for chat).
+        separator (text only): None = one document per file, "<|endoftext|>", or BLANK_LINES ("\\n\\n": runs of
+        blank lines).
 
     DataConfig(sources, shuffle=True, num_epochs=None, mask_document_boundary=True, utf8_errors="replace",
                num_threads=4, read_buffer=16, prefetch=4, holdout=0.0)
@@ -45,7 +47,10 @@ targets are the next token of that stream. segment_ids 1, 2, ... per document wi
 positions restart at 0 per document and continue when a document carries over into the next row (where it
 gets a new segment id). loss_mask is 0 on padding and, with mask_document_boundary, on each EOS (whose target
 would be the next document's BOS). No token is dropped: with num_epochs=None the stream never ends; with a
-finite num_epochs the last row and last batch are padded.
+finite num_epochs the last row and last batch are padded. Rows of the chat, preference and segments formats
+are whole documents (chat.py) and their loss_mask is the per-token weight of each target (0/1 for chat and
+preference, the segment's non-negative integer weight for segments); the trainer's loss is the weighted sum of
+the token losses divided by the batch's summed weights (llama/train.py `_objective`).
 
 Errors on bad input are `DataError` (a ValueError) naming the file, field or flag (see sources.py).
 """
@@ -53,8 +58,9 @@ Errors on bad input are `DataError` (a ValueError) naming the file, field or fla
 from input_pipeline.packing import KEYS, PAD_ID
 from input_pipeline.pipeline import BatchIterator, DataConfig, make_dataset, to_global_batch
 from input_pipeline.prepared import open_prepared, prepare_corpus
-from input_pipeline.sources import BLANK_LINES, DataError, Source
+from input_pipeline.sources import BLANK_LINES, WEIGHTED_FORMATS, DataError, Source
 from input_pipeline.tokenize import Tokenizer, encode_document, tokenizer_info
 
-__all__ = ["BLANK_LINES", "KEYS", "PAD_ID", "BatchIterator", "DataConfig", "DataError", "Source", "Tokenizer",
-           "encode_document", "make_dataset", "open_prepared", "prepare_corpus", "to_global_batch", "tokenizer_info"]
+__all__ = ["BLANK_LINES", "KEYS", "PAD_ID", "WEIGHTED_FORMATS", "BatchIterator", "DataConfig", "DataError", "Source",
+           "Tokenizer", "encode_document", "make_dataset", "open_prepared", "prepare_corpus", "to_global_batch",
+           "tokenizer_info"]

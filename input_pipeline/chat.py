@@ -1,9 +1,16 @@
-"""Chat (SFT) and preference (DPO) data: JSONL rows -> tokenized, loss-masked documents -> packed rows.
+"""Chat (SFT), preference (DPO) and weighted-text data: JSONL rows -> tokenized, loss-weighted documents ->
+packed rows.
 
 Formats (one JSON object per line):
 - format="chat": {"messages": [{"role": "system"|"user"|"assistant"|"ipython"|"tool", "content": str}, ...]}
 - format="preference": {"prompt": [messages], "chosen": [assistant message(s)] | str, "rejected": same}, the
   conversational preference format of TRL; a plain string stands for one assistant message.
+- format="segments": {"segments": [{"text": str, "weight": int >= 0}, ...]}, pre-training text whose loss is
+  weighted per span (`encode_segments`): the document is the texts concatenated, [BOS, ..., EOS] as any text
+  document, and each target token counts `weight` times (default 1; 0 = context only). This is axolotl's
+  template-free "input_output" format with an integer weight in place of its boolean "label" (a "label" is
+  read as weight 1 or 0). Used with objective=pretrain, e.g. by the passkey experiment (llama/passkey.py) to
+  weight the answer to the question.
 
 Rendering: the Llama 3.1 chat format (Meta `llama3/chat_format.py`, `llama.tokenizer.encode_dialog`, id for id):
     <|begin_of_text|> per message: <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>
@@ -14,8 +21,9 @@ token its generation already stops on (`SentencePieceTokenizer.stop_ids`).
 
 Each document is an int32 array [3, n]: ids; weight (1 = a training target: SFT: assistant content and the
 <|eot_id|> ending each assistant turn, Llama 3 paper section 4.1.3 and the issue; preference: the completion,
-see `encode_preference`); part (1, or 1 = chosen / 2 = rejected for a preference pair). Rows are tokenized
-once, when the source is opened (a progress bar), so bad rows and over-long rows are found before training.
+see `encode_preference`; segments: the segment's weight); part (1, or 1 = chosen / 2 = rejected for a
+preference pair). Rows are tokenized once, when the source is opened (a progress bar), so bad rows and
+over-long rows are found before training.
 
 Packing (`ChatPackIterDataset`): whole documents, in stream order, into rows of exactly T tokens; a document
 that does not fit starts the next row (the rest is padding: segment 0, loss_mask 0). Every part is a segment of
@@ -103,6 +111,32 @@ def encode_preference(fmt: ChatFormat, prompt, chosen, rejected, *, mask_special
     return np.concatenate(out, axis=1)
 
 
+def encode_segments(tok, segments: Sequence[tuple[str, int]], where: str = "segments") -> np.ndarray:
+    """[3, n] int32: the ids of the segments' texts concatenated and encoded as ONE text with BOS and EOS (as
+    `input_pipeline.encode_document` encodes a plain document: encoding each piece alone would start it with
+    SentencePiece's dummy-prefix space and give ids that plain text never has); the weight of each token, i.e.
+    of the loss on predicting it, is its segment's (EOS takes the last segment's; BOS is never a target); part 1.
+
+    Segment k starts at token len(BOS + encode(texts before k)). DataError naming `where` when the tokenizer
+    merges across a boundary (that prefix's ids are not a prefix of the whole text's), where no token could be
+    given one weight."""
+    text = "".join(t for t, _ in segments)
+    ids = tok.encode(text, bos=True, eos=True)
+    w = np.empty(len(ids), np.int32)
+    w[0], start, prefix = 0, 1, ""
+    for k, (t, weight) in enumerate(segments):
+        prefix += t
+        head = ids if k == len(segments) - 1 else tok.encode(prefix, bos=True, eos=False)
+        end = len(head)
+        if head != ids[:end]:
+            raise DataError(f"{where}: the tokenizer merges the end of segments[{k}] with the start of segments"
+                            f"[{k + 1}] ({prefix[-20:]!r} | {segments[k + 1][0][:20]!r}); move the boundary to a "
+                            "space or punctuation")
+        w[start:end] = weight
+        start = end
+    return np.stack([np.asarray(ids, np.int32), w, np.ones(len(ids), np.int32)])
+
+
 # ------------------------------------------------------------------------------------------------ reading
 def _check_messages(msgs, where: str, what: str) -> list[dict]:
     if not isinstance(msgs, list) or not msgs:
@@ -131,12 +165,37 @@ def _completion(x, where: str, what: str) -> list[dict]:
     return msgs
 
 
+def _check_segments(segs, where: str) -> list[tuple[str, int]]:
+    if not isinstance(segs, list) or not segs:
+        raise DataError(f"{where}: segments must be a non-empty list of {{'text': ..., 'weight': ...}}, got "
+                        f"{type(segs).__name__}")
+    out = []
+    for k, seg in enumerate(segs):
+        if not isinstance(seg, dict) or not isinstance(seg.get("text"), str) or not seg["text"]:
+            raise DataError(f"{where}: segments[{k}]: expected {{'text': non-empty string, 'weight': int}}, got "
+                            f"{seg!r:.80}")
+        label = seg.get("label", True)  # axolotl's boolean label, read where no weight is given
+        w = seg["weight"] if "weight" in seg else int(label) if isinstance(label, bool) else label
+        w = int(w) if isinstance(w, float) and w.is_integer() else w  # JSON writers may print 20 as 20.0
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise DataError(f"{where}: segments[{k}]: weight {seg.get('weight', seg.get('label'))!r}, expected an "
+                            "integer >= 0 (the number of times each target token counts; 0 = context only)")
+        out.append((seg["text"], w))
+    if not any(w for _, w in out):
+        raise DataError(f"{where}: every segment has weight 0: nothing to train on")
+    return out
+
+
 def parse_row(obj: Any, fmt_name: str, where: str):
-    """The validated row: messages (chat) or (prompt, chosen, rejected) (preference). DataError naming `where`
-    (file:line) for: not an object, missing field, unknown role, empty content, no assistant turn, chosen
-    identical to rejected."""
+    """The validated row: messages (chat), (prompt, chosen, rejected) (preference) or [(text, weight)]
+    (segments). DataError naming `where` (file:line) for: not an object, missing field, unknown role, empty
+    content or text, no assistant turn, chosen identical to rejected, a weight that is not an integer >= 0."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if fmt_name == "segments":
+        if "segments" not in obj:
+            raise DataError(f"{where}: no field 'segments' (found {sorted(obj)})")
+        return _check_segments(obj["segments"], where)
     if fmt_name == "chat":
         if "messages" not in obj:
             raise DataError(f"{where}: no field 'messages' (found {sorted(obj)})")
@@ -168,9 +227,10 @@ class ChatDocuments(Documents):
 
 
 def open_chat(src, tokenizer, *, seq_len: int, progress: bool = True) -> ChatDocuments:
-    """Reads, validates and tokenizes every row of a chat or preference source (src.format). Rows longer than
-    seq_len tokens (a preference row: chosen + rejected together) follow src.overlong: "error" (DataError naming
-    file:line and the lengths) or "drop" (counted in stats["dropped_overlong"]). Nothing is truncated."""
+    """Reads, validates and tokenizes every row of a chat, preference or segments source (src.format). Rows
+    longer than seq_len tokens (a preference row: chosen + rejected together) follow src.overlong: "error"
+    (DataError naming file:line and the lengths) or "drop" (counted in stats["dropped_overlong"]). Nothing is
+    truncated."""
     from tqdm import tqdm
 
     if src.overlong not in OVERLONG:
@@ -196,6 +256,7 @@ def open_chat(src, tokenizer, *, seq_len: int, progress: bool = True) -> ChatDoc
     for where, row in tqdm(rows, desc=f"tokenize {src.format} {os.path.basename(files[0])}", unit="row",
                            disable=not progress, mininterval=1.0):
         doc = (encode_chat(fmt, row) if src.format == "chat" else
+               encode_segments(tokenizer, row, where) if src.format == "segments" else
                encode_preference(fmt, *row, mask_special=src.mask_special))
         if doc.shape[1] > seq_len:
             if src.overlong == "error":

@@ -22,7 +22,7 @@ import numpy as np
 from input_pipeline import packing
 from input_pipeline.chat import ChatPackIterDataset, open_chat
 from input_pipeline.prepared import open_prepared
-from input_pipeline.sources import UTF8_ERRORS, DataError, Source, hash_split, open_documents
+from input_pipeline.sources import UTF8_ERRORS, WEIGHTED_FORMATS, DataError, Source, hash_split, open_documents
 from input_pipeline.tokenize import Tokenizer, encode_document, tokenizer_info
 
 STATE_VERSION = 1
@@ -187,12 +187,12 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
 
     all_docs, datasets = [], []
     for i, src in enumerate(config.sources):
-        if src.format in ("chat", "preference"):
+        if src.format in WEIGHTED_FORMATS:
             if tokenizer is None:
                 raise DataError(f"source {src.paths} ({src.format}) needs a tokenizer")
             if len(config.sources) > 1:
-                raise DataError(f"source {src.paths} ({src.format}): chat and preference sources are not mixed with "
-                                "others (their rows are packed whole, see chat.py); give it alone")
+                raise DataError(f"source {src.paths} ({src.format}): chat, preference and segments sources are not "
+                                "mixed with others (their rows are packed whole, see chat.py); give it alone")
             docs = open_chat(src, tokenizer, seq_len=int(seq_len), progress=process_index == 0)
             docs = hash_split(docs, config.holdout, heldout=False) if config.holdout else docs
             ds = grain.MapDataset.source(docs)
@@ -217,7 +217,7 @@ def make_dataset(config: DataConfig, tokenizer: Tokenizer | None, *, seq_len: in
     ds = ds[process_index::process_count]  # disjoint, complete shares of the (mixed) document stream
     ds = ds.batch(DOCS_PER_READ, batch_fn=list)  # blocks of consecutive documents of this share
     read = grain.ReadOptions(num_threads=config.num_threads, prefetch_buffer_size=config.read_buffer)
-    if config.sources[0].format in ("chat", "preference"):  # whole documents per row (chat.py)
+    if config.sources[0].format in WEIGHTED_FORMATS:  # whole documents per row (chat.py)
         rows = ChatPackIterDataset(ds.to_iter_dataset(read), seq_len=int(seq_len))
     else:
         rows = packing.PackIterDataset(ds.to_iter_dataset(read), seq_len=int(seq_len),

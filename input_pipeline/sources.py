@@ -32,7 +32,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("text", "jsonl", "parquet", "array_record", "hf", "prepared", "chat", "preference")
+FORMATS = ("text", "jsonl", "parquet", "array_record", "hf", "prepared", "chat", "preference", "segments")
+# JSONL rows that chat.py tokenizes into documents carrying a per-token loss weight, packed whole into rows.
+WEIGHTED_FORMATS = ("chat", "preference", "segments")
 # Separator value meaning "one or more blank (whitespace-only) lines", as in TinyStories' validation file.
 BLANK_LINES = "\n\n"
 _BLANK_LINES_RE = re.compile(rb"\n(?:[ \t\r\f\v]*\n)+")
@@ -60,6 +62,8 @@ class Source:
     "chat" / "preference": chat (SFT) and preference (DPO) JSONL rows, see chat.py. overlong: a row longer than
       seq_len is an "error" or is "drop"ped (counted); mask_special (preference only): header and termination
       tokens out of the completion mask (Llama 3 paper section 4.1.4).
+    "segments": pre-training text with a loss weight per span, JSONL rows {"segments": [{"text": ..., "weight":
+      k}, ...]} (chat.py, `encode_segments`); packed whole like chat rows, overlong as for them.
     """
 
     paths: tuple[str, ...]
@@ -92,7 +96,7 @@ class Source:
                 "separator": self.separator, "drop_unterminated": self.drop_unterminated,
                 "hf_split": self.hf_split} | (  # only where they apply: older sources' fingerprints stay as they were
                     {"overlong": self.overlong, "mask_special": self.mask_special}
-                    if self.format in ("chat", "preference") else {})
+                    if self.format in WEIGHTED_FORMATS else {})
 
 
 def expand_paths(patterns: Sequence[str], *, allow_dirs: bool = False) -> list[str]:
@@ -429,9 +433,9 @@ def open_documents(src: Source, utf8_errors: str = "replace") -> Documents:
         raise DataError(f"utf8_errors={utf8_errors!r}: expected one of {UTF8_ERRORS}")
     opener = {"text": open_text, "jsonl": open_jsonl, "parquet": open_parquet,
               "array_record": open_array_record, "hf": open_hf}.get(src.format)
-    if opener is None and src.format in ("chat", "preference"):
-        raise DataError(f"format {src.format!r}: rows of messages, not plain documents; open them with "
-                        "input_pipeline.chat.open_chat (an sft/dpo run's held-out figures are its eval_* metrics)")
+    if opener is None and src.format in WEIGHTED_FORMATS:
+        raise DataError(f"format {src.format!r}: rows with per-token weights, not plain documents; open them with "
+                        "input_pipeline.chat.open_chat (a run's held-out figures on them are its eval_* metrics)")
     if opener is None:
         raise DataError(f"format {src.format!r} holds token ids, not text; open it with "
                         f"input_pipeline.open_prepared")

@@ -3,8 +3,9 @@
     python -m llama.passkey passkey --checkpoint RUN_OR_MODEL_DIR [--lengths 256,1024,4096]
         [--depths 0,0.25,0.5,0.75,1] [--samples 8] [--mesh context=2] [--out DIR]
     python -m llama.passkey needle  --checkpoint DIR [--corpus haystack.txt] ...
-    python -m llama.passkey corpus  --out passkeys.txt --docs 2000 [--max-words 200 | --tokenizer T --length 256]
-                                                                                     (training text)
+    python -m llama.passkey corpus  --out passkeys.txt --docs 2000 [--max-words 200]  (text for a tokenizer)
+    python -m llama.passkey corpus  --out passkeys.jsonl --docs 2000 --tokenizer T --length 256
+        [--answer-weight 20] [--max-distance N]       (training rows: data.format=segments, the answer weighted)
 
 passkey (Mohtashami & Jaggi 2023, "Landmark Attention", section 4.2): a random 5-digit key in a sentence
 ("The pass key is 71432. Remember it. 71432 is the pass key.") hidden at a given depth inside repeated filler
@@ -239,54 +240,66 @@ def write_results(results: dict, out: str, *, mesh=None, extra: dict | None = No
 
 
 # ------------------------------------------------------------------------------------------ training text
-# Training documents are padded after the answer to exactly one row with this character. The trainer packs
-# documents end to end and cuts the stream into rows (input_pipeline/packing.py), so a document shorter than a
-# row would start mid-row and be cut at the row's end, putting its key and its question in different rows (the
-# document mask then keeps them apart): the model would learn to guess. Each document filling its row exactly
-# keeps every key with its question. "#" is absent from the tokenizer's training text (`training_corpus` without
-# a tokenizer), so each is one byte-fallback token that merges with nothing.
+# Training documents are padded after the answer to exactly one row with this character (a weight-0 segment: no
+# loss on it). Rows of the segments format hold whole documents (input_pipeline/chat.py), several per row when
+# they fit; the probes (docs/long_context.md) formed a content-based copy with one retrieval example per row, so
+# each document fills its row. "#" is absent from the tokenizer's training text (`training_text`), so each is
+# one byte-fallback token that merges with nothing.
 PAD = "#"
+# The segments format's weight of the answer's target tokens (the key after the question; every other token 1,
+# padding 0): the probes' x 20, the one change that made the model learn to copy the key within minutes on CPU.
+ANSWER_WEIGHT = 20
 
 
-def training_corpus(path: str, *, docs: int, tok=None, length: int | None = None, max_words: int = 200,
-                    seed: int = 0) -> str:
-    """Passkey documents for pre-training (the CPU experiment), one per record, separated by <|endoftext|>:
-    `passkey_text` with n filler sentences, the key sentence d of them before the question, and the answer
-    " KEY.". The key-to-question distance d is uniform in [0, top] and n uniform in [d, top], so every distance
-    the evaluation grid asks for at this length (depth 0 of a full prompt is d = n = top) is as common as any
-    other. The earlier draw (n uniform, then a uniform depth) gave distance >= 3/4 top to ~7% of the documents
-    and depth 0 of a full 256-token prompt (d within 2 sentences of top) to 0.3%; a model that had learned to
-    retrieve then did so only at the short distances it had seen (docs/long_context.md).
+def training_corpus(path: str, *, docs: int, tok, length: int, answer_weight: int = ANSWER_WEIGHT,
+                    max_distance: int | None = None, seed: int = 0) -> str:
+    """Passkey documents for pre-training (the CPU experiment) as JSONL rows of the segments format (input_pipeline
+    /chat.py, data.format=segments): `passkey_text` with n filler sentences, the key sentence d of them before the
+    question (weight 1), the answer " KEY" (weight `answer_weight`), "." (1), then PAD up to exactly `length`
+    tokens with BOS and EOS (weight 0). top = the most sentences that fit `length`; d is uniform in [0,
+    min(max_distance, top)] (None: top) and n uniform in [d, top], so every distance the evaluation grid asks for
+    at this length (depth 0 of a full prompt is d = n = top) is as common as any other. max_distance: a
+    curriculum's first phase, short key-to-question distances only, where a copy forms sooner (docs/long_context.md).
 
-    With `tok` and `length` (a stage's row length): top = the most sentences that fit, each document then padded
-    with PAD to exactly `length` tokens with its BOS and EOS (see PAD). Without: top = max_words / 4 (filler
-    sentences have 4-5 words), unpadded: the text to train the tokenizer on."""
+    The earlier draw (n uniform, then a uniform depth) gave distance >= 3/4 top to ~7% of the documents and depth 0
+    of a full 256-token prompt (d within 2 sentences of top) to 0.3%; a model that had learned to retrieve then did
+    so only at the short distances it had seen."""
+    if not length or length < 1:
+        raise PasskeyError("training_corpus: --length (the row length in tokens) is required")
+    if answer_weight < 0 or (max_distance is not None and max_distance < 0):
+        raise PasskeyError(f"training_corpus: --answer-weight {answer_weight} and --max-distance {max_distance} must "
+                           "be >= 0")
+    rng = np.random.default_rng(seed)
+    enc = functools.lru_cache(maxsize=None)(lambda text: len(_enc(tok, text)))
+    # the most sentences that fit with BOS and EOS, for a key of the longest tokenization (all 5-digit keys tokenize
+    # alike with split digits; min over depths guards the rest)
+    top = min(_largest_fit(lambda n: 2 + enc(passkey_text("99999", n, int(d * n)) + " 99999."), 2 * length,
+                           length, "passkey") for d in (0, 0.5, 1))
+    rows = []
+    for _ in range(docs):
+        key = str(rng.integers(10000, 100000))
+        d = int(rng.integers(0, (top if max_distance is None else min(max_distance, top)) + 1))
+        n = int(rng.integers(d, top + 1))
+        prompt = passkey_text(key, n, n - d)
+        pad = length - 2 - len(_enc(tok, prompt + f" {key}."))
+        if pad < 0 or len(_enc(tok, prompt + f" {key}." + PAD * pad)) != length - 2:
+            raise PasskeyError(f"training_corpus: a {n}-sentence document does not pad to exactly {length} tokens "
+                               f"with {PAD!r} (is {PAD!r} in the tokenizer's vocabulary?)")
+        segs = [{"text": prompt, "weight": 1}, {"text": f" {key}", "weight": answer_weight}, {"text": ".", "weight": 1}]
+        rows.append(json.dumps({"segments": segs + ([{"text": PAD * pad, "weight": 0}] if pad else [])}))
+    return manifest.atomic_write(path, "\n".join(rows) + "\n")
+
+
+def training_text(path: str, *, docs: int, max_words: int = 200, seed: int = 0) -> str:
+    """Unpadded passkey documents (n uniform in [0, max_words / 4] filler sentences, d uniform in [0, n]; filler
+    sentences have 4-5 words), separated by <|endoftext|>: the text to train the experiment's tokenizer on."""
     from llama.train import CORPUS_SEPARATOR
 
     rng = np.random.default_rng(seed)
-    if tok is None:
-        top = max(1, max_words // 4)
-    else:
-        if not length:
-            raise PasskeyError("training_corpus: a tokenizer needs --length (the row length in tokens)")
-        enc = functools.lru_cache(maxsize=None)(lambda text: len(_enc(tok, text)))
-        # the most sentences that fit with BOS and EOS, for a key of the longest tokenization (all 5-digit keys
-        # tokenize alike with split digits; min over depths guards the rest)
-        top = min(_largest_fit(lambda n: 2 + enc(passkey_text("99999", n, int(d * n)) + " 99999."), 2 * length,
-                               length, "passkey") for d in (0, 0.5, 1))
     out = []
     for _ in range(docs):
-        key = str(rng.integers(10000, 100000))
-        d = int(rng.integers(0, top + 1))
-        n = int(rng.integers(d, top + 1))
-        doc = passkey_text(key, n, n - d) + f" {key}."
-        if tok is not None:
-            pad = length - 2 - len(_enc(tok, doc))
-            if pad < 0 or len(_enc(tok, doc + PAD * pad)) != length - 2:
-                raise PasskeyError(f"training_corpus: a {n}-sentence document does not pad to exactly {length} "
-                                   f"tokens with {PAD!r} (is {PAD!r} in the tokenizer's vocabulary?)")
-            doc += PAD * pad
-        out.append(doc)
+        key, n = str(rng.integers(10000, 100000)), int(rng.integers(0, max(1, max_words // 4) + 1))
+        out.append(passkey_text(key, n, int(rng.integers(0, n + 1))) + f" {key}.")
     return manifest.atomic_write(path, f"\n{CORPUS_SEPARATOR}\n".join(out))
 
 
@@ -320,14 +333,22 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=2000, help="corpus: number of documents")
     ap.add_argument("--max-words", type=int, default=200, help="corpus: the longest filler, in words (unpadded)")
     ap.add_argument("--length", type=int, help="corpus: with --tokenizer, documents of exactly this many tokens")
+    ap.add_argument("--answer-weight", type=int, default=ANSWER_WEIGHT,
+                    help="corpus: the loss weight of the answer's tokens (segments format; the rest 1, padding 0)")
+    ap.add_argument("--max-distance", type=int, help="corpus: the longest key-to-question distance in filler "
+                    "sentences (default: all that fit --length)")
     args = ap.parse_args(argv)
     try:
         if args.task == "corpus":
             from llama.tokenizer import load_tokenizer
 
-            tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-            print(training_corpus(args.out or "passkeys.txt", docs=args.docs, tok=tok, length=args.length,
-                                  max_words=args.max_words, seed=args.seed))
+            if not args.tokenizer:  # the text to train a tokenizer on
+                print(training_text(args.out or "passkeys.txt", docs=args.docs, max_words=args.max_words,
+                                    seed=args.seed))
+                return 0
+            print(training_corpus(args.out or "passkeys.jsonl", docs=args.docs, tok=load_tokenizer(args.tokenizer),
+                                  length=args.length, answer_weight=args.answer_weight,
+                                  max_distance=args.max_distance, seed=args.seed))
             return 0
         if not args.checkpoint:
             raise PasskeyError("--checkpoint is required for passkey and needle")

@@ -62,7 +62,9 @@ class DataConfig:
     """What to train on; `input_pipeline` reads, tokenizes, shuffles and packs it."""
 
     paths: str | None = None  # glob of files; None = the CPython docs topics (pydoc_data.topics)
-    format: str = "text"  # input_pipeline.Source formats: text, jsonl, parquet, array_record, hf, prepared
+    # input_pipeline.Source formats: text, jsonl, parquet, array_record, hf, prepared; segments (pre-training text
+    # with an integer loss weight per span, input_pipeline/chat.py); chat and preference (objective sft, dpo).
+    format: str = "text"
     separator: str | None = None  # text only: None = one document per file (see input_pipeline.Source)
     # A tokenizer file; "llama3" = the Llama 3 tokenizer from `llama-models`; None = train a SentencePiece
     # BPE with model.vocab_size pieces on the training text (OUT/tokenizer.model).
@@ -74,8 +76,8 @@ class DataConfig:
     # this share of the training documents, chosen by a stable hash of each one and never trained on.
     eval_paths: str | None = None
     eval_share: float = 0.0
-    # format=chat / preference: a row longer than seq_len is an "error" (naming file:line) or is "drop"ped (counted
-    # in the pipeline's stats); never truncated (input_pipeline/chat.py).
+    # format=chat / preference / segments: a row longer than seq_len is an "error" (naming file:line) or is
+    # "drop"ped (counted in the pipeline's stats); never truncated (input_pipeline/chat.py).
     overlong: str = "error"
 
 
@@ -380,9 +382,13 @@ def frozen_base(params, cfg: TrainConfig):
 
 
 def _objective(params, mb: dict, *, cfg: TrainConfig, n_tokens):
-    """The micro-batch's summed next-token cross-entropy and z-loss (llama.loss; float32 whatever the compute
-    dtype), divided by the whole batch's token count so that micro-batch gradients add up to the full-batch
-    gradient. Returns (loss, (nll_sum, z_sum))."""
+    """The micro-batch's next-token cross-entropy and z-loss summed over its tokens, each token's term times its
+    loss_mask (llama.loss; float32 whatever the compute dtype), divided by `n_tokens`, the whole batch's summed
+    loss_mask (`_normalizers`), so that micro-batch gradients add up to the full-batch gradient. The loss is
+    thus a weighted mean, sum_t w_t nll_t / sum_t w_t: with 0/1 masks (text, chat) the mean over the trained
+    tokens; with the segments format's integer weights each token counts w_t times, as if repeated (a weight
+    raises a token's share of the loss relative to the others, not the loss's overall scale). Returns
+    (loss, (nll_sum, z_sum))."""
     positions, segment_ids = (mb["positions"], mb["segment_ids"]) if cfg.data.document_mask else (None, None)
     h = llama_model.hidden_states(params, mb["tokens"], positions, segment_ids, cfg=cfg.model)
     loss_sum, sums = llama_loss.next_token_loss(params, h, mb["targets"], mb["loss_mask"], cfg=cfg.model,
@@ -490,10 +496,11 @@ def objective_metrics(sums: dict, norms: dict, cfg: TrainConfig) -> dict:
 
 # ------------------------------------------------------------------------------- held-out eval: sft, dpo
 def objective_eval_set(cfg: TrainConfig, source, tok) -> "llama_eval.EvalSet":
-    """Fixed eval batches for sft/dpo: the rows of data.eval_paths (read as the training source is: same format,
-    overlong policy and masking; a bad row is a DataError naming file:line), or the held-out share (data.eval_share,
-    the documents `input_pipeline` leaves out of training: sources.hash_split), in file order, packed whole as in
-    training (input_pipeline.chat.eval_rows) into at most eval_batches x batch_size rows; the last batch is padded."""
+    """Fixed eval batches for sft/dpo (and pretrain on format=segments): the rows of data.eval_paths (read as the
+    training source is: same format, overlong policy and masking; a bad row is a DataError naming file:line), or the
+    held-out share (data.eval_share, the documents `input_pipeline` leaves out of training: sources.hash_split), in
+    file order, packed whole as in training (input_pipeline.chat.eval_rows) into at most eval_batches x batch_size
+    rows; the last batch is padded."""
     from input_pipeline.chat import eval_rows, open_chat
     from input_pipeline.packing import empty_rows
     from input_pipeline.sources import hash_split
@@ -551,7 +558,7 @@ def train_step(state: TrainState, batch: dict, *, cfg: TrainConfig, tx: optax.Gr
     params = optax.apply_updates(state.params, updates)
     metrics = objective_metrics(sums, norms, cfg) | {
         "grad_norm": optim.global_norm(grads), "lr": optim.learning_rate(cfg.optimizer, state.step),
-        "tokens": norms["tokens"]}
+        "tokens": jnp.sum(jnp.asarray(batch["loss_mask"]) > 0).astype(jnp.float32)}  # trained, not their weights
     return TrainState(state.step + 1, params, opt_state, state.rng, state.ref_params, state.base), metrics
 
 
@@ -751,11 +758,12 @@ def default_corpus(out_dir: str) -> str:
 def data_source(cfg: TrainConfig, out_dir: str):
     """The input pipeline's Source for cfg.data (the embedded corpus when no paths are given)."""
     import input_pipeline
+    from input_pipeline.sources import WEIGHTED_FORMATS
 
     if cfg.data.paths is None:
         return input_pipeline.Source((default_corpus(out_dir),), separator=CORPUS_SEPARATOR)
     chat = {"overlong": cfg.data.overlong, "mask_special": cfg.objective == "dpo" and cfg.dpo.mask_special} \
-        if cfg.data.format in ("chat", "preference") else {}
+        if cfg.data.format in WEIGHTED_FORMATS else {}
     return input_pipeline.Source((cfg.data.paths,), format=cfg.data.format, separator=cfg.data.separator, **chat)
 
 
@@ -775,6 +783,9 @@ def tokenizer_for(cfg: TrainConfig, source, out_dir: str):
                               "data.tokenizer=PATH or data.tokenizer=llama3 (init_from a training run uses its "
                               "tokenizer.model)")
         return load_tokenizer(run_tok, vocab_size=cfg.model.vocab_size)
+    if cfg.data.tokenizer is None and cfg.data.format == "segments":
+        raise ConfigError("data.format=segments: give the tokenizer, data.tokenizer=PATH or data.tokenizer=llama3 "
+                          "(no tokenizer is trained on weighted rows)")
     if cfg.data.tokenizer is None and cfg.data.format == "prepared":
         raise ConfigError("data.format=prepared holds token ids: give the tokenizer it was prepared with, "
                           "data.tokenizer=PATH or data.tokenizer=llama3 (its index.json names it)")
@@ -912,8 +923,10 @@ def main(argv=None) -> int:
         with open(tok.path, "rb") as f:
             manifest.atomic_write(own, f.read())
     holdout = 0.0 if cfg.data.eval_paths else cfg.data.eval_share
-    eval_set = None if not cfg.eval_every else (llama_eval.trainer_eval_set(cfg, source, tok, out)
-                                                if cfg.objective == "pretrain" else objective_eval_set(cfg, source, tok))
+    # Weighted rows (sft, dpo, pretrain on format=segments) are evaluated as they are trained: packed whole, weighted.
+    eval_set = None if not cfg.eval_every else (
+        llama_eval.trainer_eval_set(cfg, source, tok, out) if source.format not in input_pipeline.WEIGHTED_FORMATS
+        else objective_eval_set(cfg, source, tok))
 
     def open_data(stage: int, scfg: TrainConfig):
         # Each stage packs the stream anew at its own length (seed + stage: stage 0 is the unstaged run's data).

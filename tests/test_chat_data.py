@@ -1,4 +1,5 @@
-"""Chat (SFT) and preference (DPO) data: rendering, loss masks, packing, bad rows, over-long rows, resume."""
+"""Chat (SFT), preference (DPO) and weighted-text (segments) data: rendering, loss masks and weights, packing, bad
+rows, over-long rows, resume."""
 
 import json
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from input_pipeline import DataConfig, DataError, make_dataset
-from input_pipeline.chat import ChatFormat, ROLES, encode_chat, encode_preference, pack_documents
+from input_pipeline.chat import ChatFormat, ROLES, encode_chat, encode_preference, encode_segments, pack_documents
+from input_pipeline.tokenize import encode_document
 from llama.tokenizer import CHAT_ROLES, encode_dialog, load_tokenizer
 from tests.conftest import require_shared
 
@@ -21,6 +23,12 @@ PREF = [
     {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
      "rejected": [{"role": "assistant", "content": "5"}]},
     {"prompt": [{"role": "user", "content": "Capital of France?"}], "chosen": "Paris", "rejected": "Rome, I think"},
+]
+
+SEGMENTS = [
+    {"segments": [{"text": "The pass key is 71432. What is the pass key? The pass key is", "weight": 1},
+                  {"text": " 71432", "weight": 20}, {"text": ".", "weight": 1}, {"text": "####", "weight": 0}]},
+    {"segments": [{"text": "Question: 2+2?", "label": False}, {"text": " Answer: 4.", "label": True}]},
 ]
 
 
@@ -132,9 +140,17 @@ def test_overlong_rows_error_or_drop_with_a_count(tmp_path, llama3):
     ("preference", {"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "a"},
      r"b.jsonl:2: chosen is identical to rejected"),
     ("preference", {"prompt": [{"role": "user", "content": "q"}], "chosen": "a"}, r"b.jsonl:2: no field"),
+    ("segments", {"text": "a"}, r"b.jsonl:2: no field 'segments'"),
+    ("segments", {"segments": [{"text": "a", "weight": -1}]}, r"b.jsonl:2: segments\[0\]: weight -1, expected an "
+     "integer >= 0"),
+    ("segments", {"segments": [{"text": "a", "weight": 1.5}]}, r"b.jsonl:2: segments\[0\]: weight 1.5"),
+    ("segments", {"segments": [{"text": "a", "weight": True}]}, r"b.jsonl:2: segments\[0\]: weight True"),
+    ("segments", {"segments": [{"text": "", "weight": 1}]}, r"b.jsonl:2: segments\[0\]: expected"),
+    ("segments", {"segments": [{"text": "a", "weight": 0}, {"text": "b", "label": False}]},
+     r"b.jsonl:2: every segment has weight 0"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, llama3, fmt, line, pattern):
-    good = CHAT[1] if fmt == "chat" else PREF[0]
+    good = {"chat": CHAT[1], "preference": PREF[0], "segments": SEGMENTS[0]}[fmt]
     path = write_jsonl(tmp_path / "b.jsonl", [good, line])
     with pytest.raises(DataError, match=pattern):
         _all_batches(path, llama3, fmt)
@@ -172,3 +188,42 @@ def test_preference_pairs_are_consecutive_segments_and_resume_is_exact(tmp_path,
             seen.append({tuple(x["tokens"][0][x["segment_ids"][0] == s]) for x in it
                          for s in range(1, x["segment_ids"][0].max() + 1, 2)})
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 12
+
+
+@pytest.mark.parametrize("name", ["llama3", "sp"])
+def test_segments_are_one_text_with_each_token_weighted_by_its_segment(request, name):
+    """The ids are those of the whole text as a plain document (a segment encoded alone would start with a dummy
+    prefix under SentencePiece); each token carries its segment's weight, so loss_mask[t] (the weight of
+    targets[t] = ids[t+1]) weights the prediction of that segment's tokens; EOS takes the last segment's."""
+    tok = request.getfixturevalue(name)
+    segs = [(x["text"], x["weight"]) for x in SEGMENTS[0]["segments"]]
+    ids, w, part = encode_segments(tok, segs)
+    np.testing.assert_array_equal(ids, encode_document(tok, "".join(t for t, _ in segs)))
+    assert (part == 1).all() and w[0] == 0 and w[-1] == 0  # BOS is never a target; EOS after the weight-0 padding
+    for weight, text in ((20, " 71432"), (0, "####")):  # between BOS and EOS
+        assert tok.decode([int(i) for i, x in zip(ids[1:-1], w[1:-1]) if x == weight]).strip() == text.strip()
+    assert tok.decode([int(i) for i, x in zip(ids[1:-1], w[1:-1]) if x == 1]).startswith("The pass key is 71432.")
+    row = pack_documents([np.stack([ids, w, part])], len(ids) + 3)
+    np.testing.assert_array_equal(row["loss_mask"][:len(ids) - 1], w[1:])  # the weight of each target
+    assert (row["loss_mask"][len(ids) - 1:] == 0).all()  # EOS predicts nothing in a row of whole documents
+
+
+def test_segments_that_split_a_token_are_refused(sp):
+    """A boundary inside a word: the tokenizer merges across it, no token has a single weight."""
+    with pytest.raises(DataError, match=r"row 7: the tokenizer merges the end of segments\[0\]"):
+        encode_segments(sp, [("Once upon a ti", 1), ("me.", 5)], "row 7")
+
+
+def test_segments_source_packs_whole_documents_with_their_weights(tmp_path, sp):
+    path = write_jsonl(tmp_path / "s.jsonl", SEGMENTS)
+    batches, stats = _all_batches(path, sp, "segments", seq_len=64, batch=2)
+    assert list(stats.values())[0]["documents"] == 2
+    rows = [(b["targets"][r], b["loss_mask"][r], b["segment_ids"][r]) for b in batches for r in range(2)]
+    got = {}
+    for t, m, seg in rows:
+        for k in range(1, int(seg.max()) + 1):  # each document: its weighted targets, by weight
+            on = seg == k
+            got[tuple(sorted(set(m[on].tolist())))] = {x: sp.decode([int(i) for i in t[on & (m == x)]]).strip()
+                                                      for x in set(m[on].tolist()) if x}
+    assert got[(0.0, 1.0, 20.0)][20.0] == "71432"
+    assert got[(0.0, 1.0)] == {1.0: "Answer: 4."}  # axolotl's labels: False = context only

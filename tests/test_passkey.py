@@ -58,7 +58,7 @@ def test_answer_ids_are_those_of_the_training_documents(tok, tmp_path):
     """The bug this guards: prompt pieces encoded one by one gave " 71432" as "▁", "▁", "7", ... with
     SentencePiece's dummy prefix, ids never seen in training, where the key follows "is" inside one text."""
     s = passkey.make_sample("passkey", tok, 256, 0.5, np.random.default_rng(3))
-    path = passkey.training_corpus(str(tmp_path / "docs.txt"), docs=20, max_words=200, seed=0)
+    path = passkey.training_text(str(tmp_path / "docs.txt"), docs=20, max_words=200, seed=0)
     docs = open(path).read().split("\n<|endoftext|>\n")
     assert len(docs) == 20 and all(d.startswith(passkey.INTRO) and d.endswith(".") for d in docs)
     doc = docs[0]
@@ -120,27 +120,31 @@ def test_cli_writes_results_heatmap_and_manifest(tmp_path, tok):
 
 @pytest.mark.parametrize("length", [256, 512])
 def test_padded_training_documents_fill_one_row_each(tok, tmp_path, length):
-    """The bug this guards: documents shorter or longer than a row are packed end to end and cut at row ends
+    """The bug this guards: documents shorter or longer than a row were packed end to end and cut at row ends
     (input_pipeline/packing.py), so a key and its question mostly fell into different rows (the document mask
     keeps them apart) and the model could only guess. Padded, BOS + document + EOS is exactly one row, so the
-    packed stream's rows are the documents, each holding its key, question and answer; the key sits at every
-    depth and the filler spans the whole range that fits."""
-    path = passkey.training_corpus(str(tmp_path / "docs.txt"), docs=40, tok=tok, length=length, seed=0)
-    docs = open(path).read().split("\n<|endoftext|>\n")
-    assert len(docs) == 40
+    rows are the documents, each holding its key, question and answer, the answer's targets weighted x 20 and
+    the padding's 0 (the segments format); the key sits at every distance from the question that fits."""
+    import input_pipeline
+
+    path = passkey.training_corpus(str(tmp_path / "docs.jsonl"), docs=40, tok=tok, length=length, seed=0)
+    rows = [json.loads(line)["segments"] for line in open(path)]
+    assert len(rows) == 40
     n_filler, distance = [], []
-    for doc in docs:
+    for segs in rows:
+        doc = "".join(x["text"] for x in segs)
         assert 2 + len(passkey._enc(tok, doc)) == length
+        key = segs[1]["text"].strip()
+        assert [x["weight"] for x in segs] == [1, passkey.ANSWER_WEIGHT, 1] + [0] * (len(segs) == 4)
+        assert segs[1]["text"] == f" {key}" and segs[2]["text"] == "." and set(doc[len(doc.rstrip("#")):]) <= {"#"}
         text = doc.rstrip(passkey.PAD)
-        key = text[:-1].rsplit(" ", 1)[1]
         assert text.startswith(passkey.INTRO) and text.endswith(passkey.PASSKEY_QUESTION + f" {key}.")
         assert passkey.PASSKEY.format(key=key) in text
         n_filler.append(text.count(".") - 7)  # the intro and the key sentence have 3 full stops each, the answer 1
         after_key = text[text.index(passkey.PASSKEY.format(key=key)) + len(passkey.PASSKEY.format(key=key)):]
         distance.append(after_key.count(".") - 1)  # filler sentences between the key sentence and the question
         # the prompt (everything before " KEY") is encoded as the evaluation encodes it
-        prompt = text[:-len(f" {key}.")]
-        assert passkey._enc(tok, doc)[:len(passkey._enc(tok, prompt))] == passkey._enc(tok, prompt)
+        assert passkey._enc(tok, doc)[:len(passkey._enc(tok, segs[0]["text"]))] == passkey._enc(tok, segs[0]["text"])
     # distance uniform in [0, top], n uniform in [distance, top]: short and nearly full documents both occur
     full = passkey._largest_fit(lambda n: 2 + len(passkey._enc(tok, passkey.passkey_text("99999", n, 0) + " 99999.")),
                                 length, length, "passkey")
@@ -149,5 +153,29 @@ def test_padded_training_documents_fill_one_row_each(tok, tmp_path, length):
     # (1/4 with the earlier draw of n, then a uniform depth; the sd of the mean of 40 is ~0.05)
     assert all(0 <= d <= n for d, n in zip(distance, n_filler))
     assert np.mean(distance) / full > 0.38 and max(distance) >= 3 * full // 4
-    with pytest.raises(passkey.PasskeyError, match="needs --length"):
-        passkey.training_corpus(str(tmp_path / "x.txt"), docs=1, tok=tok)
+    # the trainer's rows (data.format=segments): one document each, the answer's five digits and its leading
+    # space weighted x 20, nothing after the answer's full stop trained on
+    data = input_pipeline.DataConfig.from_paths(path, format="segments", prefetch=0, shuffle=False, num_epochs=1)
+    with input_pipeline.make_dataset(data, tok, seq_len=length, global_batch_size=4, seed=0, process_index=0,
+                                     process_count=1) as it:
+        b = next(it)
+    assert (b["segment_ids"] == 1).all() and ((b["loss_mask"] == passkey.ANSWER_WEIGHT).sum(1) == 6).all()
+    for r in range(4):
+        answer = b["targets"][r][b["loss_mask"][r] == passkey.ANSWER_WEIGHT]
+        assert tok.decode([int(i) for i in answer]).strip() == rows[r][1]["text"].strip()
+
+
+def test_training_corpus_options(tok, tmp_path):
+    """--max-distance bounds the key-to-question distance (a curriculum's first phase); --answer-weight sets the
+    answer's weight; a missing --length is an error naming it."""
+    path = passkey.training_corpus(str(tmp_path / "d.jsonl"), docs=30, tok=tok, length=256, max_distance=3,
+                                   answer_weight=7, seed=1)
+    rows = [json.loads(line)["segments"] for line in open(path)]
+    key = [segs[1]["text"].strip() for segs in rows]
+    after = [segs[0]["text"].split(passkey.PASSKEY.format(key=k))[1] for segs, k in zip(rows, key)]
+    distance = [a.count(".") for a in after]  # filler sentences between the key sentence and the question ("?")
+    assert max(distance) == 3 and min(distance) == 0 and {segs[1]["weight"] for segs in rows} == {7}
+    with pytest.raises(passkey.PasskeyError, match="--length"):
+        passkey.training_corpus(str(tmp_path / "x.jsonl"), docs=1, tok=tok, length=None)
+    no_length = ["corpus", "--out", str(tmp_path / "y.jsonl"), "--tokenizer", str(tok.path), "--docs", "2"]
+    assert passkey.main(no_length) == 2

@@ -76,6 +76,43 @@ def test_grad_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("loss_chunk", [0, 16], ids=["plain", "chunked"])
+def test_segment_weights_make_the_loss_a_weighted_mean(tmp_path, loss_chunk):
+    """data.format=segments: the step's loss is sum_t w_t nll_t / sum_t w_t over the batch, w the segment weights
+    (here an answer x 20 and padding 0), computed by hand from the model's logits. The unweighted mean differs by
+    far more than the tolerance (asserted), so dropping the weights (a 0/1 mask) fails this test."""
+    import input_pipeline
+    from llama.model import forward
+    from llama.tokenizer import load_tokenizer
+    from llama.train import objective_metrics
+
+    tok = load_tokenizer(require_shared("assets", "llama2c_stories260K", "tok512.model"))
+    rows = [{"segments": [{"text": f"Once upon a time the key was {k}. The key was", "weight": 1},
+                          {"text": f" {k}", "weight": 20}, {"text": ". The end.", "weight": 1},
+                          {"text": " ###", "weight": 0}]} for k in (31415, 27182, 14142, 17320)]
+    path = tmp_path / "w.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = input_pipeline.DataConfig.from_paths(str(path), format="segments", prefetch=0, shuffle=False)
+    with input_pipeline.make_dataset(data, tok, seq_len=64, global_batch_size=2, seed=0, process_index=0,
+                                     process_count=1) as it:
+        batch = next(it)
+    w = batch["loss_mask"]
+    assert set(np.unique(w)) == {0.0, 1.0, 20.0}
+    cfg_model = MICRO.replace(vocab_size=512)
+    cfg = TrainConfig(model=cfg_model, batch_size=2, seq_len=64, loss_chunk=loss_chunk)
+    params = init_params(cfg_model, jax.random.key(0))
+    with jax.default_matmul_precision("highest"):
+        _, sums, norms = jax.jit(functools.partial(compute_grads, cfg=cfg))(params, batch)
+        logits = forward(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg=cfg_model)
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), -1)
+    nll = -np.take_along_axis(np.asarray(logp), batch["targets"][..., None], -1)[..., 0]
+    want = (w * nll).sum() / w.sum()
+    got = float(objective_metrics(sums, norms, cfg)["loss"])
+    # float32 sums of ~100 terms near ln 512 = 6.2: relative error ~1e-6; the weights move the mean by > 1e-3
+    assert got == pytest.approx(want, rel=1e-5)
+    assert abs((nll * (w > 0)).sum() / (w > 0).sum() - want) > 1e-3 * want
+
+
 def test_opt_state_shardings_follow_params():
     cfg = TrainConfig(model=TINY, batch_size=8, seq_len=16, mesh=MeshConfig(data=2, fsdp=2, tensor=2))
     mesh = make_mesh(cfg.mesh)
