@@ -329,6 +329,11 @@ def _flash_forward(qh, q_slots, q_seg, read_kv, n_valid: int, nk: int, bq: int, 
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)
         return out.astype(qh.dtype), lse
 
+    # One sequential map. Coarser dispatch was tried for the 2-core CPU prefill (issue 13):
+    # two maps over causally balanced halves do not run concurrently (XLA's buffer assignment gives both loops'
+    # temporaries the same offsets, so its thunk executor orders one after the other; the profiler trace shows
+    # it), and `lax.map(batch_size=2)` (a gather of each pair's key tiles) or 512-query blocks ran the 32K prefill
+    # in the same process CPU seconds (17.6-19.5 s each, load 1-4).
     out, lse = jax.lax.map(q_block, jnp.arange(Tq // bq, dtype=jnp.int32))  # [nq, B, K, G, bq, H], [nq, B, K, G, bq]
     return (out.transpose(1, 2, 3, 0, 4, 5).reshape(B, K, G, Tq, H),
             lse.transpose(1, 2, 3, 0, 4).reshape(B, K, G, Tq))
