@@ -144,6 +144,13 @@ def _add_float(acc, d):
     return acc + d if jnp.issubdtype(acc.dtype, jnp.floating) else acc
 
 
+def _head_cotangent(g_head, f=lambda d: d):
+    """The head's cotangent from its accumulated gradient (`_add_float`): f applied to each float leaf; an integer
+    (int8) leaf has no gradient, so its cotangent is float0 zeros."""
+    return jax.tree.map(lambda d: f(d) if jnp.issubdtype(d.dtype, jnp.floating)
+                        else np.zeros(d.shape, jax.dtypes.float0), g_head)
+
+
 def _softmax_parts(logits, t_i):
     """(e = exp(logits - max), sum of e, logsumexp, target logit) of float32 logits [B, c, V]. The logsumexp is
     written out so that one exp per logit serves the sum and the softmax (e / sum); the logits are finite, as in
@@ -185,7 +192,7 @@ def _scan_chunks(head, h, targets, mask, cfg: ModelConfig, z_loss: float, c: int
     if not with_grads:
         nll_sum, z_sum = jax.lax.fori_loop(0, ch.n_active, body, (zero, zero))
         return nll_sum + z_loss * z_sum, nll_sum, z_sum
-    g_head = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), head)
+    g_head = jax.tree.map(jnp.zeros_like, head)
     nll_sum, z_sum, g_head, g_h = jax.lax.fori_loop(0, ch.n_active, body,
                                                     (zero, zero, g_head, ch.zeros(h.shape[2:], h.dtype)))
     return (nll_sum + z_loss * z_sum, nll_sum, z_sum), (g_head, ch.result(g_h))
@@ -205,10 +212,7 @@ def _chunked_bwd(cfg, z_loss, c, grads, cotangents):
     g = cotangents[0]
     g_head, g_h = grads
     scale = lambda d: (d.astype(jnp.float32) * g).astype(d.dtype)  # noqa: E731  (g in float32: bf16 h stays exact)
-    # an integer (int8) head leaf has no gradient: its cotangent is float0 zeros
-    no_grad = lambda d: np.zeros(d.shape, jax.dtypes.float0)  # noqa: E731
-    return (jax.tree.map(lambda d: scale(d) if jnp.issubdtype(d.dtype, jnp.floating) else no_grad(d), g_head),
-            scale(g_h), None, None)
+    return _head_cotangent(g_head, scale), scale(g_h), None, None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -270,11 +274,9 @@ def _chunked_logps_bwd(cfg, c, res, d_logps):
         d_head, d_h = pullback(dlogits)
         return jax.tree.map(_add_float, g_head, d_head), ch.add(g_h, i, d_h)
 
-    g_head = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), head)
-    g_head, g_h = jax.lax.fori_loop(0, ch.n_active, body, (g_head, ch.zeros(h.shape[2:], h.dtype)))
-    no_grad = lambda d: np.zeros(d.shape, jax.dtypes.float0)  # noqa: E731  (an int8 head leaf: no gradient)
-    return (jax.tree.map(lambda d: d if jnp.issubdtype(d.dtype, jnp.floating) else no_grad(d), g_head),
-            ch.result(g_h), None, None)
+    g_head, g_h = jax.lax.fori_loop(0, ch.n_active, body,
+                                    (jax.tree.map(jnp.zeros_like, head), ch.zeros(h.shape[2:], h.dtype)))
+    return _head_cotangent(g_head), ch.result(g_h), None, None
 
 
 _chunked_logps.defvjp(_chunked_logps_fwd, _chunked_logps_bwd)

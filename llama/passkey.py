@@ -230,7 +230,6 @@ def heatmap(results: dict, path: str, title: str | None = None) -> str:
 
 def write_results(results: dict, out: str, *, mesh=None, extra: dict | None = None) -> dict[str, str]:
     """results.json, heatmap.png and manifest.json in `out` (each written to a temp file and renamed)."""
-
     os.makedirs(out, exist_ok=True)
     paths = {"results": manifest.atomic_write(os.path.join(out, "results.json"), json.dumps(results, indent=1) + "\n"),
              "heatmap": heatmap(results, os.path.join(out, "heatmap.png"))}

@@ -758,13 +758,13 @@ def default_corpus(out_dir: str) -> str:
 def data_source(cfg: TrainConfig, out_dir: str):
     """The input pipeline's Source for cfg.data (the embedded corpus when no paths are given)."""
     import input_pipeline
-    from input_pipeline.sources import WEIGHTED_FORMATS
 
     if cfg.data.paths is None:
         return input_pipeline.Source((default_corpus(out_dir),), separator=CORPUS_SEPARATOR)
-    chat = {"overlong": cfg.data.overlong, "mask_special": cfg.objective == "dpo" and cfg.dpo.mask_special} \
-        if cfg.data.format in WEIGHTED_FORMATS else {}
-    return input_pipeline.Source((cfg.data.paths,), format=cfg.data.format, separator=cfg.data.separator, **chat)
+    # overlong and mask_special apply to the weighted formats only (Source ignores them for the others)
+    return input_pipeline.Source((cfg.data.paths,), format=cfg.data.format, separator=cfg.data.separator,
+                                 overlong=cfg.data.overlong,
+                                 mask_special=cfg.objective == "dpo" and cfg.dpo.mask_special)
 
 
 def tokenizer_for(cfg: TrainConfig, source, out_dir: str):

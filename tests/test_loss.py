@@ -24,6 +24,15 @@ def small_cfg(tie: bool, vocab: int = 97) -> ModelConfig:
                        rope_theta=1e4, max_seq_len=64, bos_id=1, eos_ids=(2,), tie_embeddings=tie)
 
 
+def head_inputs(tie: bool, B: int, T: int, seed: int):
+    """(cfg, params, h [B, T, D], targets [B, T], rng): a small model's output layer and random inputs to it."""
+    cfg = small_cfg(tie)
+    params = model.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(B, T, cfg.dim)), jnp.float32)
+    return cfg, params, h, jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32), rng
+
+
 def assert_close(got, want):
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         g, w = np.asarray(g), np.asarray(w)
@@ -37,12 +46,8 @@ def test_chunked_equals_plain(tie):
     z-loss (no z-loss: the trainer test below), for chunks of one position, chunks that do not divide T
     (padding) and one chunk larger than T."""
     z_loss = 1e-2
-    cfg = small_cfg(tie)
-    params = model.init_params(cfg, jax.random.key(0))
-    rng = np.random.default_rng(0)
     B, T = 4, 13
-    h = jnp.asarray(rng.normal(size=(B, T, cfg.dim)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    cfg, params, h, targets, rng = head_inputs(tie, B, T, seed=0)
     mask = jnp.asarray(rng.random((B, T)) > 0.25, jnp.float32)  # masked tokens inside rows, as packing leaves
     n = mask.sum()
 
@@ -85,12 +90,8 @@ def test_token_logps_chunked_equals_plain(tie):
     """token_logps (DPO's per-token log-probabilities): the chunked path with a loss mask (masked-out chunks not
     computed, its own backward) equals the plain path masked afterwards, in value and in the gradients with
     respect to the head and the hidden states under a random cotangent (DPO's per-sequence weights)."""
-    cfg = small_cfg(tie)
-    params = model.init_params(cfg, jax.random.key(0))
-    rng = np.random.default_rng(2)
     B, T = 3, 13
-    h = jnp.asarray(rng.normal(size=(B, T, cfg.dim)), jnp.float32)
-    targets = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    cfg, params, h, targets, rng = head_inputs(tie, B, T, seed=2)
     mask = np.zeros((B, T), np.float32)
     mask[0, 7:12] = 1  # a completion after its prompt
     mask[1, rng.random(T) > 0.5] = 1
