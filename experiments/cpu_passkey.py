@@ -1,28 +1,30 @@
 """The staged long-context recipe on this machine's CPU: pre-train a small model at 256 tokens on text with
-embedded passkeys, extend it through stages at 1,024 and 4,096 tokens, and measure passkey retrieval at each
-length before and after the extension.
+embedded passkeys, extend it through stages at 1,024 and 4,096 tokens (and 16,384 with --stages 5), and measure
+passkey retrieval at each length before and after the extension.
 
     python -m experiments.cpu_passkey [--out runs/cpu_passkey] [--lengths 256,1024,4096] [--stages N]
 
 Data (llama.passkey.training_corpus): Mohtashami & Jaggi's passkey format, one corpus per stage,
 OUT/passkeys_<stage>.jsonl, in the segments format (data.format=segments, input_pipeline/chat.py): per document
 n whole filler sentences with the key sentence d of them before the question, the answer, padded with "#" to
-exactly the stage's row length T with BOS and EOS, so every training row is one retrieval example. Loss weights:
-the answer's tokens x ANSWER_WEIGHT (20), the padding 0, the rest 1 (the trainer's loss is the weighted mean,
-llama/train.py `_objective`): without the weight the model learned no content-based copy in minutes (the probes in
-docs/long_context.md). Curriculum (CORPORA): stage 0 draws short key-to-question distances (d uniform in [0,
-SHORT] sentences), where the copy forms; every later stage draws d uniform in [0, the most that fit T] (n
-uniform in [d, that most]), so every distance of the evaluation grid is as common as any other. Tokenizer: a
-512-piece SentencePiece BPE with split digits (one token per key digit), trained once on 500 unpadded documents
-(OUT/tokenizer.model, passed as data.tokenizer); the evaluation's prompts are built by the same `passkey_text`
-and encoded the same way. Model: Llama 3.1's architecture at 2 layers x 128 dims, 4 heads of 32 (no GQA).
-RoPE: theta 500,000, no scaling, unchanged across the stages (as Llama 3 does for its long-context stages, paper
-section 3.4.2); positions restart per document and documents are masked apart (section 3.2). Optimizer: AdamW,
-peak 1e-2, 30 warmup steps, cosine to 1e-3 at the last step. Stages (STEPS): 800 steps of 16 x 256 tokens at
-short distances, 3,000 of 16 x 256 at uniform distances, then 150 of 4 x 1,024 and 100 of 1 x 4,096 (4,096
-tokens per step throughout). A 16K stage works the same way (add a Stage, raise max_seq_len) but did not fit
-the minutes budget on the shared 2 cores. Measured (docs/long_context.md): 34 minutes wall, ~1,960 CPU seconds, on
-the 2 shared cores at load 5-6.
+exactly DOC_LEN[stage] tokens with BOS and EOS; d uniform in [0, the most that fit], n uniform in [d, that most],
+so every distance the evaluation grid asks for is as common as any other. Loss weights: the answer's tokens x
+ANSWER_WEIGHT (20), the padding 0, the rest 1 (the trainer's loss is the weighted mean, llama/train.py
+`_objective`). Tokenizer: a 512-piece SentencePiece BPE with split digits (one token per key digit), trained once
+on 500 unpadded documents (OUT/tokenizer.model, passed as data.tokenizer); the evaluation's prompts are built by
+the same `passkey_text` and encoded the same way.
+
+Stages (ENDS, DOC_LEN; 4,096 tokens per step): pre-training at 256 tokens per row, 16 rows per step, first 300
+steps on rows that each pack two 128-token documents (document masks, positions restarting per document: paper
+section 3.2), then 300 steps of one 256-token document per row; then the long-context stages, 200 steps of 4 x
+1,024 and 150 of 1 x 4,096 (and 60 of 1 x 16,384 with --stages 5). The short documents are what makes the copy
+form: with 256-token documents from the start no content-addressed copy of the key formed in 3,800 steps of the
+earlier 2 x 128 model, and the 128-token start formed one in 200-600 steps (docs/long_context.md). Model: Llama
+3.1's architecture at 2 layers x 256 dims, 8 heads of 32 (no GQA): at 2 x 128 with 4 heads the copy formed
+late or not at all for some seeds, and when it formed it did not carry to long distances. RoPE: theta 500,000,
+no scaling, unchanged across the stages (as Llama 3 does for its long-context stages, paper section 3.4.2).
+Optimizer: AdamW (0.9, 0.95, weight decay 0.1), peak 3e-3 after 30 warmup steps, cosine to 1e-3 at the end of
+pre-training (step 600), then 1e-3 through the long stages (a peak of 1e-2 formed no copy in 400 steps).
 
 The driver trains to the end of each stage (one run directory, OUT/train, resumed at each boundary with that
 stage's corpus as data.paths: the trainer opens the data afresh at a stage boundary), evaluates passkey retrieval
@@ -44,26 +46,28 @@ from llama.train import DataConfig, Stage, TrainConfig, stage_schedule
 from sharding.rules import MeshConfig
 
 OUT = "runs/cpu_passkey"
-MODEL = ModelConfig(name="llama3.1-cpu-passkey", vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4,
-                    ffn_dim=384, rope_theta=500000.0, rope_scaling=None, max_seq_len=4096, bos_id=1, eos_ids=(2,),
+MODEL = ModelConfig(name="llama3.1-cpu-passkey", vocab_size=512, dim=256, n_layers=2, n_heads=8, n_kv_heads=8,
+                    ffn_dim=768, rope_theta=500000.0, rope_scaling=None, max_seq_len=16384, bos_id=1, eos_ids=(2,),
                     attention_block_q=256, attention_block_k=256)
 ANSWER_WEIGHT = 20
-SHORT = 12  # stage 0's longest key-to-question distance, in filler sentences (~5 tokens each; 44 fit 256 tokens)
-# Per stage: (the longest key-to-question distance, None = all that fit the row; documents in its corpus, the
-# stage's rows up to MAX_DOCS: the pipeline repeats a corpus in a new order each epoch).
-CORPORA = ((SHORT,), (None,), (None,), (None,))
-MAX_DOCS = 16000
-STEPS = 4050
+# Per stage: the documents' length in tokens (each padded to exactly that; a row of seq_len holds seq_len //
+# DOC_LEN of them) and the stage's last step. Each corpus holds the stage's documents up to MAX_DOCS (the pipeline
+# repeats a corpus in a new order each epoch).
+DOC_LEN = (128, 256, 1024, 4096, 16384)
+ENDS = (300, 600, 800, 950, 1010)
+MAX_DOCS = 32000
+STEPS = ENDS[-1]
 
 CONFIG = TrainConfig(
     model=MODEL,
-    optimizer=OptimizerConfig(peak_lr=1e-2, end_lr=1e-3, warmup_steps=30, decay_steps=STEPS, weight_decay=0.1),
+    optimizer=OptimizerConfig(peak_lr=3e-3, end_lr=1e-3, warmup_steps=30, decay_steps=ENDS[1] - 30, weight_decay=0.1),
     mesh=MeshConfig(data=1, fsdp=1, tensor=1),
     data=DataConfig(paths=os.path.join(OUT, "passkeys_0.jsonl"), format="segments",
                     tokenizer=os.path.join(OUT, "tokenizer.model")),
     steps=STEPS, batch_size=16, seq_len=256,
-    stages=(Stage(seq_len=256, batch_size=16, start_step=800), Stage(seq_len=1024, batch_size=4, start_step=3800),
-            Stage(seq_len=4096, batch_size=1, start_step=3950)),
+    # stage 0 is the config's own seq_len and batch_size (128-token documents, two per row)
+    stages=tuple(Stage(seq_len=T, batch_size=B, start_step=start)
+                 for T, B, start in ((256, 16, ENDS[0]), (1024, 4, ENDS[1]), (4096, 1, ENDS[2]), (16384, 1, ENDS[3]))),
     log_every=50, checkpoint_every=250, keep_checkpoints=2, sample_tokens=0,
 )
 
@@ -78,7 +82,8 @@ def main(argv=None):
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--lengths", default="256,1024,4096")
     ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--stages", type=int, default=None, help="run only the first N stages (a quick check)")
+    ap.add_argument("--stages", type=int, default=4,
+                    help="run the first N stages (default 4: up to 4,096 tokens; 5 adds the 16,384-token stage)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     tok_path = os.path.join(args.out, "tokenizer.model")
@@ -94,12 +99,11 @@ def main(argv=None):
     results = {}
     for stage, end in enumerate(ends[:args.stages]):
         start, T, B = schedule[stage]
-        (max_distance,) = CORPORA[stage]
         corpus = os.path.join(args.out, f"passkeys_{stage}.jsonl")
-        if not os.path.exists(corpus):  # one document per row, every one a key with its question (PAD)
-            _run("-m", "llama.passkey", "corpus", "--out", corpus, "--docs", str(min((end - start) * B, MAX_DOCS)),
-                 "--tokenizer", tok_path, "--length", str(T), "--answer-weight", str(ANSWER_WEIGHT), "--seed",
-                 str(10 + stage), *(["--max-distance", str(max_distance)] if max_distance is not None else []))
+        if not os.path.exists(corpus):  # documents of exactly DOC_LEN tokens, each a key with its question (PAD)
+            docs = min((end - start) * B * (T // DOC_LEN[stage]), MAX_DOCS)
+            _run("-m", "llama.passkey", "corpus", "--out", corpus, "--docs", str(docs), "--tokenizer", tok_path,
+                 "--length", str(DOC_LEN[stage]), "--answer-weight", str(ANSWER_WEIGHT), "--seed", str(10 + stage))
         _run("-m", "llama.train", "--config", me, "--out", run, "--set", f"steps={end}", f"data.paths={corpus}",
              f"data.tokenizer={tok_path}")
         ev = os.path.join(args.out, f"passkey_stage{stage}")

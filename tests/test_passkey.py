@@ -179,3 +179,17 @@ def test_training_corpus_options(tok, tmp_path):
         passkey.training_corpus(str(tmp_path / "x.jsonl"), docs=1, tok=tok, length=None)
     no_length = ["corpus", "--out", str(tmp_path / "y.jsonl"), "--tokenizer", str(tok.path), "--docs", "2"]
     assert passkey.main(no_length) == 2
+
+
+def test_cpu_passkey_stages_hold_whole_documents():
+    """The CPU experiment's schedule: one document length and one end step per stage, each stage's rows a whole
+    number of its documents (stage 0 packs two 128-token documents per 256-token row), the boundaries where the
+    trainer's stage schedule puts them."""
+    from experiments import cpu_passkey as exp
+    from llama.train import stage_schedule
+
+    schedule = stage_schedule(exp.CONFIG)
+    assert len(schedule) == len(exp.DOC_LEN) == len(exp.ENDS) and exp.CONFIG.steps == exp.ENDS[-1]
+    assert [start for start, _, _ in schedule[1:]] == list(exp.ENDS[:-1])
+    assert all(T % d == 0 for (_, T, _), d in zip(schedule, exp.DOC_LEN))
+    assert schedule[0][1] // exp.DOC_LEN[0] == 2 and all(T == d for (_, T, _), d in zip(schedule[1:], exp.DOC_LEN[1:]))
