@@ -182,14 +182,13 @@ def test_training_corpus_options(tok, tmp_path):
 
 
 def test_cpu_passkey_stages_hold_whole_documents():
-    """The CPU experiment's schedule: one document length and one end step per stage, each stage's rows a whole
-    number of its documents (stage 0 packs two 128-token documents per 256-token row), the boundaries where the
-    trainer's stage schedule puts them."""
+    """The CPU experiment's STAGES table is the schedule the trainer runs (shapes and boundaries), each stage's
+    rows a whole number of its documents (stage 0 packs two 128-token documents per 256-token row)."""
     from experiments import cpu_passkey as exp
     from llama.train import stage_schedule
 
-    schedule = stage_schedule(exp.CONFIG)
-    assert len(schedule) == len(exp.DOC_LEN) == len(exp.ENDS) and exp.CONFIG.steps == exp.ENDS[-1]
-    assert [start for start, _, _ in schedule[1:]] == list(exp.ENDS[:-1])
-    assert all(T % d == 0 for (_, T, _), d in zip(schedule, exp.DOC_LEN))
-    assert schedule[0][1] // exp.DOC_LEN[0] == 2 and all(T == d for (_, T, _), d in zip(schedule[1:], exp.DOC_LEN[1:]))
+    starts = [0] + [end for *_, end in exp.STAGES[:-1]]
+    assert stage_schedule(exp.CONFIG) == [(s, T, B) for s, (T, B, _, _) in zip(starts, exp.STAGES)]
+    assert exp.CONFIG.steps == exp.STAGES[-1][3]
+    assert [T // doc for T, _, doc, _ in exp.STAGES] == [2, 1, 1, 1, 1]
+    assert all(T % doc == 0 for T, _, doc, _ in exp.STAGES)
