@@ -42,12 +42,15 @@ class OptimizerConfig:
     decay_norms: bool = False
     decay_embeddings: bool = False
     grad_clip: float = 1.0  # global L2 norm; 0 disables
+    # The step the schedule counts from: 0 for a run's schedule; a stage's own schedule (train.Stage.optimizer)
+    # starts at the stage's first step (set by train.stage_at).
+    start_step: int = 0
 
     def __post_init__(self):
         for name in ("peak_lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"OptimizerConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("end_lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps"):
+        for name in ("end_lr", "weight_decay", "grad_clip", "warmup_steps", "decay_steps", "start_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"OptimizerConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
@@ -64,11 +67,16 @@ LLAMA3_8B = OptimizerConfig(peak_lr=3e-4, end_lr=3e-5, warmup_steps=2000, decay_
 LLAMA3_70B = OptimizerConfig(peak_lr=1.5e-4, end_lr=1.5e-5, warmup_steps=2000, decay_steps=1_200_000 - 2000)
 
 
+SCHEDULE_FIELDS = ("peak_lr", "end_lr", "warmup_steps", "decay_steps", "start_step")  # the rest shapes AdamW's state
+
+
 def schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    """Linear warmup 0 -> peak over warmup_steps, then cosine peak -> end_lr over decay_steps, then end_lr."""
-    return optax.warmup_cosine_decay_schedule(
+    """Linear warmup 0 -> peak over warmup_steps, then cosine peak -> end_lr over decay_steps, then end_lr; all
+    counted from start_step (the optimizer's update count is the global step)."""
+    s = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.warmup_steps + cfg.decay_steps, end_value=cfg.end_lr)
+    return s if cfg.start_step == 0 else (lambda count: s(count - cfg.start_step))
 
 
 def learning_rate(cfg: OptimizerConfig, step) -> jax.Array:

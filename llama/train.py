@@ -107,12 +107,18 @@ class Stage:
     """A stage of a staged schedule (Llama 3's batch ramp and long-context stages, paper sections 3.4.1-3.4.2):
     from `start_step`, or from the step at which `start_tokens` tokens have been trained on, rows of `seq_len`
     tokens, `batch_size` of them per step. Give exactly one start. At a boundary the trainer recompiles its step
-    and the input pipeline re-packs the stream at the new length (docs/long_context.md)."""
+    and the input pipeline re-packs the stream at the new length (docs/long_context.md).
+
+    `optimizer`: a learning-rate schedule of the stage's own, counted from its first step (warmup from 0 to
+    peak_lr, cosine to end_lr, then held), for continued training that re-warms; it holds until a later stage
+    gives another. None: the schedule before the stage continues. Only the schedule fields (optim.SCHEDULE_FIELDS)
+    may differ from TrainConfig.optimizer: AdamW's moments carry across the boundary."""
 
     seq_len: int
     batch_size: int
     start_step: int | None = None
     start_tokens: float | None = None
+    optimizer: optim.OptimizerConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +215,8 @@ class TrainConfig:
         d["optimizer"] = optim.OptimizerConfig(**d.get("optimizer", {}))
         d["mesh"] = MeshConfig(**d.get("mesh", {}))
         d["data"] = DataConfig(**d.get("data", {}))
-        d["stages"] = tuple(Stage(**s) for s in d.get("stages", ()))
+        d["stages"] = tuple(Stage(**{**s, "optimizer": optim.OptimizerConfig(**s["optimizer"]) if s.get("optimizer")
+                                     else None}) for s in d.get("stages", ()))
         d["dpo"] = DpoConfig(**d.get("dpo", {}))
         lo = d.get("lora")
         d["lora"] = LoraConfig(**{**lo, "targets": tuple(lo["targets"])}) if lo else None
@@ -233,6 +240,13 @@ def stage_schedule(cfg: TrainConfig) -> list[tuple[int, int, int]]:
                 raise ConfigError(f"{where} starts at step {start}, not after the previous stage's start {start0}")
             tokens += (start - start0) * T0 * B0
             out.append((start, s.seq_len, s.batch_size))
+            if s.optimizer is not None:
+                fixed = [f.name for f in dataclasses.fields(s.optimizer) if f.name not in optim.SCHEDULE_FIELDS
+                         and getattr(s.optimizer, f.name) != getattr(cfg.optimizer, f.name)]
+                if fixed or s.optimizer.start_step:
+                    raise ConfigError(f"{where}.optimizer: only the schedule ({', '.join(optim.SCHEDULE_FIELDS[:4])}) "
+                                      f"may differ from TrainConfig.optimizer (AdamW's state carries over), and "
+                                      f"start_step is the stage's own; got {fixed or ['start_step']}")
         _, T, B = out[-1]
         if T <= 0 or B <= 0 or B % cfg.micro_batches or T > cfg.model.max_seq_len:
             raise ConfigError(f"{where}: seq_len={T}, batch_size={B}: expected positive sizes, seq_len <= "
@@ -246,10 +260,14 @@ def stage_schedule(cfg: TrainConfig) -> list[tuple[int, int, int]]:
 
 def stage_at(cfg: TrainConfig, step: int) -> tuple[int, TrainConfig]:
     """(index, config) of the stage that step `step` (0-based) trains in: cfg with that stage's seq_len and
-    batch_size."""
+    batch_size, and the optimizer of the last stage up to it that gives one (its schedule from that stage's start)."""
     schedule = stage_schedule(cfg)
     i = max(j for j, (start, _, _) in enumerate(schedule) if start <= step)
-    return i, cfg.replace(seq_len=schedule[i][1], batch_size=schedule[i][2])
+    opt = cfg.optimizer
+    for j in range(1, i + 1):
+        if cfg.stages[j - 1].optimizer is not None:
+            opt = cfg.stages[j - 1].optimizer.replace(start_step=schedule[j][0])
+    return i, cfg.replace(seq_len=schedule[i][1], batch_size=schedule[i][2], optimizer=opt)
 
 
 def load_experiment(path: str) -> TrainConfig:

@@ -190,5 +190,5 @@ def test_cpu_passkey_stages_hold_whole_documents():
     starts = [0] + [end for *_, end in exp.STAGES[:-1]]
     assert stage_schedule(exp.CONFIG) == [(s, T, B) for s, (T, B, _, _) in zip(starts, exp.STAGES)]
     assert exp.CONFIG.steps == exp.STAGES[-1][3]
-    assert [T // doc for T, _, doc, _ in exp.STAGES] == [2, 1, 1, 1, 1]
+    assert [T // doc for T, _, doc, _ in exp.STAGES] == [2, 1, 1, 1]
     assert all(T % doc == 0 for T, _, doc, _ in exp.STAGES)

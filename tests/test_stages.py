@@ -2,13 +2,16 @@
 boundary (re-packed data, recompiled step) resumes bit-exactly from a checkpoint at or right after it, also
 after a SIGKILL."""
 
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
+from llama import optim
 from llama.config import TINY, ConfigError
+from llama.optim import OptimizerConfig
 from llama.metrics import read_jsonl
 from llama.train import Stage, TrainConfig, stage_at, stage_schedule
 from sharding.mesh import MeshConfig
@@ -29,6 +32,28 @@ def test_stage_schedule_by_steps_and_tokens():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # as stored in checkpoints
 
 
+def test_a_stage_with_its_own_learning_rate_schedule():
+    """Stage.optimizer: from the stage's first step its own warmup + cosine (counted from that step); before it
+    the run's schedule, and a later stage without one keeps it."""
+    run = OptimizerConfig(peak_lr=3e-3, end_lr=3e-4, warmup_steps=2, decay_steps=8)
+    rewarm = run.replace(peak_lr=1e-3, end_lr=1e-4, warmup_steps=2, decay_steps=4)
+    cfg = TrainConfig(model=TINY, batch_size=4, seq_len=16, optimizer=run, stages=(
+        Stage(32, 4, start_step=10, optimizer=rewarm), Stage(64, 2, start_step=20)))
+
+    def lr(step):
+        return float(optim.learning_rate(stage_at(cfg, step)[1].optimizer, step))
+
+    assert [stage_at(cfg, s)[1].optimizer.start_step for s in (0, 9, 10, 19, 20, 30)] == [0, 0, 10, 10, 10, 10]
+    # the run's: warmup, then 7/8 of its cosine (steps 2-10) at step 9
+    assert lr(1) == pytest.approx(1.5e-3) and lr(9) == pytest.approx(3e-4 + 1.35e-3 * (1 + math.cos(7 * math.pi / 8)))
+    assert lr(10) == 0 and lr(11) == pytest.approx(5e-4) and lr(12) == pytest.approx(1e-3)  # re-warmed
+    assert lr(14) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4))  # half-way down the stage's cosine
+    assert lr(16) == pytest.approx(1e-4) and lr(25) == pytest.approx(1e-4)  # held, also in the next stage
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # as stored in checkpoints
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.optimizer: only the schedule .* got \['b2'\]"):
+        cfg.replace(stages=(Stage(32, 4, start_step=10, optimizer=rewarm.replace(b2=0.99)),))
+
+
 def test_bad_stages_are_clear_errors():
     with pytest.raises(ConfigError, match=r"stages\[0\]: give exactly one of start_step and start_tokens"):
         TrainConfig(model=TINY, stages=(Stage(seq_len=32, batch_size=8),))
@@ -41,9 +66,11 @@ def test_bad_stages_are_clear_errors():
 
 
 def staged_experiment(tmp_path, **changes) -> str:
-    """tests/test_train.py's tiny experiment with a boundary at step 4: 8 x 32 tokens, then 4 x 64."""
-    path = write_experiment(tmp_path, seq_len=32, stages=(Stage(seq_len=64, batch_size=4, start_tokens=1024),),
-                            **changes)
+    """tests/test_train.py's tiny experiment with a boundary at step 4: 8 x 32 tokens, then 4 x 64 with the
+    learning rate re-warmed (a stage optimizer: 0 at step 5, 1e-3 from step 6)."""
+    rewarm = OptimizerConfig(peak_lr=1e-3, warmup_steps=1, decay_steps=20)
+    path = write_experiment(tmp_path, seq_len=32, stages=(
+        Stage(seq_len=64, batch_size=4, start_tokens=1024, optimizer=rewarm),), **changes)
     text = open(path).read().replace("from llama.train import DataConfig, TrainConfig",
                                      "from llama.train import DataConfig, Stage, TrainConfig")
     open(path, "w").write(text)
@@ -68,6 +95,8 @@ def test_resume_is_exact_across_a_stage_boundary(tmp_path):
         assert main(["--config", exp, "--out", out]) == 0
     ma = metrics(a)
     assert sorted(ma) == list(range(1, 9)) and [ma[s][1] for s in range(1, 9)] == [0] * 4 + [1] * 4
+    lrs = {r["step"]: r["lr"] for r in read_jsonl(os.path.join(a, "metrics.jsonl"))}
+    assert lrs[4] > 1.5e-3 and lrs[5] == 0 and lrs[6] == pytest.approx(1e-3)  # the stage's own schedule
     assert metrics(b) == ma and metrics(c) == ma
 
 
