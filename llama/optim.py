@@ -67,7 +67,7 @@ LLAMA3_8B = OptimizerConfig(peak_lr=3e-4, end_lr=3e-5, warmup_steps=2000, decay_
 LLAMA3_70B = OptimizerConfig(peak_lr=1.5e-4, end_lr=1.5e-5, warmup_steps=2000, decay_steps=1_200_000 - 2000)
 
 
-SCHEDULE_FIELDS = ("peak_lr", "end_lr", "warmup_steps", "decay_steps", "start_step")  # the rest shapes AdamW's state
+SCHEDULE_FIELDS = ("peak_lr", "end_lr", "warmup_steps", "decay_steps")  # a stage may change these (train.Stage)
 
 
 def schedule(cfg: OptimizerConfig) -> optax.Schedule:

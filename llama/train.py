@@ -241,12 +241,12 @@ def stage_schedule(cfg: TrainConfig) -> list[tuple[int, int, int]]:
             tokens += (start - start0) * T0 * B0
             out.append((start, s.seq_len, s.batch_size))
             if s.optimizer is not None:
-                fixed = [f.name for f in dataclasses.fields(s.optimizer) if f.name not in optim.SCHEDULE_FIELDS
-                         and getattr(s.optimizer, f.name) != getattr(cfg.optimizer, f.name)]
-                if fixed or s.optimizer.start_step:
-                    raise ConfigError(f"{where}.optimizer: only the schedule ({', '.join(optim.SCHEDULE_FIELDS[:4])}) "
-                                      f"may differ from TrainConfig.optimizer (AdamW's state carries over), and "
-                                      f"start_step is the stage's own; got {fixed or ['start_step']}")
+                base = cfg.optimizer.replace(start_step=0)  # a stage's start_step is its first step (stage_at)
+                fixed = [f.name for f in dataclasses.fields(base) if f.name not in optim.SCHEDULE_FIELDS
+                         and getattr(s.optimizer, f.name) != getattr(base, f.name)]
+                if fixed:
+                    raise ConfigError(f"{where}.optimizer: only the schedule ({', '.join(optim.SCHEDULE_FIELDS)}) may "
+                                      f"differ from TrainConfig.optimizer (AdamW's state carries over); got {fixed}")
         _, T, B = out[-1]
         if T <= 0 or B <= 0 or B % cfg.micro_batches or T > cfg.model.max_seq_len:
             raise ConfigError(f"{where}: seq_len={T}, batch_size={B}: expected positive sizes, seq_len <= "
