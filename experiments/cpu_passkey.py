@@ -19,13 +19,15 @@ that each pack two 128-token documents (document masks, positions restarting per
 then the long-context stages, 150 steps of 4 x 1,024 and 100 of 1 x 4,096 (and 60 of 1 x 16,384 with --stages 4).
 The short documents are what makes the copy form: with 256-token documents from the start no content-addressed
 copy of the key formed in 3,800 steps of the earlier 2 x 128 model, and the 128-token start formed one in 200-600
-steps in probes (docs/long_context.md). Whether it forms depends on the draw (the seed: initial parameters and
-data order); the doc lists each seed's outcome. Model: Llama 3.1's architecture at 2 layers x 256 dims, 8 heads of
-32 (no GQA): at 2 x 128 with 4 heads the copy formed late or not at all for some seeds, and when it formed it did
-not carry to long distances. RoPE: theta 500,000, no scaling, unchanged across the stages (as Llama 3 does for its
-long-context stages, paper section 3.4.2). Optimizer: AdamW (0.9, 0.95, weight decay 0.1), peak 3e-3 after 30
-warmup steps, cosine to 3e-4 at the end of pre-training (step 600; a peak of 1e-2 formed no copy in 400 steps);
-each long stage re-warms (`Stage.optimizer`): 0 -> 1e-3 over 10 steps, cosine to 1e-4 at the stage's end.
+steps in probes (docs/long_context.md). Whether it forms, and whether it works past the 128-token documents
+(which is what the long stages can extend), depends on the draw (the seed: initial parameters and data order); of
+seeds 0-4 only seed 4 gave both (the doc lists each seed's outcome), hence the default. Model: Llama 3.1's
+architecture at 2 layers x 256 dims, 8 heads of 32 (no GQA): at 2 x 128 with 4 heads the copy formed late or not
+at all for some seeds, and when it formed it did not carry to long distances. RoPE: theta 500,000, no scaling,
+unchanged across the stages (as Llama 3 does for its long-context stages, paper section 3.4.2). Optimizer: AdamW
+(0.9, 0.95, weight decay 0.1), peak 3e-3 after 30 warmup steps, cosine to 3e-4 at the end of pre-training (step
+600; a peak of 1e-2 formed no copy in 400 steps); each long stage re-warms (`Stage.optimizer`): 0 -> 1e-3 over
+10 steps, cosine to 1e-4 at the stage's end.
 
 The driver trains to the end of each stage (one run directory, OUT/train, resumed at each boundary with that
 stage's corpus as data.paths: the trainer opens the data afresh at a stage boundary), evaluates passkey retrieval
@@ -74,7 +76,7 @@ CONFIG = TrainConfig(
                        optimizer=OPTIMIZER.replace(**REWARM, decay_steps=end - prev[3] - REWARM["warmup_steps"]))
                  for prev, (T, B, _, end) in zip(STAGES, STAGES[1:])),
     log_every=50, checkpoint_every=250, keep_checkpoints=8, sample_tokens=0,  # every stage's end is kept
-    seed=1,  # of seeds 0-2, the one whose copy formed at 128 tokens in pre-training; all three in docs/long_context.md
+    seed=4,  # of seeds 0-4, the one whose pre-trained copy already worked past 128 tokens (docs/long_context.md)
 )
 
 
@@ -92,7 +94,8 @@ def main(argv=None):
                     help="run the first N stages (default 3: up to 4,096 tokens; 4 adds the 16,384-token stage)")
     ap.add_argument("--seed", type=int, default=CONFIG.seed,
                     help="the trainer's seed (initial parameters and data order; the corpora do not depend on it). "
-                         "Default 1: of seeds 0-2 the one whose copy formed in pre-training (docs/long_context.md)")
+                         "Default 4: of seeds 0-4 the one whose pre-trained copy worked past its 128-token "
+                         "documents, which the long stages then extended (docs/long_context.md)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     tok_path = os.path.join(args.out, "tokenizer.model")
