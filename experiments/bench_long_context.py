@@ -269,6 +269,10 @@ def gpu(lengths=(32768, 131072)) -> None:
 def _worker(job: list[str]) -> None:
     kind, side, arg = job[0], job[1], job[2]
     load = os.getloadavg()
+    if side == "ours":
+        from llama import host
+
+        host.use_huge_pages()  # as llama.generate and llama.train run (llama/host.py; LLAMA_HUGE_PAGES=0: off)
     if kind == "attention":
         out = ours_attention(int(arg), int(job[3]))
     elif kind == "prefill":

@@ -15,7 +15,9 @@ on CPU (trl/trainer/utils.py `add_fused_lm_head`: it compacts to the loss positi
 TRL's SFT side is transformers' masked causal-LM loss on full logits, not SFTTrainer.compute_loss's fused head
 (which adds entropy and top-1 outputs); neither TRL side clips gradients, ours clips at global norm 1.0. `--set`
 tries our side with other TrainConfig settings (e.g. `--set model.attention_block_q=128
-model.attention_block_k=128`).
+model.attention_block_k=128`). Our side runs as `python -m llama.train` does, its process re-executed once with
+glibc's malloc on transparent huge pages (llama/host.py; LLAMA_HUGE_PAGES=0 turns it off); TRL's with glibc's
+defaults, or the same setting with `--peer-huge-pages`. Each row reports which (`malloc`).
 
 Shapes: cpu_small's model (dim 256, 4 layers, GQA 8:2, vocab 4096, float32), 4 rows x 256 tokens per step; DPO: 2
 pairs of (chosen, rejected) per row for us (4 segments of 64), i.e. 16 sequences of 64 tokens for TRL (8 chosen, 8
@@ -133,13 +135,18 @@ def run_trl(objective, tmp):
     return times
 
 
-def one(impl, objective, settings=()):
+def one(impl, objective, settings=(), peer_huge_pages=False):
     import tempfile
 
+    from llama import host
+
+    # ours runs as llama.train does (glibc's malloc on huge pages: llama/host.py re-executes this process once);
+    # the peer with glibc's default unless --peer-huge-pages, the check that the setting is not what makes the ratio
+    heap = host.use_huge_pages() if impl == "ours" or peer_huge_pages else "default"
     times = run_ours(objective, settings) if impl == "ours" else run_trl(objective, tempfile.mkdtemp())
     med, cpu = (float(x) for x in np.median(np.array(times[2:]), axis=0))
     return {"impl": impl, "objective": objective, "settings": list(settings) if impl == "ours" else [],
-            "step_s": med, "tokens_per_s": B * T / med, "cpu_s_per_step": cpu,
+            "malloc": heap, "step_s": med, "tokens_per_s": B * T / med, "cpu_s_per_step": cpu,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -148,9 +155,11 @@ def main(argv=None):
     p.add_argument("--one", nargs=2, metavar=("IMPL", "OBJECTIVE"))
     p.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides for our side (KEY=VALUE)")
     p.add_argument("--repeats", type=int, default=1, help="alternate ours, TRL this many times per objective")
+    p.add_argument("--peer-huge-pages", action="store_true",
+                   help="run TRL's process with the malloc setting ours uses too (llama/host.py use_huge_pages)")
     args = p.parse_args(argv)
     if args.one:
-        print(json.dumps(one(*args.one, settings=args.set)))
+        print(json.dumps(one(*args.one, settings=args.set, peer_huge_pages=args.peer_huge_pages)))
         return 0
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = []
@@ -159,6 +168,7 @@ def main(argv=None):
             for impl in ("ours", "trl"):
                 load = os.getloadavg()
                 cmd = [sys.executable, "-m", "experiments.bench_post_training", "--one", impl, objective]
+                cmd += ["--peer-huge-pages"] if args.peer_huge_pages and impl == "trl" else []
                 out = subprocess.run(cmd + (["--set", *args.set] if impl == "ours" and args.set else []),
                                      cwd=root, capture_output=True, text=True, check=True).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]) | {"load_before": [round(x, 2) for x in load]})

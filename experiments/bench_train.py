@@ -14,7 +14,9 @@ gives the peer's tokens/s next to its range in earlier runs of this script (runs
 peer slowed down by other load is visible, and says whether the ratio held in every round at a quiet load.
 
 A side is `ours` or `peer`, optionally with `:key=value;...` settings of ours: loss_chunk, compute_dtype
-(bfloat16 is an experiment option: the trainer's default stays float32), xla_flags (added to XLA_FLAGS).
+(bfloat16 is an experiment option: the trainer's default stays float32), xla_flags (added to XLA_FLAGS), huge_pages
+(`1`, the default, as `python -m llama.train` runs: glibc's malloc on huge pages, llama/host.py; `0`: glibc's own
+settings).
 """
 
 from __future__ import annotations
@@ -111,10 +113,10 @@ def parse_side(side: str) -> tuple[str, dict]:
     if name not in ("ours", "peer"):
         raise SystemExit(f"--side {side!r}: expected ours[:key=value;...] or peer")
     settings = dict(kv.split("=", 1) for kv in rest.split(";") if kv) if rest else {}
-    unknown = set(settings) - {"loss_chunk", "compute_dtype", "xla_flags"}
-    if unknown or (name == "peer" and settings):
+    unknown = set(settings) - {"loss_chunk", "compute_dtype", "xla_flags", "huge_pages"}
+    if unknown or (name == "peer" and settings) or settings.get("huge_pages", "1") not in ("1", "0"):
         raise SystemExit(f"--side {side!r}: unknown settings {sorted(unknown or settings)}; ours takes "
-                         "loss_chunk, compute_dtype, xla_flags")
+                         "loss_chunk, compute_dtype, xla_flags, huge_pages=1|0")
     return name, settings
 
 
@@ -127,8 +129,11 @@ def run_side(side: str, steps: int) -> dict:
         torch.set_num_threads(max(1, torch.get_num_threads()))
         fn = torch_step(BATCH, SEQ)
     else:
+        from llama import host
         from llama.config import ModelConfig
 
+        if settings.get("huge_pages", "1") == "1":
+            host.use_huge_pages()  # as the trainer's command does (llama/host.py: re-executes this side's process)
         cfg = ModelConfig(name="bench", **SHAPE, rope_theta=500000.0, max_seq_len=2048,
                           compute_dtype=settings.get("compute_dtype", "float32"))
         chunk = settings.get("loss_chunk")

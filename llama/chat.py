@@ -97,4 +97,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> None:
 
 
 if __name__ == "__main__":
+    from llama import host
+
+    host.use_huge_pages()  # re-executes once with glibc's malloc on huge pages (llama/host.py), before any work
     sys.exit(main())  # expected errors (they name the input): one `error:` line, exit 2 (llama/cli.py)

@@ -863,7 +863,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from llama import cli
+    from llama import cli, host
+
+    host.use_huge_pages()  # re-executes once with glibc's malloc on huge pages (llama/host.py), before any work
 
     code = cli.command(main)()  # EvalError, CheckpointError, OSError, ...: one "error:" line naming the input, 2
     # Every output is committed (renamed into place) by now. The interpreter's own teardown (jax's and grain's

@@ -376,4 +376,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from llama import host
+
+    host.use_huge_pages()  # re-executes once with glibc's malloc on huge pages (llama/host.py), before any work
     sys.exit(main())

@@ -1112,6 +1112,9 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     # Run the imported module's main, so experiment files and this code share one TrainConfig class.
+    from llama import host
+
+    host.use_huge_pages()  # re-executes once with glibc's malloc on huge pages (llama/host.py), before any work
     from llama import cli, train
 
     # Expected errors (ConfigError, DataError, ShardingError, CheckpointError, TokenizerError, OSError): one
