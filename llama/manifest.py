@@ -65,8 +65,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "nump
             "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt", "libtpu", "transformers",
             "torch")
 # Environment variables that change numerics, placement or determinism.
+# (GLIBC_TUNABLES and LLAMA_*: the host's malloc, which llama/host.py sets and which moves CPU step times 10-25%.)
 ENV_PREFIXES = ("JAX_", "XLA_", "TPU_", "LIBTPU_", "NCCL_", "CUDA_", "CUDNN_", "NVIDIA_TF32", "TF_CPP_", "OMP_",
-                "MKL_", "PYTHONHASHSEED")
+                "MKL_", "PYTHONHASHSEED", "GLIBC_TUNABLES", "LLAMA_")
 ENV_EXCLUDE_SUBSTRINGS = ("TOKEN", "SECRET", "PASSWORD", "KEY")  # never record credentials
 
 

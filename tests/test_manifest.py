@@ -14,6 +14,7 @@ from sharding.rules import MeshConfig, make_mesh
 def test_manifest_records_config_versions_mesh_seeds_env_and_data(tmp_path, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true")
     monkeypatch.setenv("SOME_API_TOKEN", "secret")  # credentials are never recorded
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")  # the host's malloc (llama/host.py)
     data = tmp_path / "data.bin"
     data.write_bytes(b"abc" * 1000)
     folder = tmp_path / "prepared"
@@ -36,6 +37,7 @@ def test_manifest_records_config_versions_mesh_seeds_env_and_data(tmp_path, monk
     assert env["jax"]["backend"] == "cpu" and env["jax"]["device_count"] == 8 and env["jax"]["process_count"] == 1
     assert "--xla_gpu_deterministic_ops=true" in env["xla_flags"]
     assert "XLA_FLAGS" in env["env"] and "SOME_API_TOKEN" not in env["env"]
+    assert env["env"]["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert m["mesh"]["axis_names"] == ["data", "fsdp", "context", "tensor"]
     assert m["mesh"]["shape"] == {"data": 2, "fsdp": 4, "context": 1, "tensor": 1}
     assert len(m["git"]["commit"]) == 40 and isinstance(m["git"]["dirty"], bool)
