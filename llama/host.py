@@ -1,4 +1,4 @@
-"""The host's malloc, set so that XLA:CPU's per-call scratch memory costs 512x fewer page faults.
+"""The host's malloc, set so that XLA:CPU's per-call scratch memory takes ~85x fewer page faults.
 
 XLA:CPU gives each call of a compiled program one buffer for all its temporaries, allocated with malloc and freed
 when the call ends (`compiled.memory_analysis().temp_size_in_bytes`: 169 MB for the post-training bench's train
@@ -10,14 +10,14 @@ to the hypervisor), 75-90 ms of system time in a 230-300 ms step on this project
 glibc can back those mmap'd blocks with transparent huge pages (2 MiB) instead: its `glibc.malloc.hugetlb=1`
 tunable makes it madvise(MADV_HUGEPAGE) each one, where the kernel's THP mode is `madvise` (the common default;
 under `always` every block gets them anyway, under `never` none can). Each call then takes ~500 faults instead of
-41,000 (measured: system time 80 -> 20 ms per step) and the SFT step runs ~25% faster; blocks are still returned
+41,000 (measured: system time 80 -> 20 ms per step) and the SFT step runs 10-25% faster; blocks are still returned
 to the system when freed, so the resident size follows the program's use as before (a kept heap, tried first,
 was as fast but held up to 3.5x the memory: freed blocks split by small allocations; docs/benchmarks.md).
 
 The tunable is read once, when the process starts, so `use_huge_pages()` re-executes the command (same pid,
 arguments and environment, plus the tunable) before it does any work: the commands that run models
-(llama.train, llama.generate, llama.chat, llama.eval, llama.compare, llama.passkey) and the benchmarks' own side
-call it first thing in their `__main__`. The cost is one more interpreter start and import (~1 s). It does
+(llama.train, llama.generate, llama.chat, llama.eval, llama.compare, llama.passkey) call it first thing in
+their `__main__`, and the benchmarks' own side before any work. The cost is one more interpreter start and import (~1 s). It does
 nothing where GLIBC_TUNABLES already sets `glibc.malloc.hugetlb`, off glibc (Linux only), where the kernel's THP
 mode is not `madvise`, or with LLAMA_HUGE_PAGES=0; a program that imports this package is never re-executed.
 """
@@ -36,7 +36,8 @@ REEXEC_MARK = "LLAMA_HUGE_PAGES_REEXEC"  # set in the re-executed process's envi
 def thp_mode(path: str = THP_MODE) -> str | None:
     """The kernel's THP mode (the bracketed word of `always [madvise] never`), or None where it cannot be read."""
     try:
-        text = open(path).read()
+        with open(path) as f:
+            text = f.read()
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
