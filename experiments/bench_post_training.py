@@ -24,7 +24,8 @@ pairs of (chosen, rejected) per row for us (4 segments of 64), i.e. 16 sequences
 rejected), the same tokens. Ours: the trainer's jitted step (`make_train_step`, AdamW, loss_chunk default). TRL:
 DPOTrainer's `_compute_loss` (loss_type ["sigmoid", "sft"]) + backward + torch AdamW; SFT: transformers' masked
 causal-LM loss (what TRL's SFTTrainer computes with completion_only_loss) + backward + AdamW. Tokens/s = 1024 /
-median step time after 2 warm-up steps; peak memory = the process's max RSS.
+median step time after 2 warm-up steps (also the median CPU seconds and minor page faults per step); peak
+memory = the process's max RSS.
 """
 
 import argparse
@@ -58,6 +59,11 @@ def batch(objective):
             "positions": np.tile(pos, (B, 1)), "loss_mask": np.tile(mask, (B, 1))}
 
 
+def _now() -> np.ndarray:
+    """Wall seconds, process CPU seconds, minor page faults so far: a step's figures are the difference."""
+    return np.array([time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt])
+
+
 def run_ours(objective, settings=()):
     import jax
 
@@ -73,10 +79,10 @@ def run_ours(objective, settings=()):
     state, b = init(0), batch(objective)
     times = []
     for _ in range(STEPS):
-        t, c = time.perf_counter(), time.process_time()
+        t = _now()
         state, m = step(state, b)
         jax.block_until_ready(m)
-        times.append((time.perf_counter() - t, time.process_time() - c))
+        times.append(_now() - t)
     return times
 
 
@@ -127,11 +133,11 @@ def run_trl(objective, tmp):
             return model(input_ids=ids, labels=labels).loss
     times = []
     for _ in range(STEPS):
-        t, c = time.perf_counter(), time.process_time()
+        t = _now()
         opt.zero_grad()
         loss_fn().backward()
         opt.step()
-        times.append((time.perf_counter() - t, time.process_time() - c))
+        times.append(_now() - t)
     return times
 
 
@@ -142,12 +148,12 @@ def one(impl, objective, settings=(), peer_huge_pages=False):
 
     # ours runs as llama.train does (glibc's malloc on huge pages: llama/host.py re-executes this process once);
     # the peer with glibc's default unless --peer-huge-pages, the check that the setting is not what makes the ratio
-    heap = host.use_huge_pages() if impl == "ours" or peer_huge_pages else "default"
+    malloc = host.use_huge_pages() if impl == "ours" or peer_huge_pages else "default"
     times = run_ours(objective, settings) if impl == "ours" else run_trl(objective, tempfile.mkdtemp())
-    med, cpu = (float(x) for x in np.median(np.array(times[2:]), axis=0))
+    med, cpu, faults = (float(x) for x in np.median(np.array(times[2:]), axis=0))
     return {"impl": impl, "objective": objective, "settings": list(settings) if impl == "ours" else [],
-            "malloc": heap, "step_s": med, "tokens_per_s": B * T / med, "cpu_s_per_step": cpu,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "malloc": malloc, "step_s": med, "tokens_per_s": B * T / med, "cpu_s_per_step": cpu,
+            "minor_faults_per_step": faults, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def main(argv=None):

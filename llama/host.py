@@ -68,9 +68,11 @@ def use_huge_pages() -> str:
     """Re-executes this process with glibc's malloc on transparent huge pages, as the module docstring says (this
     call then does not return), or returns why it did not."""
     what, env = huge_pages_plan()
-    argv = getattr(sys, "orig_argv", None)
-    if env is None or not argv or not sys.executable:
+    if env is None:
         return what
+    argv = getattr(sys, "orig_argv", None)
+    if not argv or not sys.executable:
+        return "not re-executed (no sys.orig_argv or sys.executable to run again)"
     sys.stdout.flush()
     sys.stderr.flush()
     try:
