@@ -24,8 +24,8 @@ pairs of (chosen, rejected) per row for us (4 segments of 64), i.e. 16 sequences
 rejected), the same tokens. Ours: the trainer's jitted step (`make_train_step`, AdamW, loss_chunk default). TRL:
 DPOTrainer's `_compute_loss` (loss_type ["sigmoid", "sft"]) + backward + torch AdamW; SFT: transformers' masked
 causal-LM loss (what TRL's SFTTrainer computes with completion_only_loss) + backward + AdamW. Tokens/s = 1024 /
-median step time after 2 warm-up steps (also the median CPU seconds and minor page faults per step); peak
-memory = the process's max RSS.
+median step time of 20 steps after 2 warm-up steps (also the fastest step, and the median CPU seconds and minor
+page faults per step); peak memory = the process's max RSS.
 """
 
 import argparse
@@ -38,7 +38,10 @@ import time
 
 import numpy as np
 
-B, T, STEPS = 4, 256, 8
+# 2 warm-up steps, then 20 timed: a process's first seconds of steps can run ~1.5x slow on this shared host
+# (seen on both sides; 8 steps at 275-300 ms, then 180-185, in one of 12 runs of ours), which a 6-step median did
+# not outlast
+B, T, WARMUP, STEPS = 4, 256, 2, 22
 
 
 def model_cfg():
@@ -150,9 +153,11 @@ def one(impl, objective, settings=(), peer_huge_pages=False):
     # the peer with glibc's default unless --peer-huge-pages, the check that the setting is not what makes the ratio
     malloc = host.use_huge_pages() if impl == "ours" or peer_huge_pages else "default"
     times = run_ours(objective, settings) if impl == "ours" else run_trl(objective, tempfile.mkdtemp())
-    med, cpu, faults = (float(x) for x in np.median(np.array(times[2:]), axis=0))
+    timed = np.array(times[WARMUP:])
+    med, cpu, faults = (float(x) for x in np.median(timed, axis=0))
     return {"impl": impl, "objective": objective, "settings": list(settings) if impl == "ours" else [],
-            "malloc": malloc, "step_s": med, "tokens_per_s": B * T / med, "cpu_s_per_step": cpu,
+            "malloc": malloc, "step_s": med, "tokens_per_s": B * T / med, "fastest_step_s": float(timed[:, 0].min()),
+            "cpu_s_per_step": cpu,
             "minor_faults_per_step": faults, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
@@ -184,8 +189,9 @@ def main(argv=None):
         for o, t in pairs:
             print(f"{objective}: ours {o['tokens_per_s']:,.0f} tok/s ({o['cpu_s_per_step']:.3f} CPU s/step, "
                   f"{o['peak_rss_gb']:.2f} GB), TRL {t['tokens_per_s']:,.0f} tok/s ({t['cpu_s_per_step']:.3f} CPU "
-                  f"s/step, {t['peak_rss_gb']:.2f} GB): {o['tokens_per_s'] / t['tokens_per_s']:.2f}x  "
-                  f"(load {o['load_before'][0]}, {t['load_before'][0]})")
+                  f"s/step, {t['peak_rss_gb']:.2f} GB): {o['tokens_per_s'] / t['tokens_per_s']:.2f}x; fastest steps "
+                  f"{1e3 * o['fastest_step_s']:.0f} / {1e3 * t['fastest_step_s']:.0f} ms: "
+                  f"{t['fastest_step_s'] / o['fastest_step_s']:.2f}x  (load {o['load_before'][0]}, {t['load_before'][0]})")
     return 0
 
 
