@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -313,7 +314,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=1,
                     help="prefill calls timed per process, both sides (after compile / warm-up); the table shows "
-                         "the first")
+                         "the first and the median")
     ap.add_argument("--peer", choices=("on", "off"), default="on", help="run transformers alongside")
     ap.add_argument("--quick", action="store_true", help="a shorter timeout per job (a smoke run)")
     ap.add_argument("--json", help="also write every job's result here")
@@ -342,8 +343,12 @@ def main(argv=None) -> None:
     for kind, arg in dict.fromkeys((r["job"], r["arg"]) for r in results):
         o, p = by.get((kind, arg, "ours"), {}), by.get((kind, arg, "peer"), {})
         cpu = lambda r: f" (cpu {r['cpu_seconds']:.2f})" if "cpu_seconds" in r else ""  # noqa: E731
+        # with --repeat, the median call too: a first call that the host slowed stands out beside it
+        med = lambda r: "" if "all_seconds" not in r else (  # noqa: E731
+            f"; median of {len(r['all_seconds'])} {statistics.median(r['all_seconds']):.2f} s "
+            f"(cpu {statistics.median(r['all_cpu_seconds']):.2f})")
         fmt = lambda r: r.get("error") or (f"{r['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in r  # noqa: E731
-                                           else f"{r['seconds']:.2f} s{cpu(r)}")
+                                           else f"{r['seconds']:.2f} s{cpu(r)}{med(r)}")
         rss = lambda r: f"{r['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in r else "-"  # noqa: E731
         print(f"| {kind} | {arg} | {fmt(o) if o else '-'} | {fmt(p) if p else '-'} | {rss(o)} | {rss(p)} | "
               f"{o.get('loadavg_before', ['-'])[0]} / {p.get('loadavg_before', ['-'])[0]} |")

@@ -191,7 +191,8 @@ def main(argv=None):
                   f"{o['peak_rss_gb']:.2f} GB), TRL {t['tokens_per_s']:,.0f} tok/s ({t['cpu_s_per_step']:.3f} CPU "
                   f"s/step, {t['peak_rss_gb']:.2f} GB): {o['tokens_per_s'] / t['tokens_per_s']:.2f}x; fastest steps "
                   f"{1e3 * o['fastest_step_s']:.0f} / {1e3 * t['fastest_step_s']:.0f} ms: "
-                  f"{t['fastest_step_s'] / o['fastest_step_s']:.2f}x  (load {o['load_before'][0]}, {t['load_before'][0]})")
+                  f"{t['fastest_step_s'] / o['fastest_step_s']:.2f}x  "
+                  f"(load {o['load_before'][0]}, {t['load_before'][0]})")
     return 0
 
 
