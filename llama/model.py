@@ -183,7 +183,9 @@ def _dense_bwd(eqn, res, g):
     x2 = x.transpose([xs.index(a) for a in rows + w_in]).reshape(-1, int(np.prod([w.shape[ws.index(a)] for a in w_in])))
     g2 = g.transpose([out.index(a) for a in rows + w_out]).reshape(x2.shape[0], -1)
     barrier = jax.lax.optimization_barrier
-    dw = barrier(x2.T) @ g2 if x2.shape[1] <= g2.shape[1] else (barrier(g2.T) @ x2).T  # [in, out]
+    # [in, out]; the barrier on the product keeps XLA from folding its transpose into the dot (which turns it into
+    # a dot with a transposed operand, run outside YNNPACK: w_down's weight gradient, docs/benchmarks.md)
+    dw = barrier(x2.T) @ g2 if x2.shape[1] <= g2.shape[1] else barrier(barrier(g2.T) @ x2).T
     dw = dw.reshape([w.shape[ws.index(a)] for a in w_in + w_out])
     return dx, dw.transpose([(w_in + w_out).index(a) for a in ws])
 
