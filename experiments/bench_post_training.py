@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 # 2 warm-up steps, then 20 timed: a process's first seconds of steps can run ~1.5x slow on this shared host
-# (seen on both sides; 8 steps at 275-300 ms, then 180-185, in one of 12 runs of ours), which a 6-step median did
+# (seen on both sides; 8 steps at 258-302 ms, then 180-185, in one of 12 runs of ours), which a 6-step median did
 # not outlast
 B, T, WARMUP, STEPS = 4, 256, 2, 22
 
