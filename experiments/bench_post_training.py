@@ -157,8 +157,8 @@ def one(impl, objective, settings=(), peer_huge_pages=False):
     med, cpu, faults = (float(x) for x in np.median(timed, axis=0))
     return {"impl": impl, "objective": objective, "settings": list(settings) if impl == "ours" else [],
             "malloc": malloc, "step_s": med, "tokens_per_s": B * T / med, "fastest_step_s": float(timed[:, 0].min()),
-            "cpu_s_per_step": cpu,
-            "minor_faults_per_step": faults, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+            "cpu_s_per_step": cpu, "minor_faults_per_step": faults,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 def main(argv=None):

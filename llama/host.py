@@ -17,9 +17,10 @@ was as fast but held up to 3.5x the memory: freed blocks split by small allocati
 The tunable is read once, when the process starts, so `use_huge_pages()` re-executes the command (same pid,
 arguments and environment, plus the tunable) before it does any work: the commands that run models
 (llama.train, llama.generate, llama.chat, llama.eval, llama.compare, llama.passkey) call it first thing in
-their `__main__`, and the benchmarks' own side before any work. The cost is one more interpreter start and import (~1 s). It does
-nothing where GLIBC_TUNABLES already sets `glibc.malloc.hugetlb`, off glibc (Linux only), where the kernel's THP
-mode is not `madvise`, or with LLAMA_HUGE_PAGES=0; a program that imports this package is never re-executed.
+their `__main__`, and the benchmarks' own side before any work. The cost is one more interpreter start and
+import (~1 s). It does nothing where GLIBC_TUNABLES already sets `glibc.malloc.hugetlb`, off glibc (Linux only),
+where the kernel's THP mode is not `madvise`, or with LLAMA_HUGE_PAGES=0; a program that imports this package is
+never re-executed.
 """
 
 from __future__ import annotations
