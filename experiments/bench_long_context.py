@@ -32,6 +32,7 @@ Each job prints one JSON line: seconds, peak RSS (ru_maxrss of its own process) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -88,14 +89,20 @@ def ours_prefill(T: int, chunk: int, repeat: int = 1) -> dict:
 
     cfg = _cfg()
     params = M.init_params(cfg, jax.random.key(0))
+    # the mesh `python -m llama.generate` picks (`--mesh auto`): one CPU device per core, heads split, from
+    # CPU_SPLIT_TOKENS prompt tokens; LLAMA_CPU_DEVICES=1 gives the one-device figure
+    mesh = G.cpu_mesh(cfg) if T >= G.CPU_SPLIT_TOKENS else None
+    if mesh is not None:
+        params = G.shard_params(params, cfg, mesh)
     args, static, *_ = G._prepare(params, [_tokens(T)[0].tolist()], cfg=cfg, max_new_tokens=1, sampling=GREEDY,
-                                  seed=0, stop_ids=[], mesh=None, truncate=False, cache_dtype=None,
+                                  seed=0, stop_ids=[], mesh=mesh, truncate=False, cache_dtype=None,
                                   prefill_chunk=chunk)
     t0 = time.perf_counter()
-    prefill_fn = G._compiled(G._prefill_jit, args, static)
+    prefill_fn = G._programs(args, static, mesh)[0]
     compile_s = time.perf_counter() - t0
     timing, (_, state) = _timed(lambda: jax.block_until_ready(prefill_fn(*args)), repeat)
-    return {**timing, "compile_s": compile_s, "first_id": int(state.out[0, 0])}
+    return {**timing, "compile_s": compile_s, "first_id": int(state.out[0, 0]),
+            "devices": 1 if mesh is None else mesh.size}
 
 
 def peer_prefill(T: int, repeat: int = 1) -> dict:
@@ -196,16 +203,23 @@ def ours_decode(P: int, S: int, steps: int = 32) -> dict:
 
     cfg = _cfg()
     params = M.init_params(cfg, jax.random.key(0))
+    mesh = G.cpu_mesh(cfg) if P >= G.CPU_SPLIT_TOKENS else None  # as `generate --mesh auto` with a P-token prompt
+    if mesh is not None:
+        params = G.shard_params(params, cfg, mesh)
 
     def state():
-        return G.DecodeState(cache=M.init_cache(cfg, 1, S), token=jnp.full((1,), 5, jnp.int32),
+        cache = M.init_cache(cfg, 1, S)
+        if mesh is not None:
+            cache = jax.device_put(cache, G.cache_sharding(cfg, mesh, 1, S))
+        return G.DecodeState(cache=cache, token=jnp.full((1,), 5, jnp.int32),
                              position=jnp.full((1,), P, jnp.int32), out=jnp.full((1, steps + 1), -1, jnp.int32),
                              n_out=jnp.ones((1,), jnp.int32), done=jnp.zeros((1,), bool),
                              limit=jnp.full((1,), steps + 1, jnp.int32), stop=jnp.full((1, 1), -1, jnp.int32),
                              step=jnp.ones((), jnp.int32), key=jax.random.key(0))
 
     until = jnp.asarray(steps + 1, jnp.int32)
-    fn = G._decode_jit.lower(params, state(), until, cfg=cfg, sampling=GREEDY).compile()
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        fn = G._decode_jit.lower(params, state(), until, cfg=cfg, sampling=GREEDY).compile()
     jax.block_until_ready(fn(params, state(), until))  # warm-up
     best = 0.0
     for _ in range(3):
@@ -214,7 +228,7 @@ def ours_decode(P: int, S: int, steps: int = 32) -> dict:
         t = time.perf_counter()
         jax.block_until_ready(fn(params, s, until))
         best = max(best, steps / (time.perf_counter() - t))
-    return {"tokens_per_s": best}
+    return {"tokens_per_s": best, "devices": 1 if mesh is None else mesh.size}
 
 
 def _peer_model():
@@ -274,6 +288,8 @@ def _worker(job: list[str]) -> None:
         from llama import host
 
         host.use_huge_pages()  # as llama.generate and llama.train run (llama/host.py; LLAMA_HUGE_PAGES=0: off)
+        if kind in ("prefill", "decode"):
+            host.split_cpu()  # as llama.generate runs: one CPU device per core (LLAMA_CPU_DEVICES=1: one device)
     if kind == "attention":
         out = ours_attention(int(arg), int(job[3]))
     elif kind == "prefill":

@@ -45,6 +45,12 @@ KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 # overhead) and 512 x 512 (out of cache) (docs/benchmarks.md); accelerators want fewer, larger tiles (each loop
 # step is a kernel launch).
 DEFAULT_BLOCKS = {"cpu": (256, 256)}
+# Against a KV cache (prefill, decode) the CPU's key tile is 512: as fast on one device (16K prefill 2.49-3.03 s
+# against 2.61-3.18 at 256) and on one device per core (2.19-2.28 against 2.22-2.37), and half the tile steps.
+# The steps matter on several CPU devices: XLA:CPU's YNNPACK dots, run by two devices at once, hold ~20 KB per
+# tile step until the call ends (not so on one device), so the 128K prefill's peak RSS was 5.7 GB with 256-key
+# tiles and 3.2 GB with 512 (docs/benchmarks.md, "One device per core").
+CACHED_BLOCKS = {"cpu": (256, 512)}
 ACCELERATOR_BLOCKS = (512, 512)
 # The backward's tiles on the CPU where they divide the forward's: its tile step holds five [bq, bk] products and
 # float32 temporaries (the forward's two), and 128 x 128 ran the gradient at T = 8192 with ~15% less process CPU
@@ -100,9 +106,11 @@ def check_impl(impl: str, backend: str | None = None) -> None:
                              f"process runs on {backend!r}, where the available ones are {available(backend)}")
 
 
-def block_sizes(block_q: int = 0, block_k: int = 0, backend: str | None = None) -> tuple[int, int]:
-    """The configured tile sizes, 0 replaced by the backend's default."""
-    default = DEFAULT_BLOCKS.get(backend or _backend(), ACCELERATOR_BLOCKS)
+def block_sizes(block_q: int = 0, block_k: int = 0, backend: str | None = None,
+                cached: bool = False) -> tuple[int, int]:
+    """The configured tile sizes, 0 replaced by the backend's default (`CACHED_BLOCKS` against a KV cache)."""
+    backend = backend or _backend()
+    default = (cached and CACHED_BLOCKS.get(backend)) or DEFAULT_BLOCKS.get(backend, ACCELERATOR_BLOCKS)
     return block_q or default[0], block_k or default[1]
 
 
@@ -122,7 +130,7 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
     check_impl(impl)
     if parent_ids is not None and (impl != "xla" or isinstance(kv, CachedKV)):
         raise ValueError(f"attention: parent_ids (request trees) need impl='xla' self-attention, not {impl!r}")
-    block_q, block_k = block_sizes(block_q, block_k)
+    block_q, block_k = block_sizes(block_q, block_k, cached=isinstance(kv, CachedKV))
     B, T, N, H = q.shape
     if isinstance(kv, CachedKV):
         if impl == "xla":

@@ -39,6 +39,10 @@ from sharding import rules as sharding_rules
 PAD_ID = 0  # any valid id works: a pad token's K/V land in slots its row overwrites before reading them
 BUCKET = 64  # prompt and cache lengths round up to this, so nearby lengths share one compiled program
 PREFILL_CHUNK = 4096  # prompt tokens per prefill pass: bounds prefill activations (docs/inference.md)
+# `--mesh auto` on a CPU host splits it (`cpu_mesh`) from this prompt length: the probe's prefill gains from 4K
+# tokens (0.20 s against 0.23), while at 1K its decode runs 1.2-1.4K tokens/s split against 1.8-2.0K whole (the
+# per-token all-reduces); from 4K the decode speeds are equal (docs/benchmarks.md, "One device per core")
+CPU_SPLIT_TOKENS = 4096
 
 
 class ContextLimitError(ValueError):
@@ -169,6 +173,26 @@ def param_shardings(cfg: ModelConfig, mesh, quantized: bool = False):
         print(f"note: {e}; replicating the parameter axes that the mesh does not divide", file=sys.stderr)
         return jax.tree.map(lambda spec: sharding_rules.fitted_sharding(mesh, spec.logical_axes, spec.shape), specs,
                             is_leaf=lambda x: hasattr(x, "logical_axes"))
+
+
+def cpu_mesh(cfg: ModelConfig, devices=None):
+    """The serving mesh on a CPU host (`--mesh auto`, the CLI's default): tensor parallel over t CPU devices, t the
+    most that divide the model's KV heads, query heads, FFN width and vocabulary, up to one per core
+    (llama/host.py `split_cpu` makes them); None (one device) where t is 1, on an accelerator or across
+    processes. One device per core runs each device's heads' attention loop on its own core: the 16K-token
+    prefill 1.15-1.2x faster than one device spreading every op over both cores (docs/benchmarks.md, "One device
+    per core")."""
+    from llama import host
+
+    if jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return None
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = min(len(devices), host.cpu_cores())
+    sizes = (cfg.n_kv_heads, cfg.n_heads, cfg.ffn_dim, cfg.vocab_size)
+    t = max(d for d in range(1, n + 1) if all(x % d == 0 for x in sizes))
+    if t == 1:
+        return None
+    return sharding_rules.make_mesh(sharding_rules.MeshConfig(data=1, fsdp=1, tensor=t), devices[:t])
 
 
 def shard_params(params, cfg: ModelConfig, mesh):
@@ -380,6 +404,8 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
                        dtype: str | None = None, lora_mode: str = "merge"):
     """(cfg, params, mesh) from a model checkpoint directory: restored, optionally cast, placed on the mesh
     and int8-quantized there (the quantizer runs jitted on the devices, donating the full-precision copy).
+    mesh_text: a `MeshConfig.parse` text, "auto" (`cpu_mesh` on a CPU host, else one device), or None / "one"
+    (one device).
     An int8 checkpoint (`python -m llama.convert ... --quantize int8`) loads as int8 whatever `quantize` says.
 
     A LoRA adapter checkpoint or LoRA training run (`adapter_dir`) loads its base (lora.json's "base") and
@@ -406,8 +432,13 @@ def load_for_inference(checkpoint: str, *, mesh_text: str | None = None, quantiz
             params = lora.apply(params, jax.tree.map(jnp.asarray, adapters), lcfg)
         return cfg, params, mesh
 
-    mesh_cfg = sharding_rules.MeshConfig.parse(mesh_text) if mesh_text else None
-    mesh = sharding_rules.make_mesh(mesh_cfg) if mesh_cfg is not None else None
+    if mesh_text == "auto":
+        from llama.checkpoint import read_config
+
+        mesh = cpu_mesh(read_config(checkpoint)[0])
+    else:
+        mesh_cfg = sharding_rules.MeshConfig.parse(mesh_text) if mesh_text not in (None, "one") else None
+        mesh = sharding_rules.make_mesh(mesh_cfg) if mesh_cfg is not None else None
     try:  # restore straight onto the mesh when the plain rules fit this model
         cfg, params = load_model(checkpoint, mesh=mesh, dtype=dtype)
     except sharding_rules.ShardingError:  # e.g. fewer KV heads than tensor devices: replicate those axes
@@ -507,7 +538,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast params and compute")
     ap.add_argument("--cache-dtype", choices=["float32", "bfloat16", "int8"],
                     help="KV cache dtype (default: the compute dtype); int8: one float32 scale per token and KV head")
-    ap.add_argument("--mesh", help="e.g. data=1,fsdp=1,tensor=8 (default: one device)")
+    ap.add_argument("--mesh", default="auto", help="e.g. data=1,fsdp=1,tensor=8; 'one': one device; default "
+                    f"'auto': on a CPU host with a prompt of {CPU_SPLIT_TOKENS}+ tokens, the heads split over one "
+                    "CPU device per core (`cpu_mesh`; LLAMA_CPU_DEVICES=1 keeps one device), else one device")
     ap.add_argument("--attention-impl", choices=ATTENTION_IMPLS,
                     help="attention implementation (default: the checkpoint's config; llama/attention.py)")
     ap.add_argument("--prefill-chunk", type=cli.number(0, integer=True), default=PREFILL_CHUNK,
@@ -523,11 +556,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_report_dir(a.report, a.checkpoint, a.tokenizer)  # before anything is loaded or generated
     texts = [a.prompt] if a.prompt is not None else read_prompts(a.prompt_file)
     tok = load_tokenizer_for(a.checkpoint, a.tokenizer)
-    cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=a.mesh, quantize=a.quantize, dtype=a.dtype,
+    prompts = [tok.encode(t, bos=True) for t in texts]
+    mesh_text = "one" if a.mesh == "auto" and max(map(len, prompts)) < CPU_SPLIT_TOKENS else a.mesh
+    cfg, params, mesh = load_for_inference(a.checkpoint, mesh_text=mesh_text, quantize=a.quantize, dtype=a.dtype,
                                            lora_mode=a.lora)
     if a.attention_impl:
         cfg = cfg.replace(attention_impl=a.attention_impl)
-    prompts = [tok.encode(t, bos=True) for t in texts]
     stops = tuple(sorted(set(cfg.eos_ids) | set(tok.stop_ids)))
     res = generate(params, prompts, cfg=cfg, max_new_tokens=a.max_new_tokens, seed=a.seed, stop_ids=stops,
                    sampling=SamplingConfig(a.temperature, a.top_p, a.top_k), mesh=mesh, truncate=a.truncate,
@@ -561,4 +595,5 @@ if __name__ == "__main__":
     from llama import host
 
     host.use_huge_pages()  # re-executes once with glibc's malloc on huge pages (llama/host.py), before any work
+    host.split_cpu()  # one XLA:CPU device per core, for `--mesh auto` (llama/host.py), before the backend starts
     sys.exit(main())  # expected errors (they name the input): one `error:` line, exit 2 (llama/cli.py)

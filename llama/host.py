@@ -1,4 +1,5 @@
-"""The host's malloc, set so that XLA:CPU's per-call scratch memory takes ~85x fewer page faults.
+"""The host, set up for XLA:CPU: glibc's malloc on huge pages (its per-call scratch memory takes ~85x fewer page
+faults), and one XLA:CPU device per core for long-prompt serving (`split_cpu`, further below).
 
 XLA:CPU gives each call of a compiled program one buffer for all its temporaries, allocated with malloc and freed
 when the call ends (`compiled.memory_analysis().temp_size_in_bytes`: 169 MB for the post-training bench's train
@@ -83,4 +84,53 @@ def use_huge_pages() -> str:
     return what  # unreachable: execve replaced the process
 
 
-__all__ = ["use_huge_pages", "huge_pages_plan", "thp_mode", "TUNABLE", "REEXEC_MARK"]
+# ------------------------------------------------------------------------------ one XLA:CPU device per core
+# XLA:CPU gives a program one device and spreads each op over the cores: the long prefill's attention loop (a
+# dozen small ops per 256 x 256 tile, docs/benchmarks.md) then hands off between threads at every op, and the
+# 16K-token probe keeps ~1.9 of 2 cores busy. Split into one device per core, with the heads over them (tensor
+# parallel, `llama.generate.cpu_mesh`), each device runs its own heads' loop on its own core: the 16K prefill ran
+# 2.13-2.30 s against 2.56-2.62 on one device, and 4.3 CPU s against 4.8 (docs/benchmarks.md, "One device per
+# core"). The device count is read when the CPU backend starts, so `split_cpu()` runs before any array exists.
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def cpu_cores() -> int:
+    """The CPUs this process may run on (its affinity mask; os.cpu_count() where that is not available)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_devices_plan(environ=os.environ, cores: int | None = None) -> tuple[str, str | None]:
+    """(what happens, the XLA_FLAGS to set, or None to leave them): one CPU device per core, or LLAMA_CPU_DEVICES of
+    them; nothing where XLA_FLAGS already sets a device count."""
+    flags = environ.get("XLA_FLAGS", "")
+    if DEVICE_COUNT in flags:
+        return f"set (XLA_FLAGS={flags})", None
+    want = environ.get("LLAMA_CPU_DEVICES")
+    if want is not None:
+        if not want.strip().isdigit() or int(want) < 1:
+            raise ValueError(f"LLAMA_CPU_DEVICES={want!r}: expected a positive integer (CPU devices; 1: one device)")
+        n = int(want)
+    else:
+        n = cpu_cores() if cores is None else cores
+    if n <= 1:
+        return "one device", None
+    return f"{n} CPU devices", f"{flags} {DEVICE_COUNT}={n}".strip()
+
+
+def split_cpu(environ=os.environ) -> str:
+    """Splits the CPU into devices as `cpu_devices_plan` says (before the CPU backend starts: the commands call it in
+    their `__main__`), and returns what it did. Accelerators are unaffected; the CPU's devices are idle there."""
+    try:
+        what, flags = cpu_devices_plan(environ)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if flags is not None:
+        environ["XLA_FLAGS"] = flags
+    return what
+
+
+__all__ = ["use_huge_pages", "huge_pages_plan", "thp_mode", "TUNABLE", "REEXEC_MARK", "cpu_cores",
+           "cpu_devices_plan", "split_cpu", "DEVICE_COUNT"]

@@ -264,3 +264,45 @@ def test_chat_streams_the_same_ids_as_generate_and_the_repl_runs(tmp_path):
     chat.main(["--checkpoint", ckpt, "--tokenizer", str(tok_path), "--max-new-tokens", "5", "--temperature", "0"],
               stdin=io.StringIO("Hi there\n/reset\nAgain\n/exit\n"), stdout=stdout)
     assert stdout.getvalue().count(">>> ") == 4
+
+
+def test_cpu_mesh_splits_the_heads_over_one_device_per_core(monkeypatch):
+    from llama import host
+
+    monkeypatch.setattr(host, "cpu_cores", lambda: 4)
+    # the most devices (up to the cores) that divide KV heads, query heads, FFN and vocabulary: TINY's 2 KV heads
+    assert dict(G.cpu_mesh(TINY).shape) == {"data": 1, "fsdp": 1, "tensor": 2, "context": 1}
+    assert G.cpu_mesh(TINY.replace(n_kv_heads=4, n_heads=8, ffn_dim=192)).shape["tensor"] == 4
+    assert G.cpu_mesh(TINY.replace(ffn_dim=190)).shape["tensor"] == 2
+    assert G.cpu_mesh(TINY.replace(n_kv_heads=1, n_heads=3, head_dim=16)) is None  # nothing divides: one device
+    assert G.cpu_mesh(TINY, devices=jax.devices()[:1]) is None
+    monkeypatch.setattr(host, "cpu_cores", lambda: 1)
+    assert G.cpu_mesh(TINY) is None
+
+
+def test_cli_splits_the_cpu_for_a_long_prompt_and_generates_the_same_ids(tmp_path, capsys, monkeypatch):
+    """`--mesh auto` (the default): a prompt of CPU_SPLIT_TOKENS+ tokens runs tensor parallel over one CPU device
+    per core (`cpu_mesh`), a shorter one on one device; the ids equal one device's (float32, greedy: the split
+    changes only the order of the partial sums' addition, ~1e-7 relative)."""
+    from llama import host
+    from llama.checkpoint import save_model
+    from llama.tokenizer import load_tokenizer
+
+    monkeypatch.setattr(host, "cpu_cores", lambda: 2)  # the tests see 8 simulated devices whatever the machine
+    cfg = TINY.replace(vocab_size=512, max_seq_len=G.CPU_SPLIT_TOKENS + 128)
+    params = M.init_params(cfg, jax.random.key(3))
+    ckpt = save_model(str(tmp_path / "tiny"), cfg, params)
+    tok_path = str(require_shared("assets", "llama2c_stories260K", "tok512.model"))
+    tok = load_tokenizer(tok_path)
+    long_text = "the cat sat. " * 690  # 6 tokens each
+    n = len(tok.encode(long_text, bos=True))
+    assert G.CPU_SPLIT_TOKENS <= n <= cfg.max_seq_len - 16, n
+    for text, mesh_arg, split in [(long_text, [], True), ("Once upon a time", [], False),
+                                  (long_text, ["--mesh", "one"], False)]:
+        report = tmp_path / f"report-{split}-{len(mesh_arg)}"
+        G.main(["--checkpoint", ckpt, "--tokenizer", tok_path, "--prompt", text, "--temperature", "0",
+                "--max-new-tokens", "8", "--json-ids", "--report", str(report), *mesh_arg])
+        ids = json.loads(capsys.readouterr().out.strip().splitlines()[0])["ids"]
+        mesh = json.loads((report / "manifest.json").read_text())["mesh"]
+        assert (mesh is not None and mesh["shape"]["tensor"] == 2) == split, mesh
+        assert ids == G.generate(params, [tok.encode(text, bos=True)], cfg=cfg, max_new_tokens=8).tokens[0]

@@ -87,3 +87,26 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     f.write_text("[always] madvise never\n")
     assert host.thp_mode(str(f)) == "always"
     assert host.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_cpu_devices_plan():
+    plan, flag = host.cpu_devices_plan, host.DEVICE_COUNT
+    # one device per core, other XLA flags kept
+    assert plan({}, cores=2) == ("2 CPU devices", f"{flag}=2")
+    assert plan({"XLA_FLAGS": "--xla_cpu_use_thunk_runtime=true"}, cores=4)[1] == \
+        f"--xla_cpu_use_thunk_runtime=true {flag}=4"
+    # a count already set (by the user, or the tests' conftest) is kept; one core or LLAMA_CPU_DEVICES=1: one device
+    what, flags = plan({"XLA_FLAGS": f"{flag}=8"}, cores=2)
+    assert flags is None and what.startswith("set")
+    assert plan({}, cores=1) == ("one device", None)
+    assert plan({"LLAMA_CPU_DEVICES": "1"}, cores=16) == ("one device", None)
+    assert plan({"LLAMA_CPU_DEVICES": "3"}, cores=2)[1] == f"{flag}=3"
+    for bad in ("0", "two", "-2", ""):
+        with pytest.raises(ValueError, match="LLAMA_CPU_DEVICES"):
+            plan({"LLAMA_CPU_DEVICES": bad}, cores=2)
+    env = {"LLAMA_CPU_DEVICES": "x"}
+    with pytest.raises(SystemExit, match="error: LLAMA_CPU_DEVICES='x'"):
+        host.split_cpu(env)
+    env = {}
+    assert host.split_cpu(env) in ("one device", f"{host.cpu_cores()} CPU devices")
+    assert env.get("XLA_FLAGS", f"{flag}=1") == f"{flag}={host.cpu_cores()}"
