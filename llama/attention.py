@@ -45,11 +45,13 @@ KERNEL_BACKENDS = {"cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
 # overhead) and 512 x 512 (out of cache) (docs/benchmarks.md); accelerators want fewer, larger tiles (each loop
 # step is a kernel launch).
 DEFAULT_BLOCKS = {"cpu": (256, 256)}
-# Against a KV cache (prefill, decode) the CPU's key tile is 512: as fast on one device (16K prefill 2.49-3.03 s
-# against 2.61-3.18 at 256) and on one device per core (2.19-2.28 against 2.22-2.37), and half the tile steps.
-# The steps matter on several CPU devices: XLA:CPU's YNNPACK dots, run by two devices at once, hold ~20 KB per
-# tile step until the call ends (not so on one device), so the 128K prefill's peak RSS was 5.7 GB with 256-key
-# tiles and 3.2 GB with 512 (docs/benchmarks.md, "One device per core").
+# A prefill against a KV cache (a block's worth of queries or more) takes 512-key tiles on the CPU: as fast on one
+# device (16K prefill 2.49-3.03 s against 2.61-3.18 at 256) and on one device per core (2.19-2.28 against
+# 2.22-2.37), with half the tile steps. The steps matter on several CPU devices: XLA:CPU's YNNPACK dots, run by two
+# devices at once, hold ~20 KB per tile step until the call ends (not so on one device), so the 128K prefill's
+# peak RSS was 5.7 GB with 256-key tiles and 3.2 GB with 512 (docs/benchmarks.md, "One device per core"). Decode
+# keeps the default: its 8x tile (DECODE_TILE_FACTOR) of 4096 slots ran position 1K at 1.2-1.5K tokens/s against
+# 2.1-2.2K with 2048.
 CACHED_BLOCKS = {"cpu": (256, 512)}
 ACCELERATOR_BLOCKS = (512, 512)
 # The backward's tiles on the CPU where they divide the forward's: its tile step holds five [bq, bk] products and
@@ -107,10 +109,13 @@ def check_impl(impl: str, backend: str | None = None) -> None:
 
 
 def block_sizes(block_q: int = 0, block_k: int = 0, backend: str | None = None,
-                cached: bool = False) -> tuple[int, int]:
-    """The configured tile sizes, 0 replaced by the backend's default (`CACHED_BLOCKS` against a KV cache)."""
+                cached_queries: int = 0) -> tuple[int, int]:
+    """The configured tile sizes, 0 replaced by the backend's default; `CACHED_BLOCKS` for a prefill against a KV
+    cache (`cached_queries`: queries per row there, 0 for self-attention) of at least a default query block."""
     backend = backend or _backend()
-    default = (cached and CACHED_BLOCKS.get(backend)) or DEFAULT_BLOCKS.get(backend, ACCELERATOR_BLOCKS)
+    default = DEFAULT_BLOCKS.get(backend, ACCELERATOR_BLOCKS)
+    if cached_queries >= default[0]:
+        default = CACHED_BLOCKS.get(backend, default)
     return block_q or default[0], block_k or default[1]
 
 
@@ -130,8 +135,8 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
     check_impl(impl)
     if parent_ids is not None and (impl != "xla" or isinstance(kv, CachedKV)):
         raise ValueError(f"attention: parent_ids (request trees) need impl='xla' self-attention, not {impl!r}")
-    block_q, block_k = block_sizes(block_q, block_k, cached=isinstance(kv, CachedKV))
     B, T, N, H = q.shape
+    block_q, block_k = block_sizes(block_q, block_k, cached_queries=T if isinstance(kv, CachedKV) else 0)
     if isinstance(kv, CachedKV):
         if impl == "xla":
             k, v = kv.read(jnp.zeros((), jnp.int32), kv.length)

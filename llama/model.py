@@ -255,7 +255,7 @@ def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, positions: jax.Arra
     if cache is None:
         o = attn.attention(q, (k, v), segment_ids=segment_ids, parent_ids=parent_ids, **blocks)
     elif context_parallel.splits_cache(cache):  # slots split over `context`: flash-decoding across devices
-        bq, bk = attn.block_sizes(cfg.attention_block_q, cfg.attention_block_k, cached=True)
+        bq, bk = attn.block_sizes(cfg.attention_block_q, cfg.attention_block_k, cached_queries=q.shape[1])
         o, cache = context_parallel.cached_attention(q, k, v, positions, cache, layer, block_q=bq, block_k=bk)
     else:
         cache = _write_cache(cache, layer, k, v, positions)

@@ -290,9 +290,12 @@ def test_unknown_impl_and_missing_kernel_errors_name_the_option():
     with pytest.raises(ConfigError, match="attention_block_k must be positive"):
         TINY.replace(attention_block_k=-1)
     assert A.block_sizes(0, 0, "cpu") == (256, 256) and A.block_sizes(0, 64, "gpu") == (512, 64)
-    # against a cache the CPU's default key tile is 512 (CACHED_BLOCKS); accelerators and set sizes are unchanged
-    assert A.block_sizes(0, 0, "cpu", cached=True) == (256, 512) and A.block_sizes(0, 0, "gpu", cached=True) == (512, 512)
-    assert A.block_sizes(128, 128, "cpu", cached=True) == (128, 128)
+    # a prefill against a cache takes 512-key tiles on the CPU (CACHED_BLOCKS); decode (fewer queries than a block),
+    # accelerators and set sizes are unchanged
+    assert A.block_sizes(0, 0, "cpu", cached_queries=4096) == (256, 512)
+    assert A.block_sizes(0, 0, "cpu", cached_queries=1) == A.block_sizes(0, 0, "cpu", cached_queries=255) == (256, 256)
+    assert A.block_sizes(0, 0, "gpu", cached_queries=4096) == (512, 512)
+    assert A.block_sizes(128, 128, "cpu", cached_queries=4096) == (128, 128)
 
 
 def test_splash_interpret_mode_matches_reference_with_packed_rows():
