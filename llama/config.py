@@ -85,7 +85,8 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
     attention_impl: str = "flash"  # one of ATTENTION_IMPLS (llama/attention.py); "xla" is the dense reference
-    attention_block_q: int = 0  # flash tile: queries per block; 0 = per backend (llama/attention.py DEFAULT_BLOCKS, CACHED_BLOCKS)
+    # flash tile: queries per block; 0 = per backend (llama/attention.py DEFAULT_BLOCKS, CACHED_BLOCKS)
+    attention_block_q: int = 0
     attention_block_k: int = 0  # keys per tile; any T works (padded inside)
     name: str = "custom"
 
