@@ -86,7 +86,7 @@ def use_huge_pages() -> str:
 
 # ------------------------------------------------------------------------------ one XLA:CPU device per core
 # XLA:CPU gives a program one device and spreads each op over the cores: the long prefill's attention loop (a
-# dozen small ops per 256 x 256 tile, docs/benchmarks.md) then hands off between threads at every op, and the
+# dozen small ops per tile, docs/benchmarks.md) then hands off between threads at every op, and the
 # 16K-token probe keeps ~1.9 of 2 cores busy. Split into one device per core, with the heads over them (tensor
 # parallel, `llama.generate.cpu_mesh`), each device runs its own heads' loop on its own core: the 16K prefill ran
 # 2.13-2.30 s against 2.56-2.62 on one device, and 4.3 CPU s against 4.8 (docs/benchmarks.md, "One device per
