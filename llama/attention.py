@@ -53,6 +53,12 @@ DEFAULT_BLOCKS = {"cpu": (256, 256)}
 # keeps the default: its 8x tile (DECODE_TILE_FACTOR) of 4096 slots ran position 1K at 1.2-1.5K tokens/s against
 # 2.1-2.2K with 2048.
 CACHED_BLOCKS = {"cpu": (256, 512)}
+# Self-attention over a row of T tokens takes tiles of T / 8 on the CPU (from 64 up to the default): the tile loop
+# skips a tile wholly past the causal edge or between two documents, so packed rows of short documents compute far
+# fewer scores (a 256-token row of 4 DPO segments: 4 of 16 tiles at 64, against the whole 256 x 256 tile). The
+# post-training bench's step (T = 256, docs/benchmarks.md "Session 16"): DPO 226-243 ms against 254-268, SFT 3%
+# less; DPO at T = 512 and 1024 no slower. From T = 2048 the default holds (chosen at T = 8192-16384, above).
+ROW_TILE_DIVISOR = {"cpu": 8}
 ACCELERATOR_BLOCKS = (512, 512)
 # The backward's tiles on the CPU where they divide the forward's: its tile step holds five [bq, bk] products and
 # float32 temporaries (the forward's two), and 128 x 128 ran the gradient at T = 8192 with ~15% less process CPU
@@ -109,13 +115,16 @@ def check_impl(impl: str, backend: str | None = None) -> None:
 
 
 def block_sizes(block_q: int = 0, block_k: int = 0, backend: str | None = None,
-                cached_queries: int = 0) -> tuple[int, int]:
+                cached_queries: int = 0, length: int = 0) -> tuple[int, int]:
     """The configured tile sizes, 0 replaced by the backend's default; `CACHED_BLOCKS` for a prefill against a KV
-    cache (`cached_queries`: queries per row there, 0 for self-attention) of at least a default query block."""
+    cache (`cached_queries`: queries per row there, 0 for self-attention) of at least a default query block;
+    `ROW_TILE_DIVISOR` for self-attention over rows of `length` tokens."""
     backend = backend or _backend()
     default = DEFAULT_BLOCKS.get(backend, ACCELERATOR_BLOCKS)
     if cached_queries >= default[0]:
         default = CACHED_BLOCKS.get(backend, default)
+    elif length and not cached_queries and backend in ROW_TILE_DIVISOR:
+        default = tuple(min(d, max(64, length // ROW_TILE_DIVISOR[backend])) for d in default)
     return block_q or default[0], block_k or default[1]
 
 
@@ -136,7 +145,8 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
     if parent_ids is not None and (impl != "xla" or isinstance(kv, CachedKV)):
         raise ValueError(f"attention: parent_ids (request trees) need impl='xla' self-attention, not {impl!r}")
     B, T, N, H = q.shape
-    block_q, block_k = block_sizes(block_q, block_k, cached_queries=T if isinstance(kv, CachedKV) else 0)
+    cached = isinstance(kv, CachedKV)
+    block_q, block_k = block_sizes(block_q, block_k, cached_queries=T if cached else 0, length=0 if cached else T)
     if isinstance(kv, CachedKV):
         if impl == "xla":
             k, v = kv.read(jnp.zeros((), jnp.int32), kv.length)
