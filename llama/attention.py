@@ -123,7 +123,7 @@ def block_sizes(block_q: int = 0, block_k: int = 0, backend: str | None = None,
     default = DEFAULT_BLOCKS.get(backend, ACCELERATOR_BLOCKS)
     if cached_queries >= default[0]:
         default = CACHED_BLOCKS.get(backend, default)
-    elif length and not cached_queries and backend in ROW_TILE_DIVISOR:
+    elif length and backend in ROW_TILE_DIVISOR:
         default = tuple(min(d, max(64, length // ROW_TILE_DIVISOR[backend])) for d in default)
     return block_q or default[0], block_k or default[1]
 
@@ -147,7 +147,7 @@ def attention(q: jax.Array, kv, *, segment_ids: jax.Array | None = None, q_slots
     B, T, N, H = q.shape
     cached = isinstance(kv, CachedKV)
     block_q, block_k = block_sizes(block_q, block_k, cached_queries=T if cached else 0, length=0 if cached else T)
-    if isinstance(kv, CachedKV):
+    if cached:
         if impl == "xla":
             k, v = kv.read(jnp.zeros((), jnp.int32), kv.length)
             return _reference(q, k, v, q_slots, None, None)

@@ -301,7 +301,8 @@ def test_unknown_impl_and_missing_kernel_errors_name_the_option():
     assert A.block_sizes(0, 0, "cpu", length=256) == A.block_sizes(0, 0, "cpu", length=100) == (64, 64)
     assert A.block_sizes(0, 0, "cpu", length=1024) == (128, 128)
     assert A.block_sizes(0, 0, "cpu", length=2048) == A.block_sizes(0, 0, "cpu", length=131072) == (256, 256)
-    assert A.block_sizes(0, 32, "cpu", length=1024) == (128, 32) and A.block_sizes(0, 0, "gpu", length=256) == (512, 512)
+    assert A.block_sizes(0, 32, "cpu", length=1024) == (128, 32)
+    assert A.block_sizes(0, 0, "gpu", length=256) == (512, 512)
 
 
 def test_splash_interpret_mode_matches_reference_with_packed_rows():
